@@ -1,0 +1,44 @@
+-- Prepended to every script. Every key a script touches shares the partition's hash
+-- tag, so each script is one atomic step even on Redis Cluster.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Insert the Redis server time right after the event's tag field.
+local function stamp(json, at)
+  local tag_end = string.find(json, ',', 1, true)
+  return string.sub(json, 1, tag_end) .. '"at":' .. at .. ',' .. string.sub(json, tag_end + 1)
+end
+
+-- An event built here (verdicts, redeliveries); ids come from the safe alphabet.
+local function event(status, at, event_id, command_id, edge_id, actor, extra)
+  return '{"status":"' .. status .. '","at":' .. at .. ',"event_id":"' .. event_id ..
+    '","command_id":"' .. command_id .. '","edge_id":"' .. edge_id ..
+    '","actor":"' .. actor .. '"' .. (extra or '') .. '}'
+end
+
+local function error_field(code, message)
+  return ',"error":{"code":"' .. code .. '","message":"' .. message .. '"}'
+end
+
+-- Append to the partition log and to the command's own event list.
+local function append(state, log, json)
+  redis.call('XADD', log, '*', 'e', json)
+  local prior = redis.call('HGET', state, 'events')
+  if prior then
+    redis.call('HSET', state, 'events', prior .. '\n' .. json)
+  else
+    redis.call('HSET', state, 'events', json)
+  end
+end
+
+local function ensure_group(stream)
+  if redis.call('EXISTS', stream) == 0 then
+    redis.call('XGROUP', 'CREATE', stream, 'edge', '0', 'MKSTREAM')
+  end
+end
+
+local function member(list, value)
+  return value ~= nil and string.find(list, ' ' .. value .. ' ', 1, true) ~= nil
+end

@@ -1,0 +1,61 @@
+-- Admit an authorized command: record issued + authorized, put it on its edge's
+-- delivery stream, and mark it routed (edge online) or queued (offline).
+-- KEYS: state, log, edge stream, presence, deadlines, expiries, latest, inflight
+-- ARGV: command_id, edge_id, digest, issued json, authorized json, edge body,
+--       expires_at ms, ack timeout ms, coalesce field, state ttl ms, event id base,
+--       actor, command key prefix
+local state, log, stream, presence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local deadlines, expiries, latest, inflight = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local cid, edge, digest = ARGV[1], ARGV[2], ARGV[3]
+local expires_at = tonumber(ARGV[7])
+local base, actor = ARGV[11], ARGV[12]
+
+local prior = redis.call('HMGET', state, 'digest', 'status')
+if prior[1] then
+  if prior[1] == digest then return {'exists', prior[2], ''} end
+  return {'duplicate', prior[2], ''}
+end
+local now = now_ms()
+if now >= expires_at then return {'stale', tostring(now), ''} end
+
+ensure_group(stream)
+local entry = redis.call('XADD', stream, '*', 'id', cid, 'c', ARGV[6])
+redis.call('HSET', state, 'digest', digest, 'edge', edge, 'body', ARGV[6], 'entry', entry,
+  'deliveries', 0, 'expires_at', expires_at, 'issued_at', now)
+redis.call('HSET', inflight, entry, cid)
+append(state, log, stamp(ARGV[4], now))
+append(state, log, stamp(ARGV[5], now))
+
+local owner = redis.call('GET', presence)
+local status, gateway = 'queued', ''
+if owner then
+  status = 'routed'
+  gateway = string.match(owner, '^[^|]+')
+  append(state, log, event('routed', now, base .. '-r', cid, edge, actor,
+    ',"gateway":"' .. gateway .. '","delivery":1'))
+  redis.call('HSET', state, 'routed_at', now)
+  redis.call('ZADD', deadlines, now + tonumber(ARGV[8]), cid)
+else
+  append(state, log, event('queued', now, base .. '-q', cid, edge, actor,
+    ',"expires_at":' .. expires_at))
+  redis.call('ZADD', expiries, expires_at, cid)
+  local field = ARGV[9]
+  if field ~= '' then
+    -- Coalesce: a newer setpoint for the same channel supersedes an older queued one.
+    local older = redis.call('HGET', latest, field)
+    if older then
+      local older_key = ARGV[13] .. older
+      if redis.call('HGET', older_key, 'status') == 'queued' then
+        append(older_key, log, event('failed', now, base .. '-s', older, edge, actor,
+          error_field('superseded', 'a newer setpoint for the same channel (' .. cid ..
+            ') replaced this one while the edge was offline')))
+        redis.call('HSET', older_key, 'status', 'failed')
+        redis.call('ZREM', expiries, older)
+      end
+    end
+    redis.call('HSET', latest, field, cid)
+  end
+end
+redis.call('HSET', state, 'status', status)
+redis.call('PEXPIRE', state, ARGV[10])
+return {'admitted', status, gateway}

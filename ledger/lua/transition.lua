@@ -1,0 +1,31 @@
+-- Compare-and-set one lifecycle transition and append its event. The caller passes
+-- the statuses it may follow, computed by the pure state machine (ledger/lifecycle.py).
+-- KEYS: state, log, edge stream, deadlines, expiries, inflight
+-- ARGV: to status, allowed-from set, event json, edge_id ('' = any), settle (1 = XACK
+--       the delivery entry), terminal (1 = drop deadlines), late-from set, state ttl ms,
+--       command_id
+local state, log, stream, deadlines, expiries, inflight =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local to, cid = ARGV[1], ARGV[9]
+local cur = redis.call('HMGET', state, 'status', 'edge', 'entry')
+if not cur[1] then return {'unknown', ''} end
+if ARGV[4] ~= '' and cur[2] ~= ARGV[4] then return {'unknown', ''} end
+if not member(ARGV[2], cur[1]) then return {'refused', cur[1]} end
+
+local now = now_ms()
+local json = stamp(ARGV[3], now)
+local late = member(ARGV[7], cur[1])
+if late then
+  json = string.sub(json, 1, -2) .. ',"late":true}'
+  redis.call('HSET', state, 'late', 1)
+end
+append(state, log, json)
+redis.call('HSET', state, 'status', to, to .. '_at', now)
+if ARGV[5] == '1' and cur[3] then
+  redis.call('XACK', stream, 'edge', cur[3])
+  redis.call('HDEL', inflight, cur[3])
+end
+redis.call('ZREM', expiries, cid)
+if ARGV[6] == '1' then redis.call('ZREM', deadlines, cid) end
+redis.call('PEXPIRE', state, ARGV[8])
+return {'ok', cur[1], late and '1' or '0', tostring(now)}

@@ -1,0 +1,472 @@
+"""The ledger: append lifecycle transitions, hand commands to edges, read lifecycles.
+
+This is the only module that knows how a transition is stored. Each public method is
+one atomic script call (through the batcher, so concurrent callers share round trips),
+except `submit`, which first claims the command id in a global index (a separate slot
+on Redis Cluster) and then runs the admission script in the edge's partition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+
+from ledger import lifecycle, scripts
+from ledger.batcher import Batcher
+from ledger.errors import LedgerError, translated
+from ledger.ids import new_event_id
+from ledger.keys import Keys
+from schemas.commands import Ack, Command, CommandType, EdgeCommand
+from schemas.errors import ErrorCode, ErrorObject, error
+from schemas.events import (
+    AnyEvent,
+    Authorized,
+    Cancelled,
+    Delivered,
+    Event,
+    Executed,
+    Failed,
+    Issued,
+    Rejected,
+    Status,
+    status_of,
+)
+
+EVENT_DECODER = msgspec.json.Decoder(AnyEvent)
+EDGE_COMMAND_DECODER = msgspec.json.Decoder(EdgeCommand)
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerConfig:
+    namespace: str = "dispatch"
+    partitions: int = 16
+    ack_timeout_ms: int = 10_000
+    default_expiry_s: int = 86_400
+    state_ttl_s: int = 7 * 86_400
+    presence_ttl_ms: int = 30_000
+    delivery_batch: int = 100
+    audit_maxlen: int = 1_000_000
+
+
+class SubmitOutcome(StrEnum):
+    ADMITTED = "admitted"  # new command, recorded and routed or queued
+    EXISTS = "exists"  # same id, same body: nothing appended, current status returned
+    DUPLICATE = "duplicate"  # same id, different body: refused
+    STALE = "stale"  # its expiry had already passed on arrival
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitResult:
+    outcome: SubmitOutcome
+    status: str
+    gateway: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionResult:
+    applied: bool
+    previous: str  # status before the attempt ('' when the command is unknown)
+    late: bool = False
+    at_ms: int = 0
+
+    @property
+    def unknown(self) -> bool:
+        return not self.applied and self.previous == ""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    command_id: str
+    delivery: int
+    body: bytes  # EdgeCommand JSON as stored
+
+    def frame(self) -> bytes:
+        """The gateway -> edge message: the stored body with its delivery count."""
+        return b'{"delivery":%d,' % self.delivery + self.body[1:]
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRecord:
+    command_id: str
+    edge_id: str
+    status: str
+    late: bool
+    command: EdgeCommand
+    events: list[Event] = field(default_factory=list)
+
+
+def body_digest(cmd: Command) -> str:
+    """Identity of a command body: a reused id with another digest is a duplicate."""
+    return hashlib.blake2b(_encode(cmd), digest_size=16).hexdigest()
+
+
+def _statuses(values: frozenset[Status]) -> str:
+    return " " + " ".join(sorted(s.value for s in values)) + " "
+
+
+_LATE_FROM = _statuses(lifecycle.VERDICTS)
+_DELIVERABLE = _statuses(lifecycle.DELIVERABLE)
+_FINAL = _statuses(lifecycle.FINAL)
+_UNDELIVERED = _statuses(lifecycle.UNDELIVERED)
+_ALLOWED_FROM = {s: _statuses(lifecycle.allowed_from(s)) for s in Status}
+_ACK_STATUS = {
+    "accepted": Status.DELIVERED,
+    "executed": Status.EXECUTED,
+    "failed": Status.FAILED,
+    "rejected": Status.REJECTED,
+}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def to_utc(ms: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+
+
+class Ledger:
+    def __init__(self, redis: Redis, config: LedgerConfig | None = None, *, url: str = "") -> None:
+        self.redis = redis
+        self.config = config or LedgerConfig()
+        self.keys = Keys(self.config.namespace, self.config.partitions)
+        self.url = url
+        self.batcher = Batcher(redis, url=url)
+
+    async def start(self) -> None:
+        async with translated("starting the ledger", self.url):
+            await self._check_partitions()
+        await self.batcher.start()
+
+    async def close(self) -> None:
+        await self.batcher.close()
+
+    async def _check_partitions(self) -> None:
+        meta = self.keys.meta()
+        await self.redis.hsetnx(meta, "partitions", self.config.partitions)
+        stored = int(await self.redis.hget(meta, "partitions") or 0)
+        if stored != self.config.partitions:
+            raise LedgerError(
+                f"namespace {self.config.namespace!r} was created with {stored} partitions but "
+                f"this process is configured with {self.config.partitions}; edges would map "
+                f"to other partitions. Set DISPATCH_PARTITIONS={stored}."
+            )
+
+    # -- admission -----------------------------------------------------------------------
+    def expires_at_ms(self, cmd: Command) -> int:
+        expiry_s = cmd.expiry_sec or self.config.default_expiry_s
+        return int(cmd.timestamp.timestamp() * 1000) + expiry_s * 1000
+
+    async def submit(
+        self, cmd: Command, *, actor: str, grant: str, gateway_id: str
+    ) -> SubmitResult:
+        """Record an authorized command and route it (edge online) or queue it."""
+        edge_id = cmd.target.edge_id
+        k = self.keys
+        owner = await self.batcher.call(
+            "SET",
+            k.command_index(cmd.command_id),
+            edge_id,
+            "NX",
+            "GET",
+            "EX",
+            self.config.state_ttl_s,
+        )
+        if owner is not None and _text(owner) != edge_id:
+            return SubmitResult(SubmitOutcome.DUPLICATE, "")
+        digest = body_digest(cmd)
+        expires_at = self.expires_at_ms(cmd)
+        body = EdgeCommand(
+            command_id=cmd.command_id,
+            command_type=cmd.command_type,
+            target=cmd.target,
+            value=cmd.value,
+            unit=cmd.unit,
+            expiry_sec=cmd.expiry_sec or self.config.default_expiry_s,
+            source=cmd.source,
+            timestamp=cmd.timestamp,
+            priority=cmd.priority,
+            duration_sec=cmd.duration_sec,
+            expires_at=to_utc(expires_at),
+            actor=actor,
+        )
+        base = new_event_id()
+        issued = Issued(
+            event_id=base + "-i",
+            command_id=cmd.command_id,
+            edge_id=edge_id,
+            actor=actor,
+            command=body,
+            digest=digest,
+        )
+        authorized = Authorized(
+            event_id=base + "-a",
+            command_id=cmd.command_id,
+            edge_id=edge_id,
+            actor=actor,
+            grant=grant,
+        )
+        coalesce = (
+            f"{cmd.target.device_id}/{cmd.target.channel}"
+            if cmd.command_type is CommandType.SETPOINT
+            else ""
+        )
+        p = k.partition(edge_id)
+        reply = await self.batcher.script(
+            scripts.SUBMIT,
+            [
+                k.command(edge_id, cmd.command_id),
+                k.log(p),
+                k.edge_stream(edge_id),
+                k.presence(edge_id),
+                k.deadlines(p),
+                k.expiries(p),
+                k.latest(edge_id),
+                k.inflight(p),
+            ],
+            [
+                cmd.command_id,
+                edge_id,
+                digest,
+                _encode(issued),
+                _encode(authorized),
+                _encode(body),
+                expires_at,
+                self.config.ack_timeout_ms,
+                coalesce,
+                self.config.state_ttl_s * 1000,
+                base,
+                actor,
+                k.command_prefix(p),
+            ],
+        )
+        outcome, status, gateway = (_text(x) for x in reply)
+        return SubmitResult(SubmitOutcome(outcome), status, gateway)
+
+    async def record_rejection(self, event: Rejected) -> None:
+        """Keep a refused input in the audit stream: who, what, when, why."""
+        await self.batcher.call(
+            "XADD",
+            self.keys.audit(),
+            "MAXLEN",
+            "~",
+            self.config.audit_maxlen,
+            "*",
+            "e",
+            _encode(event),
+        )
+
+    # -- delivery --------------------------------------------------------------------------
+    async def deliver(self, edge_id: str, owner: str, *, claim: bool) -> list[Delivery] | None:
+        """Deliverable commands for the session `owner` of `edge_id`; None if it lost the edge."""
+        k = self.keys
+        p = k.partition(edge_id)
+        reply = await self.batcher.script(
+            scripts.DELIVER,
+            [
+                k.edge_stream(edge_id),
+                k.log(p),
+                k.presence(edge_id),
+                k.deadlines(p),
+                k.expiries(p),
+                k.inflight(p),
+            ],
+            [
+                edge_id,
+                owner,
+                "1" if claim else "0",
+                self.config.delivery_batch,
+                self.config.ack_timeout_ms,
+                k.command_prefix(p),
+                new_event_id(),
+                owner.split("|", 1)[0],
+                _DELIVERABLE,
+                _FINAL,
+            ],
+        )
+        if _text(reply[0]) != "ok":
+            return None
+        return [
+            Delivery(_text(reply[i]), int(reply[i + 1]), bytes(reply[i + 2]))
+            for i in range(1, len(reply), 3)
+        ]
+
+    async def transition(
+        self, edge_id: str, command_id: str, event: Event, *, settle: bool, check_edge: bool
+    ) -> TransitionResult:
+        """Compare-and-set the command to the event's status and append the event."""
+        to = status_of(event)
+        k = self.keys
+        p = k.partition(edge_id)
+        reply = await self.batcher.script(
+            scripts.TRANSITION,
+            [
+                k.command(edge_id, command_id),
+                k.log(p),
+                k.edge_stream(edge_id),
+                k.deadlines(p),
+                k.expiries(p),
+                k.inflight(p),
+            ],
+            [
+                to.value,
+                _ALLOWED_FROM[to],
+                _encode(event),
+                edge_id if check_edge else "",
+                "1" if settle else "0",
+                "1" if to in lifecycle.TERMINAL else "0",
+                _LATE_FROM,
+                self.config.state_ttl_s * 1000,
+                command_id,
+            ],
+        )
+        verdict = _text(reply[0])
+        previous = _text(reply[1])
+        if verdict != "ok":
+            return TransitionResult(False, previous)
+        return TransitionResult(True, previous, _text(reply[2]) == "1", int(reply[3]))
+
+    async def acknowledge(self, edge_id: str, ack: Ack) -> TransitionResult:
+        """Apply an edge's acknowledgment of one of its own commands."""
+        event = ack_event(edge_id, ack)
+        return await self.transition(edge_id, ack.command_id, event, settle=True, check_edge=True)
+
+    async def cancel(self, command_id: str, actor: str) -> TransitionResult:
+        """Cancel a command that has not been delivered; a cancelled command is never sent."""
+        edge_id = await self.edge_of(command_id)
+        if edge_id is None:
+            return TransitionResult(False, "")
+        event = Cancelled(
+            event_id=new_event_id(),
+            command_id=command_id,
+            edge_id=edge_id,
+            actor=actor,
+            error=error(ErrorCode.CANCELLED, f"cancelled by {actor} before delivery"),
+        )
+        return await self.transition(edge_id, command_id, event, settle=False, check_edge=False)
+
+    # -- presence ----------------------------------------------------------------------------
+    async def presence(self, op: str, edge_id: str, owner: str) -> Any:
+        k = self.keys
+        return await self.batcher.script(
+            scripts.PRESENCE,
+            [k.presence(edge_id), k.wake(k.partition(edge_id))],
+            [op, owner, self.config.presence_ttl_ms, edge_id],
+        )
+
+    async def connect_edge(self, edge_id: str, owner: str) -> str:
+        """Take the edge's presence; returns the owner it replaced ('' if none)."""
+        return _text(await self.presence("connect", edge_id, owner))
+
+    async def refresh_edge(self, edge_id: str, owner: str) -> bool:
+        return int(await self.presence("refresh", edge_id, owner)) == 1
+
+    async def disconnect_edge(self, edge_id: str, owner: str) -> None:
+        await self.presence("disconnect", edge_id, owner)
+
+    # -- verdicts ----------------------------------------------------------------------------
+    async def reach_verdicts(self, partition: int, *, actor: str, limit: int = 500) -> int:
+        """Time out unacknowledged and expire undelivered commands that are due."""
+        k = self.keys
+        reply = await self.batcher.script(
+            scripts.VERDICTS,
+            [
+                k.deadlines(partition),
+                k.expiries(partition),
+                k.log(partition),
+                k.inflight(partition),
+            ],
+            [
+                k.command_prefix(partition),
+                k.edge_stream_prefix(partition),
+                limit,
+                new_event_id(),
+                actor,
+                self.config.ack_timeout_ms,
+                _UNDELIVERED,
+            ],
+        )
+        return int(reply)
+
+    # -- reading -----------------------------------------------------------------------------
+    async def edge_of(self, command_id: str) -> str | None:
+        raw = await self.batcher.call("GET", self.keys.command_index(command_id))
+        return None if raw is None else _text(raw)
+
+    async def lookup(self, command_id: str) -> CommandRecord | None:
+        """A command's state and its lifecycle events, straight from the ledger."""
+        edge_id = await self.edge_of(command_id)
+        if edge_id is None:
+            return None
+        raw = await self.batcher.call(
+            "HMGET", self.keys.command(edge_id, command_id), "status", "late", "body", "events"
+        )
+        status, late, body, events = raw
+        if status is None:
+            return None
+        return CommandRecord(
+            command_id=command_id,
+            edge_id=edge_id,
+            status=_text(status),
+            late=late is not None,
+            command=EDGE_COMMAND_DECODER.decode(body),
+            events=[EVENT_DECODER.decode(line) for line in bytes(events).split(b"\n")],
+        )
+
+    async def read_log(
+        self, partition: int, start: str = "-", end: str = "+", count: int = 1000
+    ) -> list[tuple[str, Event]]:
+        """Events of one partition's log in order, for replay and projections."""
+        rows = await self.batcher.call(
+            "XRANGE", self.keys.log(partition), start, end, "COUNT", count
+        )
+        return [(_text(entry_id), EVENT_DECODER.decode(fields[b"e"])) for entry_id, fields in rows]
+
+    # -- enrollment --------------------------------------------------------------------------
+    async def enroll_edge(self, edge_id: str) -> None:
+        await self.batcher.call("SADD", self.keys.edges(), edge_id)
+
+    async def is_enrolled(self, edge_id: str) -> bool:
+        return bool(await self.batcher.call("SISMEMBER", self.keys.edges(), edge_id))
+
+
+def ack_event(edge_id: str, ack: Ack) -> Event:
+    """The lifecycle event an edge's acknowledgment stands for."""
+    header = EventHeader(new_event_id(), ack.command_id, edge_id, f"edge:{edge_id}")
+    to = _ACK_STATUS[ack.status]
+    if to is Status.DELIVERED:
+        return Delivered(**header.fields())
+    if to is Status.EXECUTED:
+        return Executed(executed_at=ack.executed_at, **header.fields())
+    if to is Status.FAILED:
+        err = ack.error or _unexplained("failed")
+        return Failed(error=err, executed_at=ack.executed_at, **header.fields())
+    err = ack.error or _unexplained("rejected")
+    return Rejected(error=err, stage="edge", **header.fields())
+
+
+@dataclass(frozen=True, slots=True)
+class EventHeader:
+    event_id: str
+    command_id: str
+    edge_id: str
+    actor: str
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "command_id": self.command_id,
+            "edge_id": self.edge_id,
+            "actor": self.actor,
+        }
+
+
+def _unexplained(status: str) -> ErrorObject:
+    return error(ErrorCode.INTERNAL, f"the edge reported {status} without an error object")

@@ -1,0 +1,1 @@
+"""msgspec types for every wire message and ledger event."""

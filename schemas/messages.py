@@ -1,0 +1,37 @@
+"""Gateway -> dashboard/service messages."""
+
+from __future__ import annotations
+
+from msgspec import Struct
+
+from schemas.errors import ErrorObject
+
+
+class StatusUpdate(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One lifecycle transition of a command, as the dashboard sees it."""
+
+    command_id: str | None
+    status: str
+    at: str  # ISO 8601 UTC with milliseconds
+    edge_id: str | None = None
+    error: ErrorObject | None = None
+    late: bool = False
+    delivery: int | None = None
+    event_id: str | None = None
+
+
+class CommandView(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """`GET /api/commands/{id}`: the command, its status and its lifecycle."""
+
+    command_id: str
+    status: str
+    command: dict[str, object]
+    events: list[dict[str, object]]
+    late: bool = False
+
+
+class Accepted(Struct, frozen=True, kw_only=True):
+    """`POST /api/commands` 202 body."""
+
+    command_id: str
+    status: str
