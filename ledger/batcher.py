@@ -23,6 +23,7 @@ from ledger.scripts import ALL, Script
 log = logging.getLogger("ledger.batcher")
 
 Args = tuple[Any, ...]
+Call = tuple[Args, dict[str, Any]]
 
 
 class Batcher:
@@ -33,7 +34,7 @@ class Batcher:
         self._max_batch = max_batch
         self._flushers = flushers
         self._url = url
-        self._pending: list[tuple[Args, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Call, asyncio.Future[Any]]] = []
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -66,12 +67,15 @@ class Batcher:
                 f"not answer ({exc}); start Redis or set DISPATCH_REDIS_URL"
             ) from exc
 
-    def call(self, *args: Any) -> asyncio.Future[Any]:
-        """Queue one Redis command; the future resolves with its reply or raises."""
+    def call(self, *args: Any, **options: Any) -> asyncio.Future[Any]:
+        """Queue one Redis command; the future resolves with its reply or raises.
+
+        `options` reach redis-py's reply parser (e.g. `get=True` for SET ... GET).
+        """
         if not self._tasks:
             raise LedgerUnavailable("the ledger batcher is not running (call start() first)")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((args, fut))
+        self._pending.append(((args, options), fut))
         self._wakeup.set()
         return fut
 
@@ -92,9 +96,9 @@ class Batcher:
                 self._wakeup.clear()
             await self._flush(batch)
 
-    async def _flush(self, batch: list[tuple[Args, asyncio.Future[Any]]]) -> None:
+    async def _flush(self, batch: list[tuple[Call, asyncio.Future[Any]]]) -> None:
         try:
-            replies = await self._execute([args for args, _ in batch])
+            replies = await self._execute([call for call, _ in batch])
             if any(isinstance(r, redis_errors.NoScriptError) for r in replies):
                 # Redis restarted and forgot the scripts: load them and retry those calls.
                 await self.load_scripts()
@@ -127,8 +131,8 @@ class Batcher:
             else:
                 fut.set_result(reply)
 
-    async def _execute(self, commands: list[Args]) -> list[Any]:
+    async def _execute(self, commands: list[Call]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
-            for args in commands:
-                pipe.execute_command(*args)
+            for args, options in commands:
+                pipe.execute_command(*args, **options)
             return list(await pipe.execute(raise_on_error=False))

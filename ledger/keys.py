@@ -9,6 +9,7 @@ before they reach this module; `check_id` guards against anything that slipped p
 
 from __future__ import annotations
 
+import hashlib
 import re
 import zlib
 from dataclasses import dataclass
@@ -28,6 +29,13 @@ def check_id(value: str) -> str:
     if not SAFE_ID.match(value):
         raise UnsafeKeyPart(f"refusing to build a Redis key from {value[:80]!r}")
     return value
+
+
+def opaque_part(value: str) -> str:
+    """A key part for free-form names (user ids): itself if safe, else a digest."""
+    if SAFE_ID.match(value):
+        return value
+    return "h-" + hashlib.sha256(value.encode()).hexdigest()[:32]
 
 
 def partition_of(edge_id: str, partitions: int) -> int:
@@ -111,7 +119,11 @@ class Keys:
 
     def grants(self, user: str) -> str:
         """HASH edge_id (or `*`) -> comma-separated permissions."""
-        return f"{self.namespace}:grants:{check_id(user)}"
+        return f"{self.namespace}:grants:{opaque_part(user)}"
+
+    def grants_version(self) -> str:
+        """Counter bumped by every grant/revoke: gateways poll it to drop cached grants."""
+        return f"{self.namespace}:grants-version"
 
     def revoked_tokens(self) -> str:
         """ZSET jti -> token expiry (s): revoked tokens until they would expire anyway."""
@@ -122,7 +134,7 @@ class Keys:
         return f"{self.namespace}:meta"
 
     def ratelimit(self, scope: str, who: str) -> str:
-        return f"{self.namespace}:rl:{{{check_id(scope)}:{check_id(who)}}}"
+        return f"{self.namespace}:rl:{{{check_id(scope)}:{opaque_part(who)}}}"
 
     def edge_config(self, edge_id: str) -> str:
         """STRING: the versioned capability config the cloud serves to that edge."""

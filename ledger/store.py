@@ -178,6 +178,7 @@ class Ledger:
             "GET",
             "EX",
             self.config.state_ttl_s,
+            get=True,
         )
         if owner is not None and _text(owner) != edge_id:
             return SubmitResult(SubmitOutcome.DUPLICATE, "")

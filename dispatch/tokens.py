@@ -1,0 +1,145 @@
+"""`dispatch token`, `dispatch grant`, `dispatch revoke`: credentials and the grants store."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+from typing import Any
+
+from joserfc import jwt
+from redis.asyncio import Redis
+
+from dispatch.settings import Settings
+from gateway import grants
+from gateway.auth import ACCESS_TOKEN_TYPE, EDGE_TOKEN_TYPE, signing_key
+from ledger.keys import Keys, check_id
+from ledger.errors import translated
+
+USER_TTL_S = 3600
+EDGE_TTL_S = 365 * 86_400
+
+
+def user_claims(
+    user: str, control: list[str], view: list[str], ttl_s: int, now: int | None = None
+) -> dict[str, Any]:
+    """Claims of a Django REST framework SimpleJWT access token, plus optional grants."""
+    now = int(time.time()) if now is None else now
+    claims: dict[str, Any] = {
+        "token_type": ACCESS_TOKEN_TYPE,
+        "exp": now + ttl_s,
+        "iat": now,
+        "jti": uuid.uuid4().hex,
+        "user_id": user,
+    }
+    if control:
+        claims["can_control"] = sorted(set(control))
+    if view:
+        claims["can_view"] = sorted(set(view))
+    return claims
+
+
+def edge_claims(edge_id: str, ttl_s: int, now: int | None = None) -> dict[str, Any]:
+    now = int(time.time()) if now is None else now
+    return {
+        "token_type": EDGE_TOKEN_TYPE,
+        "edge_id": edge_id,
+        "sub": f"edge:{edge_id}",
+        "exp": now + ttl_s,
+        "iat": now,
+        "jti": uuid.uuid4().hex,
+    }
+
+
+def sign(claims: dict[str, Any], secret: str) -> str:
+    return jwt.encode({"alg": "HS256", "typ": "JWT"}, claims, signing_key(secret))
+
+
+def _edge_id(value: str) -> str:
+    try:
+        return check_id(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a valid edge id (letters, digits, '_', '.', '-')"
+        ) from None
+
+
+async def _enroll(settings: Settings, edge_id: str) -> None:
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        async with translated("enrolling the edge", settings.redis_url):
+            await redis.sadd(Keys(settings.namespace, settings.partitions).edges(), edge_id)
+    finally:
+        await redis.aclose()
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    if args.edge and args.user:
+        print("dispatch token: give either --user or --edge, not both", file=sys.stderr)
+        return 2
+    if args.edge:
+        if not args.no_enroll:
+            asyncio.run(_enroll(settings, args.edge))
+        print(sign(edge_claims(args.edge, args.ttl or EDGE_TTL_S), settings.jwt_secret))
+        return 0
+    if not args.user:
+        print("dispatch token: --user USER or --edge EDGE is required", file=sys.stderr)
+        return 2
+    claims = user_claims(args.user, args.can_control, args.can_view, args.ttl or USER_TTL_S)
+    print(sign(claims, settings.jwt_secret))
+    return 0
+
+
+async def _change_grant(settings: Settings, args: argparse.Namespace, add: bool) -> None:
+    redis = Redis.from_url(settings.redis_url)
+    keys = Keys(settings.namespace, settings.partitions)
+    try:
+        async with translated("changing grants", settings.redis_url):
+            change = grants.grant if add else grants.revoke
+            await change(redis, keys, args.user, args.edge, args.permission)
+    finally:
+        await redis.aclose()
+
+
+def cmd_grant(args: argparse.Namespace, *, add: bool = True) -> int:
+    settings = Settings.from_env()
+    asyncio.run(_change_grant(settings, args, add))
+    verb = "granted" if add else "revoked"
+    print(f"{verb} {args.permission} on {args.edge} for {args.user}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    token = sub.add_parser(
+        "token",
+        help="print a user JWT or an edge credential",
+        description="Print a JWT signed HS256 with DISPATCH_JWT_SECRET. A user token carries "
+        "SimpleJWT's claims (token_type, user_id, jti, exp, iat) and optional per-edge "
+        "grants; an edge credential is valid for that edge only (and enrolls the edge).",
+    )
+    token.add_argument("--user", help="user id (the SimpleJWT `user_id` claim)")
+    token.add_argument("--edge", type=_edge_id, help="print the credential of this edge instead")
+    token.add_argument("--can-control", action="append", default=[], metavar="EDGE",
+                       type=_edge_id, help="edge the user may command (repeatable)")
+    token.add_argument("--can-view", action="append", default=[], metavar="EDGE",
+                       type=_edge_id, help="edge the user may watch (repeatable)")
+    token.add_argument("--ttl", type=int, metavar="SEC",
+                       help=f"lifetime in seconds (default {USER_TTL_S} for users, {EDGE_TTL_S} for edges)")
+    token.add_argument("--no-enroll", action="store_true",
+                       help="with --edge: do not record the edge as enrolled in Redis")
+    token.set_defaults(func=cmd_token)
+
+    for name, add in (("grant", True), ("revoke", False)):
+        p = sub.add_parser(
+            name,
+            help=f"{name} a permission in the grants store",
+            description=f"{name.capitalize()} USER's PERMISSION ({' or '.join(grants.PERMISSIONS)}) "
+            "on EDGE ('*' for every edge). Open connections see the change within a second.",
+        )
+        p.add_argument("user")
+        p.add_argument("edge", type=lambda v: v if v == grants.ALL_EDGES else _edge_id(v))
+        p.add_argument("permission", choices=grants.PERMISSIONS)
+        p.set_defaults(func=lambda a, add=add: cmd_grant(a, add=add))

@@ -1,0 +1,1 @@
+"""The edge agent: cloud link, capability validation, Core Cycle, Modbus adapter."""

@@ -1,0 +1,244 @@
+"""The gateway's in-process registry and its single reader of the ledger.
+
+State here is only a cache of who is connected to this process; everything else lives
+in Redis, so gateways can restart or run side by side. One task tails every partition
+log and wake stream (one Redis connection), fans events out to dashboards and notices
+`routed` events addressed to this gateway, which trigger a delivery to the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+
+import msgspec
+from redis.asyncio import Redis
+
+from gateway import metrics
+from gateway.auth import expired
+from gateway.grants import CAN_VIEW, GrantCache
+from gateway.sessions import CloseCode, DashboardSession, EdgeSession
+from ledger.store import EVENT_DECODER, Ledger
+from ledger.tail import StreamTail
+from schemas.events import Event, Rejected, Routed, status_of
+from schemas.messages import StatusUpdate
+
+log = logging.getLogger("gateway.hub")
+_encode = msgspec.json.Encoder().encode
+
+
+def iso_ms(ms: int) -> str:
+    """ISO 8601 UTC with milliseconds, e.g. 2026-02-15T14:30:01.050Z."""
+    seconds, millis = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def status_update(event: Event) -> StatusUpdate:
+    return StatusUpdate(
+        command_id=event.command_id or None,
+        status=status_of(event).value,
+        at=iso_ms(event.at),
+        edge_id=event.edge_id or None,
+        error=getattr(event, "error", None),
+        late=bool(getattr(event, "late", False)),
+        delivery=event.delivery if isinstance(event, Routed) else None,
+        event_id=event.event_id,
+    )
+
+
+class Hub:
+    def __init__(
+        self, ledger: Ledger, grants: GrantCache, tail_redis: Redis, gateway_id: str
+    ) -> None:
+        self.ledger = ledger
+        self.grants = grants
+        self.gateway_id = gateway_id
+        self.edges: dict[str, EdgeSession] = {}
+        self.dashboards: set[DashboardSession] = set()
+        self._tail_redis = tail_redis
+        self._dirty: set[str] = set()
+        self._dirty_signal = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        keys = ledger.keys
+        self._logs = {keys.log(p) for p in keys.all_partitions()}
+        self._streams = [keys.log(p) for p in keys.all_partitions()] + [
+            keys.wake(p) for p in keys.all_partitions()
+        ]
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        tail = StreamTail(self._tail_redis, self._streams)
+        await tail.start_at_end()
+        self._tasks = [
+            asyncio.create_task(self._follow(tail), name="hub-tail"),
+            asyncio.create_task(self._deliveries(), name="hub-deliveries"),
+            asyncio.create_task(self._housekeeping(), name="hub-housekeeping"),
+        ]
+
+    async def stop(self) -> None:
+        for session in list(self.edges.values()):
+            session.outbox.close(CloseCode.GOING_AWAY, "gateway shutting down")
+        for dash in list(self.dashboards):
+            dash.outbox.close(CloseCode.GOING_AWAY, "gateway shutting down")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for session in list(self.edges.values()):
+            with contextlib.suppress(Exception):
+                await self.ledger.disconnect_edge(session.edge_id, session.owner)
+
+    # -- dashboards --------------------------------------------------------------------------
+    async def add_dashboard(self, dash: DashboardSession) -> None:
+        await self.refresh_views(dash)
+        self.dashboards.add(dash)
+        metrics.DASHBOARDS.set(len(self.dashboards))
+
+    def remove_dashboard(self, dash: DashboardSession) -> None:
+        self.dashboards.discard(dash)
+        metrics.DASHBOARDS.set(len(self.dashboards))
+
+    async def refresh_views(self, dash: DashboardSession) -> None:
+        """Recompute which edges a dashboard may watch (token claims + grants store)."""
+        user = dash.user
+        claimed = user.view | user.control
+        stored = await self.grants.load(user.user_id)
+        dash.views_all = "*" in claimed or any(
+            CAN_VIEW in perms or "can_control" in perms
+            for scope, perms in stored.items()
+            if scope == "*"
+        )
+        dash.views = frozenset(claimed) | frozenset(
+            scope for scope, perms in stored.items() if perms and scope != "*"
+        )
+
+    # -- edges -------------------------------------------------------------------------------
+    async def add_edge(self, session: EdgeSession) -> None:
+        """Take the edge's presence and hand it everything waiting for it."""
+        previous_local = self.edges.get(session.edge_id)
+        self.edges[session.edge_id] = session
+        metrics.EDGES.set(len(self.edges))
+        if previous_local is not None and previous_local is not session:
+            previous_local.outbox.close(CloseCode.REPLACED, "replaced by a newer connection")
+        replaced = await self.ledger.connect_edge(session.edge_id, session.owner)
+        if replaced:
+            log.info("edge.session.replaced edge_id=%s previous=%s", session.edge_id, replaced)
+        await self._deliver(session, claim=True)
+        session.ready = True
+        self.want_delivery(session.edge_id)
+
+    async def remove_edge(self, session: EdgeSession) -> None:
+        if self.edges.get(session.edge_id) is session:
+            del self.edges[session.edge_id]
+            metrics.EDGES.set(len(self.edges))
+        with contextlib.suppress(Exception):
+            await self.ledger.disconnect_edge(session.edge_id, session.owner)
+
+    def want_delivery(self, edge_id: str) -> None:
+        self._dirty.add(edge_id)
+        self._dirty_signal.set()
+
+    async def _deliveries(self) -> None:
+        """Deliver to every edge marked dirty; many edges share each Redis round trip."""
+        while True:
+            await self._dirty_signal.wait()
+            self._dirty_signal.clear()
+            dirty, self._dirty = self._dirty, set()
+            sessions = [s for e in dirty if (s := self.edges.get(e)) is not None and s.ready]
+            results = await asyncio.gather(
+                *(self._deliver(s, claim=False) for s in sessions), return_exceptions=True
+            )
+            for session, result in zip(sessions, results, strict=True):
+                if isinstance(result, Exception):
+                    log.warning(
+                        "edge.delivery.failed edge_id=%s error=%s", session.edge_id, result
+                    )
+                    self._dirty.add(session.edge_id)  # try again on the next signal
+            if self._dirty:
+                await asyncio.sleep(0.2)
+                self._dirty_signal.set()
+
+    async def _deliver(self, session: EdgeSession, *, claim: bool) -> None:
+        deliveries = await self.ledger.deliver(session.edge_id, session.owner, claim=claim)
+        if deliveries is None:
+            # Another session owns the edge now (this one was replaced or expired).
+            session.outbox.close(CloseCode.REPLACED, "another connection owns this edge now")
+            return
+        for delivery in deliveries:
+            if not session.outbox.put(delivery.frame().decode()):
+                break
+            metrics.DELIVERIES.inc()
+        if len(deliveries) >= self.ledger.config.delivery_batch:
+            self.want_delivery(session.edge_id)  # more waiting beyond this batch
+
+    # -- the ledger tail ---------------------------------------------------------------------
+    async def _follow(self, tail: StreamTail) -> None:
+        async for batch in tail:
+            for stream, _entry_id, fields in batch:
+                try:
+                    if stream in self._logs:
+                        self._on_event(EVENT_DECODER.decode(fields[b"e"]))
+                    else:
+                        self._on_wake(fields)
+                except Exception:
+                    log.exception("gateway.tail.bad_entry stream=%s", stream)
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, Routed) and event.gateway == self.gateway_id:
+            self.want_delivery(event.edge_id)
+        if isinstance(event, Rejected) and event.stage == "gateway":
+            return  # answered to the submitter directly
+        metrics.EVENTS.labels(status_of(event).value).inc()
+        self.broadcast(event.edge_id, _encode(status_update(event)).decode())
+
+    def broadcast(self, edge_id: str, frame: str) -> None:
+        for dash in self._viewers(edge_id):
+            dash.outbox.put(frame)
+
+    def _viewers(self, edge_id: str) -> Iterable[DashboardSession]:
+        return [d for d in self.dashboards if d.may_view(edge_id)]
+
+    def _on_wake(self, fields: dict[bytes, bytes]) -> None:
+        if fields.get(b"kind") != b"replaced":
+            return
+        edge_id = fields[b"edge"].decode()
+        session = self.edges.get(edge_id)
+        if session is not None and session.owner == fields[b"owner"].decode():
+            log.info("edge.session.closed edge_id=%s reason=replaced", edge_id)
+            session.outbox.close(CloseCode.REPLACED, "replaced by a newer connection")
+
+    # -- housekeeping ------------------------------------------------------------------------
+    async def _housekeeping(self) -> None:
+        """Refresh edge presence, close ended credentials, re-derive dashboard views."""
+        ttl_s = self.ledger.config.presence_ttl_ms / 1000
+        last_presence = 0.0
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.time()
+            try:
+                if await self.grants.poll():
+                    for dash in list(self.dashboards):
+                        await self.refresh_views(dash)
+                for dash in list(self.dashboards):
+                    if expired(dash.user.expires_at, now):
+                        dash.outbox.close(CloseCode.CREDENTIAL_ENDED, "token expired")
+                if now - last_presence >= ttl_s / 3:
+                    last_presence = now
+                    await self._refresh_presence()
+            except Exception as exc:  # keep the gateway alive through Redis blips
+                log.warning("gateway.housekeeping.failed error=%s", exc)
+
+    async def _refresh_presence(self) -> None:
+        sessions = list(self.edges.values())
+        results = await asyncio.gather(
+            *(self.ledger.refresh_edge(s.edge_id, s.owner) for s in sessions),
+            return_exceptions=True,
+        )
+        for session, owned in zip(sessions, results, strict=True):
+            if owned is False:
+                session.outbox.close(CloseCode.REPLACED, "another connection owns this edge now")
+            elif owned is True:
+                # Also a safety net: deliver anything a lost notification left behind.
+                self.want_delivery(session.edge_id)

@@ -1,0 +1,1 @@
+"""Projector workers: PostgreSQL audit tables and timeout verdicts from the ledger."""
