@@ -7,15 +7,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from dispatch import demo, tokens
 from dispatch.settings import SettingsError
+from edge import cli as edge_cli
+from gateway import cli as gateway_cli
+from projections import cli as projections_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dispatch import demo, tokens
-    from edge import cli as edge_cli
-    from gateway import cli as gateway_cli
-    from projections import cli as projections_cli
-
     parser = argparse.ArgumentParser(
         prog="dispatch",
         description="Command Dispatch: the EMS control channel (gateway, edge agent, projector, tools).",

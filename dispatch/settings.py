@@ -47,18 +47,30 @@ class Settings:
     gateway_id: str = ""
 
     def __post_init__(self) -> None:
-        for name, scheme in (("redis_url", ("redis", "rediss", "unix")), ("database_url", ("postgresql", "postgres"))):
+        for name, scheme in (
+            ("redis_url", ("redis", "rediss", "unix")),
+            ("database_url", ("postgresql", "postgres")),
+        ):
             value = getattr(self, name)
             if urlsplit(value).scheme not in scheme:
                 raise SettingsError(
                     f"DISPATCH_{name.upper()}={value!r} is not a {scheme[0]}:// URL; "
                     f"set it like {DEFAULT_REDIS_URL if name == 'redis_url' else DEFAULT_DATABASE_URL}"
                 )
-        positive = ("partitions", "port", "ack_timeout_ms", "default_expiry_s", "state_ttl_s",
-                    "presence_ttl_ms", "max_message_bytes")
+        positive = (
+            "partitions",
+            "port",
+            "ack_timeout_ms",
+            "default_expiry_s",
+            "state_ttl_s",
+            "presence_ttl_ms",
+            "max_message_bytes",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
-                raise SettingsError(f"DISPATCH_{name.upper()} must be positive, got {getattr(self, name)}")
+                raise SettingsError(
+                    f"DISPATCH_{name.upper()} must be positive, got {getattr(self, name)}"
+                )
         if self.port > 65535:
             raise SettingsError(f"DISPATCH_PORT must be at most 65535, got {self.port}")
 

@@ -15,8 +15,8 @@ from redis.asyncio import Redis
 from dispatch.settings import Settings
 from gateway import grants
 from gateway.auth import ACCESS_TOKEN_TYPE, EDGE_TOKEN_TYPE, signing_key
-from ledger.keys import Keys, check_id
 from ledger.errors import translated
+from ledger.keys import Keys, check_id
 
 USER_TTL_S = 3600
 EDGE_TTL_S = 365 * 86_400
@@ -66,7 +66,7 @@ def _edge_id(value: str) -> str:
         ) from None
 
 
-async def _enroll(settings: Settings, edge_id: str) -> None:
+async def enroll(settings: Settings, edge_id: str) -> None:
     redis = Redis.from_url(settings.redis_url)
     try:
         async with translated("enrolling the edge", settings.redis_url):
@@ -82,7 +82,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         return 2
     if args.edge:
         if not args.no_enroll:
-            asyncio.run(_enroll(settings, args.edge))
+            asyncio.run(enroll(settings, args.edge))
         print(sign(edge_claims(args.edge, args.ttl or EDGE_TTL_S), settings.jwt_secret))
         return 0
     if not args.user:
@@ -122,14 +122,33 @@ def register(sub: Any) -> None:
     )
     token.add_argument("--user", help="user id (the SimpleJWT `user_id` claim)")
     token.add_argument("--edge", type=_edge_id, help="print the credential of this edge instead")
-    token.add_argument("--can-control", action="append", default=[], metavar="EDGE",
-                       type=_edge_id, help="edge the user may command (repeatable)")
-    token.add_argument("--can-view", action="append", default=[], metavar="EDGE",
-                       type=_edge_id, help="edge the user may watch (repeatable)")
-    token.add_argument("--ttl", type=int, metavar="SEC",
-                       help=f"lifetime in seconds (default {USER_TTL_S} for users, {EDGE_TTL_S} for edges)")
-    token.add_argument("--no-enroll", action="store_true",
-                       help="with --edge: do not record the edge as enrolled in Redis")
+    token.add_argument(
+        "--can-control",
+        action="append",
+        default=[],
+        metavar="EDGE",
+        type=_edge_id,
+        help="edge the user may command (repeatable)",
+    )
+    token.add_argument(
+        "--can-view",
+        action="append",
+        default=[],
+        metavar="EDGE",
+        type=_edge_id,
+        help="edge the user may watch (repeatable)",
+    )
+    token.add_argument(
+        "--ttl",
+        type=int,
+        metavar="SEC",
+        help=f"lifetime in seconds (default {USER_TTL_S} for users, {EDGE_TTL_S} for edges)",
+    )
+    token.add_argument(
+        "--no-enroll",
+        action="store_true",
+        help="with --edge: do not record the edge as enrolled in Redis",
+    )
     token.set_defaults(func=cmd_token)
 
     for name, add in (("grant", True), ("revoke", False)):

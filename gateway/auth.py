@@ -116,7 +116,9 @@ class Authenticator:
         claims = self._claims(token, EDGE_TOKEN_TYPE)
         if claims.get("edge_id") != edge_id:
             raise AuthError(f"token refused: this credential is not for edge {edge_id!r}")
-        return EdgeIdentity(edge_id=edge_id, jti=str(claims["jti"]), expires_at=float(claims["exp"]))
+        return EdgeIdentity(
+            edge_id=edge_id, jti=str(claims["jti"]), expires_at=float(claims["exp"])
+        )
 
 
 def expired(expires_at: float, now: float | None = None) -> bool:

@@ -77,7 +77,9 @@ async def _acknowledge(state: GatewayState, session: EdgeSession, raw: bytes) ->
         ack = ACK_DECODER.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         metrics.ACKS.labels("invalid", "refused").inc()
-        notice = EdgeNotice(error={"code": "invalid_ack", "message": f"unreadable acknowledgment: {exc}"})
+        notice = EdgeNotice(
+            error={"code": "invalid_ack", "message": f"unreadable acknowledgment: {exc}"}
+        )
         session.outbox.put(_encode(notice).decode())
         return
     result = await state.ledger.acknowledge(session.edge_id, ack)
@@ -85,14 +87,20 @@ async def _acknowledge(state: GatewayState, session: EdgeSession, raw: bytes) ->
         metrics.ACKS.labels(ack.status, "applied").inc()
         log.info(
             "command.transition command_id=%s edge_id=%s status=%s late=%s",
-            ack.command_id, session.edge_id, ack.status, result.late,
+            ack.command_id,
+            session.edge_id,
+            ack.status,
+            result.late,
         )
         return
     if result.unknown:
         metrics.ACKS.labels(ack.status, "unknown").inc()
         notice = EdgeNotice(
             command_id=ack.command_id,
-            error={"code": "unknown_command", "message": f"no command {ack.command_id!r} for this edge"},
+            error={
+                "code": "unknown_command",
+                "message": f"no command {ack.command_id!r} for this edge",
+            },
         )
         session.outbox.put(_encode(notice).decode())
         return
@@ -100,5 +108,7 @@ async def _acknowledge(state: GatewayState, session: EdgeSession, raw: bytes) ->
     metrics.ACKS.labels(ack.status, "ignored").inc()
     log.debug(
         "edge.ack.ignored command_id=%s status=%s current=%s",
-        ack.command_id, ack.status, result.previous,
+        ack.command_id,
+        ack.status,
+        result.previous,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -69,7 +70,7 @@ def _split(raw: bytes | str | None) -> list[str]:
 class GrantCache:
     redis: Redis
     keys: Keys
-    version: bytes | None = None
+    version: Any = None
     users: dict[str, dict[str, frozenset[str]]] = field(default_factory=dict)
 
     async def load(self, user_id: str) -> dict[str, frozenset[str]]:
@@ -78,7 +79,8 @@ class GrantCache:
             return cached
         raw = await self.redis.hgetall(self.keys.grants(user_id))
         grants = {
-            (k.decode() if isinstance(k, bytes) else k): frozenset(_split(v)) for k, v in raw.items()
+            (k.decode() if isinstance(k, bytes) else k): frozenset(_split(v))
+            for k, v in raw.items()
         }
         self.users[user_id] = grants
         return grants

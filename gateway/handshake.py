@@ -25,7 +25,9 @@ def credentials(ws: WebSocket) -> tuple[str | None, str | None]:
     token = bearer_token(ws.headers.get("authorization"))
     offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",")]
     if token is None:
-        token = next((p[len(BEARER_PREFIX):] for p in offered if p.startswith(BEARER_PREFIX)), None)
+        token = next(
+            (p[len(BEARER_PREFIX) :] for p in offered if p.startswith(BEARER_PREFIX)), None
+        )
     return token, (SUBPROTOCOL if SUBPROTOCOL in offered else None)
 
 

@@ -152,9 +152,7 @@ class Hub:
             )
             for session, result in zip(sessions, results, strict=True):
                 if isinstance(result, Exception):
-                    log.warning(
-                        "edge.delivery.failed edge_id=%s error=%s", session.edge_id, result
-                    )
+                    log.warning("edge.delivery.failed edge_id=%s error=%s", session.edge_id, result)
                     self._dirty.add(session.edge_id)  # try again on the next signal
             if self._dirty:
                 await asyncio.sleep(0.2)

@@ -20,14 +20,18 @@ REJECTIONS = Counter(
     "dispatch_rejections_total", "Refused inputs by error code", ["code"], registry=REGISTRY
 )
 EVENTS = Counter(
-    "dispatch_events_total", "Lifecycle events seen on the ledger, by status", ["status"],
+    "dispatch_events_total",
+    "Lifecycle events seen on the ledger, by status",
+    ["status"],
     registry=REGISTRY,
 )
 DELIVERIES = Counter(
     "dispatch_deliveries_total", "Commands handed to edge connections", registry=REGISTRY
 )
 ACKS = Counter(
-    "dispatch_acks_total", "Edge acknowledgments by status and result", ["status", "result"],
+    "dispatch_acks_total",
+    "Edge acknowledgments by status and result",
+    ["status", "result"],
     registry=REGISTRY,
 )
 SUBMIT_SECONDS = Histogram(

@@ -58,7 +58,11 @@ class GatewayState:
             clock_skew_s=settings.clock_skew_s,
         )
         pg = AsyncConnectionPool(
-            settings.database_url, min_size=1, max_size=4, open=False, timeout=5,
+            settings.database_url,
+            min_size=1,
+            max_size=4,
+            open=False,
+            timeout=5,
             kwargs={"autocommit": True},
         )
         try:
@@ -66,8 +70,18 @@ class GatewayState:
         except Exception as exc:  # commands flow without PostgreSQL; /readyz reports it
             log.warning("gateway.postgres.unavailable error=%s", exc)
         log.info("gateway.started gateway_id=%s partitions=%d", gateway_id, settings.partitions)
-        return cls(settings, gateway_id, redis, tail_redis, ledger, auth_from(settings),
-                   grants, hub, intake, pg)
+        return cls(
+            settings,
+            gateway_id,
+            redis,
+            tail_redis,
+            ledger,
+            auth_from(settings),
+            grants,
+            hub,
+            intake,
+            pg,
+        )
 
     async def close(self) -> None:
         await self.hub.stop()

@@ -287,7 +287,7 @@ class Ledger:
                 self.config.ack_timeout_ms,
                 k.command_prefix(p),
                 new_event_id(),
-                owner.split("|", 1)[0],
+                "gateway:" + owner.split("|", 1)[0],
                 _DELIVERABLE,
                 _FINAL,
             ],

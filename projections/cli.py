@@ -43,5 +43,7 @@ def register(sub: Any) -> None:
         "timeout/expiry verdicts. Run several for scale: they share the partitions.",
     )
     p.add_argument("--redis-url", help="default: DISPATCH_REDIS_URL or redis://127.0.0.1:6379/0")
-    p.add_argument("--database-url", help="default: DISPATCH_DATABASE_URL or postgresql://127.0.0.1:5432/test")
+    p.add_argument(
+        "--database-url", help="default: DISPATCH_DATABASE_URL or postgresql://127.0.0.1:5432/test"
+    )
     p.set_defaults(func=cmd_projector)

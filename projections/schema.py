@@ -81,9 +81,7 @@ def _q(statement: str, schema: str) -> sql.Composed:
 
 
 async def has_timescaledb(conn: AsyncConnection) -> bool:
-    cur = await conn.execute(
-        "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'"
-    )
+    cur = await conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'")
     return await cur.fetchone() is not None
 
 
@@ -100,7 +98,9 @@ async def migrate(conn: AsyncConnection, schema: str) -> str:
                 schema,
             )
         )
-        cur = await conn.execute(_q("SELECT coalesce(max(version), 0) FROM {s}.schema_migrations", schema))
+        cur = await conn.execute(
+            _q("SELECT coalesce(max(version), 0) FROM {s}.schema_migrations", schema)
+        )
         row = await cur.fetchone()
         current = int(row[0]) if row else 0
         for version, statements in enumerate(MIGRATIONS, start=1):
@@ -136,7 +136,10 @@ async def _ensure_events(conn: AsyncConnection, schema: str) -> str:
     else:
         await conn.execute(_q(EVENTS_PARTITIONED, schema))
         await conn.execute(
-            _q("CREATE TABLE IF NOT EXISTS {s}.events_default PARTITION OF {s}.events DEFAULT", schema)
+            _q(
+                "CREATE TABLE IF NOT EXISTS {s}.events_default PARTITION OF {s}.events DEFAULT",
+                schema,
+            )
         )
         kind = "partitioned"
     for statement in EVENT_INDEXES:
@@ -157,7 +160,9 @@ def day_partition(schema: str, day: date) -> sql.Composed:
     )
 
 
-async def ensure_partitions(conn: AsyncConnection, schema: str, kind: str, days_ahead: int = 3) -> None:
+async def ensure_partitions(
+    conn: AsyncConnection, schema: str, kind: str, days_ahead: int = 3
+) -> None:
     """Create the daily partitions the next few days need (native partitioning only)."""
     if kind != "partitioned":
         return

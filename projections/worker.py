@@ -14,6 +14,7 @@ import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from psycopg import AsyncConnection
 from redis import exceptions as redis_errors
@@ -64,7 +65,9 @@ class Projector:
             self.storage = await schema.migrate(conn, self.schema)
             await schema.ensure_partitions(conn, self.schema, self.storage)
             log.info("projector.started owner=%s storage=%s", self.owner, self.storage)
-            await asyncio.gather(self._project(conn, reader), self._reach_verdicts(), self._rebalance(conn))
+            await asyncio.gather(
+                self._project(conn, reader), self._reach_verdicts(), self._rebalance(conn)
+            )
         finally:
             with contextlib.suppress(Exception):
                 await self.leases.release_all()
@@ -109,7 +112,7 @@ class Projector:
                     await self._drain_pending(conn, redis, stream)
                 grouped.update(new)
             try:
-                reply = await redis.xreadgroup(
+                reply: Any = await redis.xreadgroup(
                     PROJECTOR_GROUP,
                     CONSUMER,
                     dict.fromkeys(streams, ">"),
@@ -127,16 +130,18 @@ class Projector:
     async def _drain_pending(self, conn: AsyncConnection, redis: Redis, stream: str) -> None:
         start = "0"
         while True:
-            reply = await redis.xreadgroup(
+            pending: Any = await redis.xreadgroup(
                 PROJECTOR_GROUP, CONSUMER, {stream: start}, count=self.config.batch
             )
-            entries = reply[0][1] if reply else []
+            entries = pending[0][1] if pending else []
             if not entries:
                 return
             await self._store(conn, redis, stream, entries)
             start = entries[-1][0]
 
-    async def _store(self, conn: AsyncConnection, redis: Redis, stream: str, entries: list) -> None:  # type: ignore[type-arg]
+    async def _store(
+        self, conn: AsyncConnection, redis: Redis, stream: str, entries: list[Any]
+    ) -> None:
         batch: list[Entry] = []
         ids: list[bytes] = []
         for entry_id, fields in entries:
@@ -158,7 +163,9 @@ class Projector:
         while True:
             for p in sorted(self.leases.held):
                 try:
-                    self.verdicts += await self.ledger.reach_verdicts(p, actor=f"projector:{self.owner}")
+                    self.verdicts += await self.ledger.reach_verdicts(
+                        p, actor=f"projector:{self.owner}"
+                    )
                 except Exception as exc:
                     log.warning("projector.verdicts.failed partition=%d error=%s", p, exc)
             await asyncio.sleep(self.config.verdict_interval_s)

@@ -45,7 +45,9 @@ def _q(statement: str, schema: str) -> sql.Composed:
     return sql.SQL(statement).format(s=sql.Identifier(schema))
 
 
-async def apply_batch(conn: AsyncConnection, schema: str, stream: str, entries: Sequence[Entry]) -> int:
+async def apply_batch(
+    conn: AsyncConnection, schema: str, stream: str, entries: Sequence[Entry]
+) -> int:
     """Project `entries` (one stream, in order); returns how many were new."""
     if not entries:
         return 0
@@ -59,7 +61,9 @@ async def apply_batch(conn: AsyncConnection, schema: str, stream: str, entries: 
         if not fresh:
             return 0
         await _copy_events(conn, schema, fresh)
-        commands = [e for e in fresh if not (isinstance(e.event, Rejected) and e.event.stage == "gateway")]
+        commands = [
+            e for e in fresh if not (isinstance(e.event, Rejected) and e.event.stage == "gateway")
+        ]
         if commands:
             await _fold_commands(conn, schema, commands)
         last = fresh[-1].entry_id
@@ -70,7 +74,10 @@ async def apply_batch(conn: AsyncConnection, schema: str, stream: str, entries: 
             )
         else:
             await conn.execute(
-                _q("UPDATE {s}.positions SET entry_id = %s, updated_at = now() WHERE stream = %s", schema),
+                _q(
+                    "UPDATE {s}.positions SET entry_id = %s, updated_at = now() WHERE stream = %s",
+                    schema,
+                ),
                 (last, stream),
             )
     return len(fresh)
@@ -117,7 +124,10 @@ async def _copy_events(conn: AsyncConnection, schema: str, entries: Sequence[Ent
 async def _fold_commands(conn: AsyncConnection, schema: str, entries: Sequence[Entry]) -> None:
     ids = sorted({e.event.command_id for e in entries})
     cur = await conn.execute(
-        _q("SELECT command_id, state FROM {s}.commands WHERE command_id = ANY(%s) FOR UPDATE", schema),
+        _q(
+            "SELECT command_id, state FROM {s}.commands WHERE command_id = ANY(%s) FOR UPDATE",
+            schema,
+        ),
         (ids,),
     )
     states: dict[str, lifecycle.CommandState] = {}

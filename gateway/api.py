@@ -1,0 +1,238 @@
+"""HTTP endpoints: commands for automated services, lifecycle and audit reads, health."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+
+from gateway import metrics
+from gateway.auth import AuthError, User, bearer_token
+from gateway.grants import CAN_CONTROL, CAN_VIEW
+from gateway.state import GatewayState
+from ledger.keys import SAFE_ID
+from ledger.store import CommandRecord, to_utc
+from projections import queries
+from schemas.errors import ErrorCode, error
+from schemas.events import Event, status_of
+
+_encode = msgspec.json.Encoder().encode
+STATIC = __file__.rsplit("/", 1)[0] + "/static"
+
+
+def _state(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gateway
+    return state
+
+
+def problem(status: int, code: ErrorCode | str, message: str, **extra: Any) -> JSONResponse:
+    body = {
+        "status": "rejected",
+        "error": {"code": str(getattr(code, "value", code)), "message": message, **extra},
+    }
+    return JSONResponse(body, status_code=status)
+
+
+async def authenticate(request: Request) -> User:
+    state = _state(request)
+    token = bearer_token(request.headers.get("authorization"))
+    if token is None:
+        raise AuthError("no bearer token: send `Authorization: Bearer <token>`")
+    user = state.auth.user(token)
+    await state.check_not_revoked(user.jti)
+    return user
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it exceeds `limit` (nothing more is buffered)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def post_command(request: Request) -> Response:
+    state = _state(request)
+    try:
+        user = await authenticate(request)
+    except AuthError as exc:
+        await state.audit_refusal(request, "", error(ErrorCode.UNAUTHENTICATED, str(exc)))
+        return problem(401, ErrorCode.UNAUTHENTICATED, str(exc))
+    limit = state.settings.max_message_bytes
+    raw = await read_body(request, limit)
+    if raw is None:
+        outcome = await state.intake.reject(
+            b"",
+            user.actor,
+            error(ErrorCode.TOO_LARGE, f"body exceeds the {limit}-byte limit"),
+        )
+    else:
+        outcome = await state.intake.submit(raw, user)
+    headers = {}
+    if outcome.reply.error is not None and outcome.reply.error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(outcome.reply.error.retry_after_s + 0.499)))
+    return Response(
+        _encode(outcome.reply),
+        status_code=outcome.http_status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def _event_view(event: Event) -> dict[str, Any]:
+    view: dict[str, Any] = msgspec.to_builtins(event)
+    view["status"] = status_of(event).value
+    view["at"] = to_utc(event.at).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    view.pop("command", None)
+    return view
+
+
+def command_view(record: CommandRecord) -> dict[str, Any]:
+    return {
+        "command_id": record.command_id,
+        "edge_id": record.edge_id,
+        "status": record.status,
+        "late": record.late,
+        "command": msgspec.to_builtins(record.command),
+        "events": [_event_view(e) for e in record.events],
+    }
+
+
+async def get_command(request: Request) -> Response:
+    state = _state(request)
+    try:
+        user = await authenticate(request)
+    except AuthError as exc:
+        return problem(401, ErrorCode.UNAUTHENTICATED, str(exc))
+    command_id = request.path_params["command_id"]
+    record = await state.ledger.lookup(command_id) if _safe(command_id) else None
+    if record is None:
+        return problem(404, "not_found", f"no command {command_id!r} in the ledger")
+    if await state.grants.allows(user, record.edge_id, CAN_VIEW) is None:
+        return problem(403, ErrorCode.FORBIDDEN, f"no can_view on edge {record.edge_id!r}")
+    return JSONResponse(command_view(record))
+
+
+async def cancel_command(request: Request) -> Response:
+    state = _state(request)
+    try:
+        user = await authenticate(request)
+    except AuthError as exc:
+        return problem(401, ErrorCode.UNAUTHENTICATED, str(exc))
+    command_id = request.path_params["command_id"]
+    edge_id = await state.ledger.edge_of(command_id) if _safe(command_id) else None
+    if edge_id is None:
+        return problem(404, "not_found", f"no command {command_id!r} in the ledger")
+    if await state.grants.allows(user, edge_id, CAN_CONTROL) is None:
+        return problem(403, ErrorCode.FORBIDDEN, f"no can_control on edge {edge_id!r}")
+    result = await state.ledger.cancel(command_id, user.actor)
+    if not result.applied:
+        return problem(
+            409,
+            "not_cancellable",
+            f"command {command_id!r} is {result.previous or 'unknown'}; only commands not yet "
+            "sent to the edge can be cancelled",
+        )
+    return JSONResponse({"command_id": command_id, "status": "cancelled"})
+
+
+def _safe(command_id: str) -> bool:
+    return bool(SAFE_ID.match(command_id))
+
+
+async def list_commands(request: Request) -> Response:
+    state = _state(request)
+    try:
+        user = await authenticate(request)
+    except AuthError as exc:
+        return problem(401, ErrorCode.UNAUTHENTICATED, str(exc))
+    if state.pg is None:
+        return problem(503, "unavailable", "the audit database is not configured")
+    try:
+        query = queries.AuditQuery.from_params(request.query_params)
+    except queries.QueryError as exc:
+        return problem(400, "invalid_query", str(exc))
+    visible = await _visible_edges(state, user)
+    try:
+        async with state.pg.connection() as conn:
+            rows = await queries.list_commands(conn, state.settings.namespace, query, visible)
+    except queries.QueryError as exc:
+        return problem(503, "unavailable", str(exc))
+    return JSONResponse({"commands": rows, "count": len(rows)})
+
+
+async def _visible_edges(state: GatewayState, user: User) -> frozenset[str] | None:
+    """Edges the user may view; None means all of them."""
+    claimed = user.view | user.control
+    stored = await state.grants.load(user.user_id)
+    if "*" in claimed or "*" in stored:
+        return None
+    return frozenset(claimed) | frozenset(e for e, perms in stored.items() if perms)
+
+
+async def edge_config(request: Request) -> Response:
+    from edge.capabilities import shipped_config  # noqa: PLC0415 (lands with the edge agent)
+
+    state = _state(request)
+    edge_id = request.path_params["edge_id"]
+    token = bearer_token(request.headers.get("authorization"))
+    try:
+        if token is None or not _safe(edge_id):
+            raise AuthError("an edge credential for this edge is required")
+        identity = state.auth.edge(token, edge_id)
+        await state.check_not_revoked(identity.jti)
+    except AuthError as exc:
+        return problem(401, ErrorCode.UNAUTHENTICATED, str(exc))
+    stored = await state.redis.get(state.ledger.keys.edge_config(edge_id))
+    raw = stored if stored is not None else shipped_config(edge_id)
+    if raw is None:
+        return problem(404, "not_found", f"no capability config for edge {edge_id!r}")
+    return Response(raw, media_type="application/json")
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok", "gateway_id": _state(request).gateway_id})
+
+
+async def readyz(request: Request) -> Response:
+    state = _state(request)
+    checks: dict[str, Any] = {}
+    try:
+        await state.redis.ping()
+        info = await state.redis.info("persistence")
+        aof = bool(int(info.get("aof_enabled", 0)))
+        checks["redis"] = {"ok": True, "aof_enabled": aof}
+        if not aof:
+            checks["redis"]["warning"] = (
+                "AOF is off: a Redis restart loses queued commands; enable appendonly"
+            )
+    except Exception as exc:
+        checks["redis"] = {"ok": False, "error": str(exc)}
+    try:
+        if state.pg is None:
+            raise RuntimeError("not configured")
+        async with state.pg.connection(timeout=2) as conn:
+            await conn.execute("SELECT 1")
+        checks["postgres"] = {"ok": True}
+    except Exception as exc:
+        checks["postgres"] = {"ok": False, "error": str(exc) or type(exc).__name__}
+    ready = all(c["ok"] for c in checks.values())
+    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+async def index(request: Request) -> Response:
+    return FileResponse(f"{STATIC}/index.html", media_type="text/html")
