@@ -109,17 +109,21 @@ def command_shape_problem(cmd: Command) -> str | None:
 
 
 class EdgeCommand(Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """Gateway -> edge: the command as the edge executes it."""
+    """Gateway -> edge: the command as the edge executes it.
+
+    Fields without defaults are always sent (the specification's fields and `priority`);
+    `delivery` counts deliveries of the same command (n > 1 is a redelivery).
+    """
 
     command_id: str
     command_type: CommandType
     target: Target
     value: bool | float | int | str
-    unit: str | None = None
+    unit: str | None
     expiry_sec: int
     source: str
     timestamp: datetime
-    priority: Priority = "normal"
+    priority: Priority
     duration_sec: int | None = None
     expires_at: datetime
     actor: str = ""
