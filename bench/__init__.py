@@ -1,0 +1,1 @@
+"""`make bench`: benchmarks that print figures (never timed unit tests)."""
