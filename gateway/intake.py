@@ -96,6 +96,8 @@ class Intake:
         self.gateway_id = gateway_id
         self.max_message_bytes = max_message_bytes
         self.clock_skew_s = clock_skew_s
+        # Enrollment is never withdrawn while a gateway runs: remember positive answers.
+        self._enrolled: set[str] = set()
 
     async def submit(self, raw: bytes, user: User) -> Outcome:
         started = time.perf_counter()
@@ -172,7 +174,11 @@ class Intake:
                 f"timestamp is {skew_s:.0f} s in the future (tolerance {self.clock_skew_s} s); "
                 "check the sender's clock",
             )
-        if not await self.ledger.is_enrolled(cmd.target.edge_id):
+        edge_id = cmd.target.edge_id
+        if edge_id not in self._enrolled and await self.ledger.is_enrolled(edge_id):
+            if len(self._enrolled) < 1_000_000:
+                self._enrolled.add(edge_id)
+        if edge_id not in self._enrolled:
             return error(
                 ErrorCode.UNKNOWN_EDGE,
                 f"edge {cmd.target.edge_id!r} is not enrolled; enroll it with "
