@@ -7,12 +7,16 @@ in `edge/sites/<edge_id>.json`.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
+import urllib.error
+import urllib.request
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import msgspec
 from msgspec import Meta, Struct
@@ -21,6 +25,7 @@ from edge.errors import ConfigError
 
 ConfigName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 CONFIG_FILE = "config.json"
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 class DataType(StrEnum):
@@ -243,3 +248,39 @@ def check_edge(site: SiteConfig, edge_id: str, origin: str) -> SiteConfig:
             "point the agent at this edge's config"
         )
     return site
+
+
+def config_url(gateway_url: str, edge_id: str) -> str:
+    """`ws://H:P[/prefix]` -> `http://H:P[/prefix]/api/edges/{edge_id}/config`."""
+    parts = urlsplit(gateway_url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    path = parts.path.rstrip("/") + f"/api/edges/{quote(edge_id)}/config"
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+def _fetch(url: str, token: str, timeout_s: float) -> bytes | None:
+    request = urllib.request.Request(
+        url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            body: bytes = response.read(MAX_CONFIG_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise ConfigError(f"GET {url} answered HTTP {exc.code}: {exc.reason}") from None
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        raise ConfigError(f"GET {url} failed: {exc}") from None
+    if len(body) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"GET {url} sent more than {MAX_CONFIG_BYTES} bytes")
+    return body
+
+
+async def fetch_config(
+    gateway_url: str, edge_id: str, token: str, timeout_s: float
+) -> bytes | None:
+    """The edge's config JSON from the cloud; None if it has none (404); ConfigError else."""
+    url = config_url(gateway_url, edge_id)
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"cannot derive an http(s) URL from --gateway {gateway_url!r}")
+    return await asyncio.to_thread(_fetch, url, token, timeout_s)

@@ -249,6 +249,24 @@ class CoreCycle:
             self._urgent.set()
         await self._stopped.wait()
 
+    async def abandon_queue(self) -> None:
+        """After stop(): fail what is still queued (`interrupted`, never executed)."""
+        while self._heap:
+            job = heapq.heappop(self._heap)
+            if job.cancelled:
+                continue
+            self._live -= 1
+            self._finish(
+                job,
+                ack(
+                    job.cmd.command_id,
+                    "failed",
+                    code=ErrorCode.INTERRUPTED,
+                    message="the edge agent stopped before executing it; it was not executed",
+                ),
+            )
+        self._queued_setpoints.clear()
+
     async def _tick(self) -> None:
         self.ticks += 1
         await self._drain(emergency_only=False)
