@@ -3,7 +3,8 @@
 Unit id 1. Holding 0-1: SetActivePower, int32 W, big-endian, high word first (positive
 charges the battery); holding 2: MinSoc, uint16 %; input 0: Soc, uint16 %. Writes
 outside the device's limits are refused with Modbus exception 3 (illegal data value).
-Soc drifts with the active power (capacity `capacity_wh`).
+Soc drifts with the active power (capacity `capacity_wh`). Holding 3-63 are spare
+uint16 registers without limits.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pymodbus.client.mixin import ModbusClientMixin
@@ -22,6 +24,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 log = logging.getLogger("edge.simulator")
 
 UNIT_ID = 1
+HOLDING_COUNT = 64  # 0-1 SetActivePower, 2 MinSoc, 3-63 spare (free for tests)
 _INT32 = ModbusClientMixin.DATATYPE.INT32
 _READ_INPUT = 4
 _WRITES = frozenset({6, 16, 23})
@@ -47,14 +50,15 @@ class BmsSimulator:
         self.host = host
         self.port = port
         self.state = state or BmsState()
-        self._holding = [0] * 8
+        self._holding = [0] * HOLDING_COUNT
         self._released = asyncio.Event()
+        self._written = asyncio.Event()
         device = SimDevice(
             id=UNIT_ID,
             simdata=(
                 [SimData(0, count=16, values=False, datatype=DataType.BITS)],
                 [SimData(0, count=16, values=False, datatype=DataType.BITS)],
-                [SimData(0, count=8, values=0, datatype=DataType.REGISTERS)],
+                [SimData(0, count=HOLDING_COUNT, values=0, datatype=DataType.REGISTERS)],
                 [
                     SimData(
                         0,
@@ -107,6 +111,15 @@ class BmsSimulator:
         assert isinstance(value, int)
         return value
 
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Until `predicate()` holds, re-checked after every accepted write."""
+        while not predicate():
+            self._written.clear()
+            await self._written.wait()
+
+    def holding(self, address: int) -> int:
+        return self._holding[address]
+
     @property
     def min_soc_percent(self) -> int:
         return self._holding[2]
@@ -137,7 +150,8 @@ class BmsSimulator:
             log.info("simulator.write.refused address=%d values=%s", address, words)
             return refusal
         state.writes.append((address, words))
-        self._holding = after[:8]
+        self._holding = after[:HOLDING_COUNT]
+        self._written.set()
         if state.hold_write_answers:
             registers[offset : offset + count] = words  # the write takes effect...
             await self._hang()  # ...but its answer never leaves
