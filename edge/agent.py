@@ -25,7 +25,7 @@ from edge.core_cycle import CoreCycle, CycleSettings, log_transition
 from edge.errors import ConfigError
 from edge.frames import BadFrame, Notice, ack, decode_frame, utc_now
 from edge.journal import JOURNAL_FILE, CommandMeta, Journal, StateLock
-from edge.link import Link, LinkSettings
+from edge.link import CLOSE_TIMEOUT_S, Link, LinkSettings
 from edge.modbus import DevicePort, ModbusDevices
 from edge.validation import Rejection, SystemPlan, validate
 from schemas.commands import EdgeCommand
@@ -83,10 +83,11 @@ class AgentSettings:
                      "config_fetch_timeout_s"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.ping_interval_s + self.ping_timeout_s > HALF_OPEN_BOUND_S:
+        if self.ping_interval_s + self.ping_timeout_s + CLOSE_TIMEOUT_S > HALF_OPEN_BOUND_S:
             raise ConfigError(
                 f"ping interval {self.ping_interval_s:g} s + ping timeout "
-                f"{self.ping_timeout_s:g} s exceed {HALF_OPEN_BOUND_S:g} s: a half-open "
+                f"{self.ping_timeout_s:g} s + close timeout {CLOSE_TIMEOUT_S:g} s exceed "
+                f"{HALF_OPEN_BOUND_S:g} s: a half-open "
                 "connection would go unnoticed too long; lower them"
             )
         if self.clock_skew_s < 0:

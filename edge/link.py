@@ -3,7 +3,8 @@
 Reconnects forever with exponential backoff and full jitter (tenacity
 `wait_random_exponential`, capped at `backoff_max_s`); the backoff restarts after a
 session that stayed up `stable_s`. WebSocket pings every `ping_interval_s` must be
-answered within `ping_timeout_s`, so a half-open connection is noticed within their sum.
+answered within `ping_timeout_s`, so a half-open connection is noticed within their sum
+plus the close timeout (10 + 10 + 2 s by default).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 log = logging.getLogger("edge.link")
 
 MAX_FRAME_BYTES = 64 * 1024
+CLOSE_TIMEOUT_S = 2.0  # after a ping timeout the close handshake waits this long at most
 USER_AGENT = "dispatch-edge/0.1"
 _CLOSE_HINTS = {
     4001: "another connection for this edge replaced this one; is a second agent running?",
@@ -137,7 +139,7 @@ class Link:
                 ping_interval=settings.ping_interval_s,
                 ping_timeout=settings.ping_timeout_s,
                 open_timeout=settings.open_timeout_s,
-                close_timeout=2,
+                close_timeout=CLOSE_TIMEOUT_S,
                 max_size=MAX_FRAME_BYTES,
                 user_agent_header=USER_AGENT,
                 proxy=None,

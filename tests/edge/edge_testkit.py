@@ -67,6 +67,13 @@ def command(
     return body
 
 
+async def eventually(predicate: Callable[[], bool], within_s: float = 5.0) -> None:
+    """Poll a condition nothing signals (e.g. a state inside the agent under test)."""
+    async with asyncio.timeout(within_s):
+        while not predicate():  # noqa: ASYNC110 (no event exists for it)
+            await asyncio.sleep(0.01)
+
+
 @dataclass
 class Routed:
     body: dict[str, Any]
