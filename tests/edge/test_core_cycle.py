@@ -218,7 +218,7 @@ async def test_an_override_reverts_on_time_even_across_a_restart(
     assert bms.min_soc_percent == 15
     async with asyncio.timeout(3):
         await bms.wait_for(lambda: bms.min_soc_percent == 10)
-    assert pending.revert_at <= time.time() < pending.revert_at + 0.25
+    assert pending.revert_at <= time.time() < pending.revert_at + 0.5
     await asyncio.sleep(0.2)  # the read-back, then the journal settles it
     assert h.journal.pending_overrides() == []
 

@@ -155,7 +155,7 @@ async def test_an_override_reverts_on_time_after_a_sigkill_restart(
     async with asyncio.timeout(15):
         await bms.wait_for(lambda: bms.min_soc_percent == 10)
     after_s = time.monotonic() - written_at
-    assert 3 - 0.1 <= after_s <= 3 + 0.6, after_s
+    assert 3 - 0.1 <= after_s <= 3 + 1.0, after_s
     await eventually(lambda: "override.reverted command_id=ov" in agent.text())
 
 
