@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import redis
 
 from dispatch.tokens import edge_claims, sign, user_claims
@@ -26,7 +27,7 @@ SECRET = "bench-secret-for-command-dispatch-0123456789abcdef"
 
 
 def raise_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
@@ -80,7 +81,10 @@ class Bench:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with (self.log_dir / f"{name}.log").open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "dispatch.cli", *args], env=self.env, stdout=out, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "dispatch.cli", *args],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         self.procs.append(proc)
         return proc
@@ -90,9 +94,11 @@ class Bench:
         proc = self.dispatch(f"gateway-{port}", "gateway", "--port", str(port))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                    return proc, port
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1),
+            ):
+                return proc, port
             if proc.poll() is not None:
                 raise RuntimeError(f"gateway exited; see {self.log_dir}")
             time.sleep(0.05)
@@ -124,11 +130,11 @@ class Bench:
         for i in range(0, len(keys), 1000):
             client.delete(*keys[i : i + 1000])
         client.close()
-        with contextlib.suppress(Exception):
-            import psycopg
-
-            with psycopg.connect(self.database_url, autocommit=True) as conn:
-                conn.execute(f'DROP SCHEMA IF EXISTS "{self.namespace}" CASCADE')
+        with (
+            contextlib.suppress(Exception),
+            psycopg.connect(self.database_url, autocommit=True) as conn,
+        ):
+            conn.execute(f'DROP SCHEMA IF EXISTS "{self.namespace}" CASCADE')
 
 
 @contextlib.contextmanager

@@ -22,16 +22,26 @@ def connected_edges(port: int) -> int:
     return int(float(match.group(1))) if match else 0
 
 
-async def hold_edges(port: int, names: list[str], tokens: list[str], ready: asyncio.Event,
-                     release: asyncio.Event, concurrency: int) -> list[object]:
+async def hold_edges(
+    port: int,
+    names: list[str],
+    tokens: list[str],
+    ready: asyncio.Event,
+    release: asyncio.Event,
+    concurrency: int,
+) -> list[object]:
     gate = asyncio.Semaphore(concurrency)
     sockets: list[object] = []
 
     async def one(name: str, token: str) -> None:
         async with gate:
-            ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws/edge/{name}",
-                                          additional_headers={"Authorization": f"Bearer {token}"},
-                                          compression=None, open_timeout=60, ping_interval=None)
+            ws = await websockets.connect(
+                f"ws://127.0.0.1:{port}/ws/edge/{name}",
+                additional_headers={"Authorization": f"Bearer {token}"},
+                compression=None,
+                open_timeout=60,
+                ping_interval=None,
+            )
             sockets.append(ws)
 
     await asyncio.gather(*(one(n, t) for n, t in zip(names, tokens, strict=True)))
@@ -52,7 +62,7 @@ async def run(edges: int, concurrency: int) -> tuple[int, int, int, float]:
         holder = asyncio.create_task(hold_edges(port, names, tokens, ready, release, concurrency))
         await ready.wait()
         deadline = time.monotonic() + 120
-        while connected_edges(port) < edges and time.monotonic() < deadline:
+        while connected_edges(port) < edges and time.monotonic() < deadline:  # noqa: ASYNC110 (polls another process)
             await asyncio.sleep(0.5)
         count = connected_edges(port)
         await asyncio.sleep(3.0)  # let allocations settle
@@ -60,8 +70,10 @@ async def run(edges: int, concurrency: int) -> tuple[int, int, int, float]:
         # A command still flows to one of them while all are connected.
         sockets = holder
         token = b.user_token("op", [names[0]])
-        async with websockets.connect(f"ws://127.0.0.1:{port}/ws/dashboard",
-                                      additional_headers={"Authorization": f"Bearer {token}"}) as dash:
+        async with websockets.connect(
+            f"ws://127.0.0.1:{port}/ws/dashboard",
+            additional_headers={"Authorization": f"Bearer {token}"},
+        ) as dash:
             started = time.perf_counter()
             await dash.send(json.dumps(command("idle-probe", names[0], 1)))
             while True:
@@ -83,7 +95,11 @@ def main(argv: list[str]) -> int:
     raise_fd_limit()
     count, before, after, routed_ms = uvloop.run(run(args.idle_edges, args.concurrency))
     per_edge = (after - before) / max(1, count)
-    print(f"idle_edge_rss: {per_edge:.1f} KiB per connected edge (gateway RSS {before / 1024:.0f} MiB "
-          f"-> {after / 1024:.0f} MiB with {count} idle edges)")
-    print(f"idle_fleet_routed_latency: {routed_ms:.1f} ms (send -> routed with {count} edges connected)")
+    print(
+        f"idle_edge_rss: {per_edge:.1f} KiB per connected edge (gateway RSS {before / 1024:.0f} MiB "
+        f"-> {after / 1024:.0f} MiB with {count} idle edges)"
+    )
+    print(
+        f"idle_fleet_routed_latency: {routed_ms:.1f} ms (send -> routed with {count} edges connected)"
+    )
     return 0 if count == args.idle_edges else 1

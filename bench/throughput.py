@@ -20,8 +20,12 @@ from bench.harness import Bench, bench, command, percentile, raise_fd_limit
 
 
 async def run_edge(url: str, token: str, stop: asyncio.Event) -> None:
-    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"},
-                                  compression=None, max_queue=None) as ws:
+    async with websockets.connect(
+        url,
+        additional_headers={"Authorization": f"Bearer {token}"},
+        compression=None,
+        max_queue=None,
+    ) as ws:
         while not stop.is_set():
             try:
                 raw = await asyncio.wait_for(ws.recv(), 0.5)
@@ -32,17 +36,32 @@ async def run_edge(url: str, token: str, stop: asyncio.Event) -> None:
                 continue
             cid = msg["command_id"]
             await ws.send(json.dumps({"command_id": cid, "status": "accepted"}))
-            await ws.send(json.dumps({"command_id": cid, "status": "executed",
-                                      "executed_at": None, "error": None}))
+            await ws.send(
+                json.dumps(
+                    {"command_id": cid, "status": "executed", "executed_at": None, "error": None}
+                )
+            )
 
 
-async def run_dashboard(url: str, token: str, edges: list[str], window: int, stop: asyncio.Event,
-                        done: list[float], latencies: list[float], measuring: asyncio.Event,
-                        prefix: str) -> None:
+async def run_dashboard(
+    url: str,
+    token: str,
+    edges: list[str],
+    window: int,
+    stop: asyncio.Event,
+    done: list[float],
+    latencies: list[float],
+    measuring: asyncio.Event,
+    prefix: str,
+) -> None:
     sent: dict[str, float] = {}
     counter = 0
-    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"},
-                                  compression=None, max_queue=None) as ws:
+    async with websockets.connect(
+        url,
+        additional_headers={"Authorization": f"Bearer {token}"},
+        compression=None,
+        max_queue=None,
+    ) as ws:
 
         async def send_one() -> None:
             nonlocal counter
@@ -73,20 +92,34 @@ async def run_dashboard(url: str, token: str, edges: list[str], window: int, sto
                     await send_one()
 
 
-async def measure(b: Bench, port: int, edges: int, dashboards: int, window: int, seconds: float) -> tuple[float, list[float]]:
+async def measure(
+    b: Bench, port: int, edges: int, dashboards: int, window: int, seconds: float
+) -> tuple[float, list[float]]:
     names = [f"edge{i:05d}" for i in range(edges)]
     b.enroll(names)
     stop, measuring = asyncio.Event(), asyncio.Event()
-    edge_tasks = [asyncio.create_task(run_edge(f"ws://127.0.0.1:{port}/ws/edge/{n}", b.edge_token(n), stop))
-                  for n in names]
+    edge_tasks = [
+        asyncio.create_task(run_edge(f"ws://127.0.0.1:{port}/ws/edge/{n}", b.edge_token(n), stop))
+        for n in names
+    ]
     await asyncio.sleep(1.0)
     done: list[float] = []
     latencies: list[float] = []
     groups = [names[i::dashboards] for i in range(dashboards)]
     dash_tasks = [
-        asyncio.create_task(run_dashboard(f"ws://127.0.0.1:{port}/ws/dashboard",
-                                          b.user_token(f"op{i}", group), group, window, stop, done,
-                                          latencies, measuring, f"d{i}"))
+        asyncio.create_task(
+            run_dashboard(
+                f"ws://127.0.0.1:{port}/ws/dashboard",
+                b.user_token(f"op{i}", group),
+                group,
+                window,
+                stop,
+                done,
+                latencies,
+                measuring,
+                f"d{i}",
+            )
+        )
         for i, group in enumerate(groups)
     ]
     await asyncio.sleep(2.0)  # warm up
@@ -111,10 +144,14 @@ def main(argv: list[str]) -> int:
     with bench() as b:
         _, port = b.gateway()
         b.dispatch("projector", "projector")
-        rate, latencies = uvloop.run(measure(b, port, args.edges, args.dashboards, args.window, args.seconds))
-    print(f"saturated_throughput: {rate:.0f} commands/s (full lifecycles issued..executed; "
-          f"{args.edges} scripted edges, {args.dashboards} dashboards x {args.window} in flight, "
-          f"1 gateway + 1 projector, {args.seconds:.0f} s)")
+        rate, latencies = uvloop.run(
+            measure(b, port, args.edges, args.dashboards, args.window, args.seconds)
+        )
+    print(
+        f"saturated_throughput: {rate:.0f} commands/s (full lifecycles issued..executed; "
+        f"{args.edges} scripted edges, {args.dashboards} dashboards x {args.window} in flight, "
+        f"1 gateway + 1 projector, {args.seconds:.0f} s)"
+    )
     print(f"saturated_latency_p50: {percentile(latencies, 50):.1f} ms")
     print(f"saturated_latency_p99: {percentile(latencies, 99):.1f} ms")
     return 0

@@ -124,7 +124,7 @@ class BmsSimulator:
     def min_soc_percent(self) -> int:
         return self._holding[2]
 
-    async def _action(  # noqa: PLR0917 (the signature pymodbus calls)
+    async def _action(
         self,
         function_code: int,
         start_address: int,

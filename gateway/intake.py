@@ -175,10 +175,10 @@ class Intake:
                 "check the sender's clock",
             )
         edge_id = cmd.target.edge_id
-        if edge_id not in self._enrolled and await self.ledger.is_enrolled(edge_id):
-            if len(self._enrolled) < 1_000_000:
-                self._enrolled.add(edge_id)
-        if edge_id not in self._enrolled:
+        known = edge_id in self._enrolled or await self.ledger.is_enrolled(edge_id)
+        if known and len(self._enrolled) < 1_000_000:
+            self._enrolled.add(edge_id)
+        if not known:
             return error(
                 ErrorCode.UNKNOWN_EDGE,
                 f"edge {cmd.target.edge_id!r} is not enrolled; enroll it with "

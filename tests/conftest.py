@@ -12,17 +12,19 @@ import pytest
 import redis
 from psycopg import sql
 from redis.asyncio import Redis
+from support import DATABASE_URL, REDIS_URL, SECRET, Processes
 
 from dispatch.settings import Settings
 from ledger.store import Ledger
-from support import DATABASE_URL, REDIS_URL, SECRET, Processes
 
 
 def _check_services() -> None:
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
     except Exception as exc:
-        pytest.exit(f"Redis at {REDIS_URL} does not answer ({exc}); run `make test` or start Redis", 2)
+        pytest.exit(
+            f"Redis at {REDIS_URL} does not answer ({exc}); run `make test` or start Redis", 2
+        )
     try:
         psycopg.connect(DATABASE_URL, connect_timeout=3).close()
     except Exception as exc:
@@ -76,7 +78,9 @@ async def ledger(settings: Settings) -> AsyncIterator[Ledger]:
 
 
 @pytest.fixture
-def processes(env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]:
+def processes(
+    env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Processes]:
     procs = Processes(env, tmp_path)
     yield procs
     procs.stop_all()
