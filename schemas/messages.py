@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from msgspec import Struct
 
+from schemas.commands import CommandId
 from schemas.errors import ErrorObject
 
 
@@ -18,6 +21,21 @@ class StatusUpdate(Struct, frozen=True, kw_only=True, omit_defaults=True):
     late: bool = False
     delivery: int | None = None
     event_id: str | None = None
+
+
+class CommandControl(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Dashboard -> gateway: an operation on an existing command (contract addition)."""
+
+    type: Literal["cancel"]
+    command_id: CommandId
+
+
+class EdgeNotice(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Gateway -> edge: an acknowledgment the gateway could not apply."""
+
+    type: str = "ack_refused"
+    command_id: str | None = None
+    error: ErrorObject | None = None
 
 
 class CommandView(Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -12,10 +12,11 @@ import pytest
 import redis
 from psycopg import sql
 from redis.asyncio import Redis
-from support import DATABASE_URL, REDIS_URL, SECRET, Processes
 
 from dispatch.settings import Settings
 from ledger.store import Ledger
+
+from support import DATABASE_URL, REDIS_URL, SECRET, Processes
 
 
 def _check_services() -> None:

@@ -70,21 +70,33 @@ def start_site(processes: Processes, gw: Gateway, tmp_path: Path) -> tuple[int, 
     return modbus_port, edge_cred
 
 
-def start_edge(processes: Processes, gw: Gateway, modbus_port: int, cred: str, tmp_path: Path) -> None:
+def start_edge(
+    processes: Processes, gw: Gateway, modbus_port: int, cred: str, tmp_path: Path
+) -> None:
     processes.dispatch(
-        "edge", "edge", "--edge-id", DEMO_EDGE, "--gateway", gw.ws, "--token", cred,
-        "--modbus", f"bms_main=127.0.0.1:{modbus_port}", "--state-dir", str(tmp_path / "edge"),
+        "edge",
+        "edge",
+        "--edge-id",
+        DEMO_EDGE,
+        "--gateway",
+        gw.ws,
+        "--token",
+        cred,
+        "--modbus",
+        f"bms_main=127.0.0.1:{modbus_port}",
+        "--state-dir",
+        str(tmp_path / "edge"),
     )
     wait_until(lambda: edges_connected(gw) == 1, 20, what="the edge agent to connect")
 
 
 def projected_status(namespace: str, command_id: str) -> str | None:
-    with psycopg.connect(
-        "postgresql://127.0.0.1:5432/test", autocommit=True
-    ) as conn:
+    with psycopg.connect("postgresql://127.0.0.1:5432/test", autocommit=True) as conn:
         try:
             row = conn.execute(
-                sql.SQL("SELECT status FROM {}.commands WHERE command_id = %s").format(sql.Identifier(namespace)),
+                sql.SQL("SELECT status FROM {}.commands WHERE command_id = %s").format(
+                    sql.Identifier(namespace)
+                ),
                 (command_id,),
             ).fetchone()
         except psycopg.errors.UndefinedTable:
@@ -101,14 +113,18 @@ async def test_spec_command_reaches_the_device_and_the_audit(
     start_edge(processes, gw, modbus_port, cred, tmp_path)
     token = cli_output(processes, "token", "--user", "user_456", "--can-control", DEMO_EDGE)
     body = command()  # the specification's example: SetActivePower = 50000 W on bms_main
-    async with websockets.connect(f"{gw.ws}/ws/dashboard",
-                                  additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+    async with websockets.connect(
+        f"{gw.ws}/ws/dashboard", additional_headers={"Authorization": f"Bearer {token}"}
+    ) as ws:
         await ws.send(json.dumps(body))
         seen = await statuses(ws, body["command_id"], "executed")
     assert seen == ["issued", "authorized", "routed", "delivered", "executed"]
     assert await read_power(modbus_port) == 50000
-    wait_until(lambda: projected_status(namespace, body["command_id"]) == "executed", 20,
-               what="the projector to record the executed command")
+    wait_until(
+        lambda: projected_status(namespace, body["command_id"]) == "executed",
+        20,
+        what="the projector to record the executed command",
+    )
     status, _, view = http("GET", f"{gw.http}/api/commands/{body['command_id']}", token)
     assert status == 200 and view["status"] == "executed"
     status, _, listing = http("GET", f"{gw.http}/api/commands?edge_id={DEMO_EDGE}", token)
@@ -122,10 +138,19 @@ async def test_offline_edge_gets_the_command_when_it_connects(
     modbus_port, cred = start_site(processes, gw, tmp_path)
     token = cli_output(processes, "token", "--user", "user_456", "--can-control", DEMO_EDGE)
     body = command(value=-25000, priority="emergency")
-    async with websockets.connect(f"{gw.ws}/ws/dashboard",
-                                  additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+    async with websockets.connect(
+        f"{gw.ws}/ws/dashboard", additional_headers={"Authorization": f"Bearer {token}"}
+    ) as ws:
         await ws.send(json.dumps(body))
-        assert await statuses(ws, body["command_id"], "queued") == ["issued", "authorized", "queued"]
+        assert await statuses(ws, body["command_id"], "queued") == [
+            "issued",
+            "authorized",
+            "queued",
+        ]
         start_edge(processes, gw, modbus_port, cred, tmp_path)
-        assert await statuses(ws, body["command_id"], "executed") == ["routed", "delivered", "executed"]
+        assert await statuses(ws, body["command_id"], "executed") == [
+            "routed",
+            "delivered",
+            "executed",
+        ]
     assert await read_power(modbus_port) == -25000

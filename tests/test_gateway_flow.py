@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 import websockets
-from support import Gateway, Processes, command, edge_token, http, user_token
 from websockets.exceptions import InvalidStatus
+
+from support import Gateway, Processes, command, edge_token, http, user_token
 
 EDGE = "edge_flow_1"
 

@@ -8,7 +8,6 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
-from support import command
 
 from ledger import lifecycle
 from ledger.keys import Keys, UnsafeKeyPart
@@ -16,6 +15,8 @@ from ledger.store import Ledger, LedgerConfig, SubmitOutcome
 from schemas.commands import Ack, Command
 from schemas.errors import ErrorObject
 from schemas.events import Status, status_of
+
+from support import command
 
 DECODE = msgspec.json.Decoder(Command)
 OWNER = "gwX|s1"

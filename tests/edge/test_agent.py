@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from edge_testkit import EDGE_ID, FakeCloud, command, demo_config, eventually
 
 from edge.agent import EXIT_RESTART
 from edge.capabilities import CONFIG_FILE, ConfigSource
 from edge.errors import StateDirBusy
 from edge.link import CLOSE_TIMEOUT_S, LinkState
 from edge.simulator import BmsSimulator
+
+from edge_testkit import EDGE_ID, FakeCloud, command, demo_config, eventually
 
 
 def config_version(version: str, min_soc_max: int) -> bytes:

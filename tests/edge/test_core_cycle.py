@@ -10,7 +10,6 @@ from typing import Any
 
 import msgspec
 import pytest
-from edge_testkit import EDGE_ID, command, demo_config
 
 from edge.capabilities import Channel, DataType, SiteConfig, decode_config
 from edge.core_cycle import CoreCycle, CycleSettings
@@ -20,6 +19,8 @@ from edge.simulator import BmsSimulator
 from edge.validation import Rejection, SystemPlan, validate
 from schemas.commands import Ack, EdgeCommand
 from schemas.errors import ErrorCode
+
+from edge_testkit import EDGE_ID, command, demo_config
 
 _ack = msgspec.json.Decoder(Ack)
 

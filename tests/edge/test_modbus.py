@@ -7,7 +7,6 @@ import time
 
 import msgspec
 import pytest
-from edge_testkit import demo_config, free_port
 from pymodbus.client import AsyncModbusTcpClient
 
 from edge.capabilities import Channel, DataType, Device, decode_config
@@ -15,6 +14,8 @@ from edge.errors import DeviceError
 from edge.modbus import ModbusDevices, decode, encode
 from edge.simulator import BmsSimulator, BmsState
 from schemas.errors import ErrorCode
+
+from edge_testkit import demo_config, free_port
 
 
 def demo_device(port: int, **changes: object) -> Device:

@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pymodbus.client import AsyncModbusTcpClient
+
+from edge.simulator import BmsSimulator
+
 from edge_testkit import (
     EDGE_ID,
     TOKEN,
@@ -22,9 +26,6 @@ from edge_testkit import (
     free_port,
     subprocess_env,
 )
-from pymodbus.client import AsyncModbusTcpClient
-
-from edge.simulator import BmsSimulator
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import msgspec
 import pytest
-from edge_testkit import EDGE_ID, command, demo_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +16,8 @@ from edge.frames import BadFrame, Notice, decode_frame
 from edge.validation import ModePlan, Rejection, SchedulePlan, SystemPlan, WritePlan, validate
 from schemas.commands import CommandType, EdgeCommand
 from schemas.errors import ErrorCode
+
+from edge_testkit import EDGE_ID, command, demo_config
 
 NOW = datetime(2026, 2, 15, 14, 30, tzinfo=UTC)
 SITE = decode_config(demo_config())
