@@ -21,7 +21,7 @@ from ledger.store import Ledger, SubmitOutcome
 from schemas.commands import Command
 from schemas.errors import ErrorCode, ErrorObject, error
 from schemas.events import Rejected
-from schemas.messages import StatusUpdate
+from schemas.messages import StatusUpdate, iso_ms
 
 COMMAND_DECODER = msgspec.json.Decoder(Command)
 EXCERPT_CHARS = 512
@@ -65,9 +65,7 @@ class Outcome:
 
 
 def now_iso() -> str:
-    ms = time.time_ns() // 1_000_000
-    seconds, millis = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    return iso_ms(time.time_ns() // 1_000_000)
 
 
 def probe(raw: bytes) -> tuple[str | None, str | None]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import time
 from typing import Literal
 
 from msgspec import Struct
@@ -53,3 +55,14 @@ class Accepted(Struct, frozen=True, kw_only=True):
 
     command_id: str
     status: str
+
+
+@functools.lru_cache(maxsize=64)
+def _iso_second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
+def iso_ms(ms: int) -> str:
+    """ISO 8601 UTC with milliseconds, e.g. 2026-02-15T14:30:01.050Z."""
+    seconds, millis = divmod(ms, 1000)
+    return f"{_iso_second(seconds)}.{millis:03d}Z"
