@@ -210,3 +210,20 @@ def test_health_ready_and_metrics(gateway: Gateway) -> None:
     assert status == 200 and "dispatch_edges_connected" in text
     status, _, page = http("GET", f"{gateway.http}/")
     assert status == 200 and "Command Dispatch" in page
+
+
+async def test_dashboards_only_see_edges_they_may_view(processes: Processes) -> None:
+    for edge_id in (EDGE, "edge_flow_2"):
+        processes.dispatch("token", "token", "--edge", edge_id).popen.wait(20)
+    gw = processes.gateway()
+    operator = user_token("op", control=[EDGE, "edge_flow_2"])
+    watcher = user_token("watcher", view=["edge_flow_2"])
+    async with dashboard(gw, operator) as d, dashboard(gw, watcher) as w:
+        hidden, shown = command(edge_id=EDGE), command(edge_id="edge_flow_2")
+        await d.send(json.dumps(hidden))
+        await d.send(json.dumps(shown))
+        assert (await statuses_until(d, shown["command_id"], "queued"))[-1] == "queued"
+        seen = [await recv_json(w) for _ in range(3)]
+        assert {m["command_id"] for m in seen} == {shown["command_id"]}
+        with pytest.raises(TimeoutError):
+            await recv_json(w, 0.5)
