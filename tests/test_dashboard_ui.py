@@ -18,13 +18,17 @@ EDGE = "site1_edge_prod"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed (scripts/browser.sh)"),
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed (scripts/browser.sh)"
+    ),
 ]
 
 
 async def scripted_edge(url: str, stop: asyncio.Event) -> list[dict[str, object]]:
     got = []
-    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {edge_token(EDGE)}"}) as ws:
+    async with websockets.connect(
+        url, additional_headers={"Authorization": f"Bearer {edge_token(EDGE)}"}
+    ) as ws:
         while not stop.is_set():
             try:
                 msg = json.loads(await asyncio.wait_for(ws.recv(), 0.2))
@@ -32,12 +36,22 @@ async def scripted_edge(url: str, stop: asyncio.Event) -> list[dict[str, object]
                 continue
             got.append(msg)
             await ws.send(json.dumps({"command_id": msg["command_id"], "status": "accepted"}))
-            await ws.send(json.dumps({"command_id": msg["command_id"], "status": "executed",
-                                      "executed_at": None, "error": None}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "command_id": msg["command_id"],
+                        "status": "executed",
+                        "executed_at": None,
+                        "error": None,
+                    }
+                )
+            )
     return got
 
 
-async def test_operator_sends_a_setpoint_from_the_dashboard_and_sees_it_executed(processes: Processes) -> None:
+async def test_operator_sends_a_setpoint_from_the_dashboard_and_sees_it_executed(
+    processes: Processes,
+) -> None:
     processes.dispatch("token", "token", "--edge", EDGE).popen.wait(20)
     gw = processes.gateway()
     stop = asyncio.Event()
@@ -45,7 +59,8 @@ async def test_operator_sends_a_setpoint_from_the_dashboard_and_sees_it_executed
     token = user_token("operator", control=[EDGE])
     async with async_playwright() as p:
         browser = await p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
+            executable_path=CHROMIUM,
+            headless=True,
             args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
         )
         try:
