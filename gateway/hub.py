@@ -254,7 +254,6 @@ class Hub:
         )
         for session, owned in zip(sessions, results, strict=True):
             if owned is False:
+                # The presence lapsed or moved: commands may have been queued meanwhile, so
+                # close; the edge reconnects and its new session claims everything waiting.
                 session.outbox.close(CloseCode.REPLACED, "another connection owns this edge now")
-            elif owned is True:
-                # Also a safety net: deliver anything a lost notification left behind.
-                self.want_delivery(session.edge_id)

@@ -89,7 +89,10 @@ class Delivery:
 
     def frame(self) -> bytes:
         """The gateway -> edge message: the stored body with its delivery count."""
-        return b'{"delivery":%d,' % self.delivery + self.body[1:]
+        if self.delivery == 1:
+            return self.body  # stored with delivery 1
+        command = EDGE_COMMAND_DECODER.decode(self.body)
+        return _encode(msgspec.structs.replace(command, delivery=self.delivery))
 
 
 @dataclass(frozen=True, slots=True)
