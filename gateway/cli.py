@@ -9,11 +9,7 @@ import uvicorn
 
 from dispatch.settings import Settings
 from gateway.app import create_app
-
-# The application rejects messages over DISPATCH_MAX_MESSAGE_BYTES (64 KiB) with a
-# `too_large` answer and keeps the connection; the protocol layer drops anything beyond
-# this hard ceiling (close 1009) before buffering it.
-WS_HARD_LIMIT_BYTES = 256 * 1024
+from gateway.sessions import ws_hard_limit_bytes
 
 
 def serve(settings: Settings, *, log_level: str = "info") -> None:
@@ -23,7 +19,7 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         port=settings.port,
         log_level=log_level,
         access_log=False,
-        ws_max_size=max(WS_HARD_LIMIT_BYTES, settings.max_message_bytes * 2),
+        ws_max_size=ws_hard_limit_bytes(settings.max_message_bytes),
         ws_per_message_deflate=False,  # compression costs ~45 % throughput and opens zip bombs
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,

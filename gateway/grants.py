@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import WatchError
 
 from gateway.auth import User
 from ledger.keys import Keys
@@ -36,27 +37,35 @@ def check_permission(permission: str) -> str:
 
 
 async def grant(redis: Redis, keys: Keys, user: str, edge: str, permission: str) -> None:
-    check_permission(permission)
-    key = keys.grants(user)
-    current = await redis.hget(key, edge)
-    perms = set(_split(current)) | {permission}
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(key, edge, ",".join(sorted(perms)))
-        pipe.incr(keys.grants_version())
-        await pipe.execute()
+    await _change(redis, keys, user, edge, permission, add=True)
 
 
 async def revoke(redis: Redis, keys: Keys, user: str, edge: str, permission: str) -> None:
+    await _change(redis, keys, user, edge, permission, add=False)
+
+
+async def _change(
+    redis: Redis, keys: Keys, user: str, edge: str, permission: str, *, add: bool
+) -> None:
+    """Add or remove one permission; optimistic (WATCH) so concurrent changes never clash."""
     check_permission(permission)
     key = keys.grants(user)
-    perms = set(_split(await redis.hget(key, edge))) - {permission}
     async with redis.pipeline(transaction=True) as pipe:
-        if perms:
-            pipe.hset(key, edge, ",".join(sorted(perms)))
-        else:
-            pipe.hdel(key, edge)
-        pipe.incr(keys.grants_version())
-        await pipe.execute()
+        while True:
+            try:
+                await pipe.watch(key)
+                perms = set(_split(await pipe.hget(key, edge)))
+                perms = perms | {permission} if add else perms - {permission}
+                pipe.multi()  # type: ignore[no-untyped-call]
+                if perms:
+                    pipe.hset(key, edge, ",".join(sorted(perms)))
+                else:
+                    pipe.hdel(key, edge)
+                pipe.incr(keys.grants_version())
+                await pipe.execute()
+                return
+            except WatchError:
+                continue
 
 
 def _split(raw: bytes | str | None) -> list[str]:
@@ -72,17 +81,22 @@ class GrantCache:
     keys: Keys
     version: Any = None
     users: dict[str, dict[str, frozenset[str]]] = field(default_factory=dict)
+    generation: int = 0  # bumped whenever the cache is dropped
 
     async def load(self, user_id: str) -> dict[str, frozenset[str]]:
         cached = self.users.get(user_id)
         if cached is not None:
             return cached
+        generation = self.generation
         raw = await self.redis.hgetall(self.keys.grants(user_id))
         grants = {
             (k.decode() if isinstance(k, bytes) else k): frozenset(_split(v))
             for k, v in raw.items()
         }
-        self.users[user_id] = grants
+        if generation == self.generation:
+            # Only cache what was read after the last drop: a read that raced a revocation
+            # answers this one caller and is read again by the next.
+            self.users[user_id] = grants
         return grants
 
     async def poll(self) -> bool:
@@ -90,6 +104,7 @@ class GrantCache:
         version = await self.redis.get(self.keys.grants_version())
         if version != self.version:
             self.version = version
+            self.generation += 1
             self.users.clear()
             return True
         return False
