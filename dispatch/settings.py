@@ -68,6 +68,8 @@ class Settings:
     rate_global_burst: int = 4000
     # Frames queued for one client before it counts as too slow and is disconnected.
     outbox_frames: int = 1000
+    # Kernel send buffer per connection in bytes (0: the kernel autotunes, up to MiBs).
+    socket_send_buffer_bytes: int = 0
 
     def __post_init__(self) -> None:
         for name, scheme in (
@@ -96,6 +98,8 @@ class Settings:
                 )
         if self.port > 65535:
             raise SettingsError(f"DISPATCH_PORT must be at most 65535, got {self.port}")
+        if self.socket_send_buffer_bytes < 0:
+            raise SettingsError("DISPATCH_SOCKET_SEND_BUFFER_BYTES must be 0 (auto) or positive")
         for name in ("jwks_ttl_s", "jwt_max_lifetime_s", "edge_max_lifetime_s", "outbox_frames"):
             if getattr(self, name) <= 0:
                 raise SettingsError(

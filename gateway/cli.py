@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 from typing import Any
 
 import uvicorn
@@ -13,7 +14,7 @@ from gateway.sessions import ws_hard_limit_bytes
 
 
 def serve(settings: Settings, *, log_level: str = "info") -> None:
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -26,6 +27,16 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
+    server = uvicorn.Server(config)
+    if not settings.socket_send_buffer_bytes:
+        server.run()
+        return
+    sock = config.bind_socket()
+    # Accepted connections inherit a fixed send buffer: it bounds the kernel memory each
+    # client can pin, and a client that stops reading fills it (and then its outbox, and
+    # is disconnected) after that many bytes instead of the kernel's autotuned megabytes.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
+    server.run(sockets=[sock])
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
