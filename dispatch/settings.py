@@ -52,6 +52,7 @@ class Settings:
     jwks_file: str = ""
     jwks_url: str = ""
     jwks_ttl_s: int = 300
+    jwks_min_refresh_s: int = 10  # unknown key ids fetch the set again at most this often
     jwt_leeway_s: int = 10
     jwt_max_lifetime_s: int = 7 * 86_400
     # Edge credentials are HS256 with their own secret (default: DISPATCH_JWT_SECRET), so
@@ -100,7 +101,13 @@ class Settings:
             raise SettingsError(f"DISPATCH_PORT must be at most 65535, got {self.port}")
         if self.socket_send_buffer_bytes < 0:
             raise SettingsError("DISPATCH_SOCKET_SEND_BUFFER_BYTES must be 0 (auto) or positive")
-        for name in ("jwks_ttl_s", "jwt_max_lifetime_s", "edge_max_lifetime_s", "outbox_frames"):
+        for name in (
+            "jwks_ttl_s",
+            "jwks_min_refresh_s",
+            "jwt_max_lifetime_s",
+            "edge_max_lifetime_s",
+            "outbox_frames",
+        ):
             if getattr(self, name) <= 0:
                 raise SettingsError(
                     f"DISPATCH_{name.upper()} must be positive, got {getattr(self, name)}"

@@ -231,9 +231,17 @@ def module_namespace() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def site(module_namespace: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+def site_env() -> dict[str, str]:
+    """Extra gateway environment for a module's `site` (modules override this fixture)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def site(
+    module_namespace: str, tmp_path_factory: pytest.TempPathFactory, site_env: dict[str, str]
+) -> Iterator[Site]:
     tmp = tmp_path_factory.mktemp("site")
-    processes = Processes(make_env(module_namespace, tmp / "state"), tmp)
+    processes = Processes(make_env(module_namespace, tmp / "state", **site_env), tmp)
     enroll(processes, EDGE)
     gw = start_gateway(processes)
     watcher = EdgeWatcher(f"{gw.ws}/ws/edge/{EDGE}", edge_token(EDGE))
