@@ -68,6 +68,34 @@ def _edge_id(value: str) -> str:
         ) from None
 
 
+def _scope(value: str) -> str:
+    try:
+        return grants.check_scope(value)
+    except grants.GrantError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _group_name(value: str) -> str:
+    return _scope(grants.GROUP_PREFIX + value).removeprefix(grants.GROUP_PREFIX)
+
+
+async def _change_group(settings: Settings, args: argparse.Namespace) -> None:
+    redis = Redis.from_url(settings.redis_url)
+    keys = Keys(settings.namespace, settings.partitions)
+    try:
+        async with translated("changing the site group", settings.redis_url):
+            await grants.change_group(redis, keys, args.group, args.edges, add=args.action == "add")
+    finally:
+        await redis.aclose()
+
+
+def cmd_group(args: argparse.Namespace) -> int:
+    asyncio.run(_change_group(Settings.from_env(), args))
+    where = "to" if args.action == "add" else "from"
+    print(f"{args.action} {' '.join(args.edges)} {where} group {args.group}")
+    return 0
+
+
 async def enroll(settings: Settings, edge_id: str) -> None:
     redis = Redis.from_url(settings.redis_url)
     try:
@@ -230,12 +258,25 @@ def register(sub: Any) -> None:
             name,
             help=f"{name} a permission in the grants store",
             description=f"{name.capitalize()} USER's PERMISSION ({' or '.join(grants.PERMISSIONS)}) "
-            "on EDGE ('*' for every edge). Open connections see the change within a second.",
+            "on EDGE ('*' for every edge, group:NAME for a site group). Open connections "
+            "see the change within a second.",
         )
         p.add_argument("user")
-        p.add_argument("edge", type=lambda v: v if v == grants.ALL_EDGES else _edge_id(v))
+        p.add_argument("edge", type=_scope, metavar="EDGE", help="an edge id, '*' or group:NAME")
         p.add_argument("permission", choices=grants.PERMISSIONS)
         p.set_defaults(func=lambda a, add=add: cmd_grant(a, add=add))
+
+    group = sub.add_parser(
+        "group",
+        help="add edges to or remove them from a site group",
+        description="Site groups give fleet-level grants: `dispatch grant USER group:NAME "
+        "PERMISSION` covers every edge in the group, including edges added later. Open "
+        "connections see membership changes within a second.",
+    )
+    group.add_argument("action", choices=("add", "remove"))
+    group.add_argument("group", type=_group_name, metavar="GROUP")
+    group.add_argument("edges", nargs="+", type=_edge_id, metavar="EDGE")
+    group.set_defaults(func=cmd_group)
 
     rt = sub.add_parser(
         "revoke-token",

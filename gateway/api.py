@@ -176,11 +176,7 @@ async def list_commands(request: Request) -> Response:
 
 async def _visible_edges(state: GatewayState, user: User) -> frozenset[str] | None:
     """Edges the user may view; None means all of them."""
-    claimed = user.view | user.control
-    stored = await state.grants.load(user.user_id)
-    if "*" in claimed or "*" in stored:
-        return None
-    return frozenset(claimed) | frozenset(e for e, perms in stored.items() if perms)
+    return await state.grants.visible_edges(user)
 
 
 async def edge_config(request: Request) -> Response:

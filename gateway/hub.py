@@ -18,7 +18,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from gateway import metrics
-from gateway.grants import CAN_VIEW, GrantCache
+from gateway.grants import GrantCache
 from gateway.revocations import Revocations
 from gateway.sessions import CloseCode, DashboardSession, EdgeSession, Outbox
 from ledger.ids import new_event_id
@@ -111,18 +111,10 @@ class Hub:
         metrics.DASHBOARDS.set(len(self.dashboards))
 
     async def refresh_views(self, dash: DashboardSession) -> None:
-        """Recompute which edges a dashboard may watch (token claims + grants store)."""
-        user = dash.user
-        claimed = user.view | user.control
-        stored = await self.grants.load(user.user_id)
-        dash.views_all = "*" in claimed or any(
-            CAN_VIEW in perms or "can_control" in perms
-            for scope, perms in stored.items()
-            if scope == "*"
-        )
-        dash.views = frozenset(claimed) | frozenset(
-            scope for scope, perms in stored.items() if perms and scope != "*"
-        )
+        """Recompute which edges a dashboard may watch (token claims, grants, groups)."""
+        visible = await self.grants.visible_edges(dash.user)
+        dash.views_all = visible is None
+        dash.views = visible or frozenset()
 
     # -- edges -------------------------------------------------------------------------------
     async def add_edge(self, session: EdgeSession) -> None:

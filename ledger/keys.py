@@ -123,6 +123,10 @@ class Keys:
         """HASH edge_id (or `*`) -> comma-separated permissions."""
         return f"{self.namespace}:{{auth}}:grants:{opaque_part(user)}"
 
+    def group(self, name: str) -> str:
+        """SET of the edges in a site group (grants on `group:NAME` cover them)."""
+        return f"{self.namespace}:{{auth}}:group:{check_id(name)}"
+
     def grants_version(self) -> str:
         """Counter bumped by every grant/revoke: gateways poll it to drop cached grants."""
         return f"{self.namespace}:{{auth}}:grants-version"
