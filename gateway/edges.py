@@ -25,7 +25,7 @@ _encode = msgspec.json.Encoder().encode
 class EdgeNotice(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Gateway -> edge answer to an acknowledgment it could not apply."""
 
-    type: str = "ack_refused"
+    type: str  # always sent (a default would be omitted)
     command_id: str | None = None
     error: dict[str, str] | None = None
 
@@ -91,7 +91,8 @@ async def _acknowledge(state: GatewayState, session: EdgeSession, raw: bytes) ->
     except Exception as exc:  # not JSON, not UTF-8, wrong shape: tell the edge, keep going
         metrics.ACKS.labels("invalid", "refused").inc()
         notice = EdgeNotice(
-            error={"code": "invalid_ack", "message": f"unreadable acknowledgment: {exc}"}
+            type="ack_refused",
+            error={"code": "invalid_ack", "message": f"unreadable acknowledgment: {exc}"},
         )
         session.outbox.put(_encode(notice).decode())
         return
@@ -109,6 +110,7 @@ async def _acknowledge(state: GatewayState, session: EdgeSession, raw: bytes) ->
     if result.unknown:
         metrics.ACKS.labels(ack.status, "unknown").inc()
         notice = EdgeNotice(
+            type="ack_refused",
             command_id=ack.command_id,
             error={
                 "code": "unknown_command",
