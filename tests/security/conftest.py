@@ -23,9 +23,6 @@ import psycopg
 import pytest
 import redis
 from psycopg import sql
-from websockets.sync.client import ClientConnection, connect
-
-from ledger.keys import Keys
 from support import (
     DATABASE_URL,
     REDIS_URL,
@@ -38,6 +35,9 @@ from support import (
     user_token,
     wait_until,
 )
+from websockets.sync.client import ClientConnection, connect
+
+from ledger.keys import Keys
 
 PARTITIONS = 4
 EDGE = "sec_edge_1"
@@ -184,7 +184,9 @@ class Site:
         rows = self.redis.xrevrange(self.keys.audit(), count=count)
         return [json.loads(fields[b"e"]) for _, fields in rows]
 
-    def audit_for(self, *, code: str, raw: bytes | str | None = None, **match: str) -> dict[str, Any]:
+    def audit_for(
+        self, *, code: str, raw: bytes | str | None = None, **match: str
+    ) -> dict[str, Any]:
         """The audit record of a refusal (waits for it: rejections are recorded async)."""
 
         def find() -> dict[str, Any] | None:
@@ -212,7 +214,9 @@ class Site:
         try:
             dash.send(json.dumps(sentinel))
             wait_until(
-                lambda: sentinel["command_id"] in self.edge.ids(), 10, what="the sentinel at the edge"
+                lambda: sentinel["command_id"] in self.edge.ids(),
+                10,
+                what="the sentinel at the edge",
             )
         finally:
             if own:

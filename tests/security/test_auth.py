@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 from joserfc import jwt
 from joserfc.jwk import ECKey, OctKey, RSAKey
+from support import SECRET, Processes, command, edge_token, http, wait_until
 from websockets.exceptions import InvalidStatus
 
 from dispatch.tokens import edge_claims, user_claims
 from gateway.jwks import JwksSource
-from support import SECRET, Processes, command, edge_token, http, wait_until
 
 from .conftest import EDGE, NO_LIMITS, Site, enroll, recv_for, start_gateway
 
@@ -43,7 +43,10 @@ class JwksServer:
     """A local JWKS endpoint whose key set the tests change; counts fetches."""
 
     def __init__(self) -> None:
-        self.keys: list[dict[str, Any]] = [RSA_1.as_dict(private=False), EC_1.as_dict(private=False)]
+        self.keys: list[dict[str, Any]] = [
+            RSA_1.as_dict(private=False),
+            EC_1.as_dict(private=False),
+        ]
         self.fetches = 0
         outer = self
 
@@ -154,12 +157,36 @@ BAD_TOKENS: list[tuple[str, Callable[[], str], str]] = [
     ("hs_rs_key_confusion", lambda: hmac_with_public_pem(claims()), "bad_signature"),
     ("wrong_hmac_secret", lambda: hs256(claims(), "another-secret-" + "z" * 40), "bad_signature"),
     ("rs256_forged_same_kid", lambda: signed(ATTACKER, "RS256", claims()), "bad_signature"),
-    ("rs256_unknown_kid", lambda: signed(RSAKey.generate_key(2048, parameters={"kid": "nope"}), "RS256", claims()), "no RS256 key"),
-    ("es256_with_rsa_kid", lambda: jwt.encode({"alg": "ES256", "kid": "rsa-1"}, claims(), EC_1), "no ES256 key"),
-    ("jku_header", lambda: signed(RSA_1, "RS256", claims(), jku="https://evil.example/jwks.json"), "jku"),
-    ("x5u_header", lambda: signed(RSA_1, "RS256", claims(), x5u="https://evil.example/cert.pem"), "x5u"),
-    ("embedded_jwk_header", lambda: signed(EC_ATTACKER, "ES256", claims(), jwk=EC_ATTACKER.as_dict(private=False)), "jwk"),
-    ("unknown_crit_header", lambda: hs256_raw({"alg": "HS256", "crit": ["exp-ext"], "exp-ext": 1}, claims()), "exp-ext"),
+    (
+        "rs256_unknown_kid",
+        lambda: signed(RSAKey.generate_key(2048, parameters={"kid": "nope"}), "RS256", claims()),
+        "no RS256 key",
+    ),
+    (
+        "es256_with_rsa_kid",
+        lambda: jwt.encode({"alg": "ES256", "kid": "rsa-1"}, claims(), EC_1),
+        "no ES256 key",
+    ),
+    (
+        "jku_header",
+        lambda: signed(RSA_1, "RS256", claims(), jku="https://evil.example/jwks.json"),
+        "jku",
+    ),
+    (
+        "x5u_header",
+        lambda: signed(RSA_1, "RS256", claims(), x5u="https://evil.example/cert.pem"),
+        "x5u",
+    ),
+    (
+        "embedded_jwk_header",
+        lambda: signed(EC_ATTACKER, "ES256", claims(), jwk=EC_ATTACKER.as_dict(private=False)),
+        "jwk",
+    ),
+    (
+        "unknown_crit_header",
+        lambda: hs256_raw({"alg": "HS256", "crit": ["exp-ext"], "exp-ext": 1}, claims()),
+        "exp-ext",
+    ),
     ("expired", lambda: hs256(claims(exp=now() - 120, iat=now() - 700)), "expired"),
     ("not_yet_valid", lambda: hs256(claims(nbf=now() + 3600)), "not yet valid"),
     ("issued_in_future", lambda: hs256(claims(iat=now() + 3600)), "future"),
@@ -190,8 +217,12 @@ def test_there_are_many_distinct_bad_tokens() -> None:
     assert len({name for name, _, _ in BAD_TOKENS}) == len(BAD_TOKENS) >= 30
 
 
-@pytest.mark.parametrize(("make", "says"), [(m, s) for _, m, s in BAD_TOKENS], ids=[n for n, _, _ in BAD_TOKENS])
-def test_bad_token_is_refused_at_the_handshake(site: Site, make: Callable[[], str], says: str) -> None:
+@pytest.mark.parametrize(
+    ("make", "says"), [(m, s) for _, m, s in BAD_TOKENS], ids=[n for n, _, _ in BAD_TOKENS]
+)
+def test_bad_token_is_refused_at_the_handshake(
+    site: Site, make: Callable[[], str], says: str
+) -> None:
     token = make()
     with pytest.raises(InvalidStatus) as refused:
         site.dashboard(token)
@@ -214,7 +245,9 @@ def test_refusal_names_what_the_token_claimed(site: Site) -> None:
     with pytest.raises(InvalidStatus):
         site.dashboard(token)
     record = site.audit_for(code="unauthenticated", input_excerpt="mallory")
-    assert "user_id='mallory'" in record["input_excerpt"] and "alg='HS256'" in record["input_excerpt"]
+    assert (
+        "user_id='mallory'" in record["input_excerpt"] and "alg='HS256'" in record["input_excerpt"]
+    )
 
 
 def mint(alg: str, key: str, user: str, kind: str = "access") -> str:
@@ -232,7 +265,9 @@ def test_plain_simplejwt_token_with_stored_grants_commands_an_edge(site: Site) -
     """A token minted by the real djangorestframework-simplejwt, no custom claims."""
     token = mint("HS256", SECRET, "7")
     payload = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
-    assert set(payload) == {"token_type", "exp", "iat", "jti", "user_id"} and payload["user_id"] == "7"
+    assert (
+        set(payload) == {"token_type", "exp", "iat", "jti", "user_id"} and payload["user_id"] == "7"
+    )
     proc = site.processes.dispatch("grant", "grant", "7", EDGE, "can_control")
     assert proc.popen.wait(20) == 0
     wait_until(lambda: _admitted(site, token), 5, what="the grant to reach the gateway")
@@ -272,7 +307,9 @@ def test_es256_token_with_kid_is_accepted(site: Site) -> None:
     assert _admitted(site, token)
 
 
-def test_rotated_key_is_fetched_on_unknown_kid_without_hammering(site: Site, jwks_server: JwksServer) -> None:
+def test_rotated_key_is_fetched_on_unknown_kid_without_hammering(
+    site: Site, jwks_server: JwksServer
+) -> None:
     token = signed(RSA_2, "RS256", claims(user_id="rotated"))
     with pytest.raises(InvalidStatus):
         site.dashboard(token)  # not published yet
@@ -280,7 +317,9 @@ def test_rotated_key_is_fetched_on_unknown_kid_without_hammering(site: Site, jwk
     # Made-up key ids do not turn into a fetch each: at most one per 2 s window.
     before, started = jwks_server.fetches, time.monotonic()
     for _ in range(15):
-        bogus = signed(RSAKey.generate_key(2048, parameters={"kid": uuid.uuid4().hex}), "RS256", claims())
+        bogus = signed(
+            RSAKey.generate_key(2048, parameters={"kid": uuid.uuid4().hex}), "RS256", claims()
+        )
         with pytest.raises(InvalidStatus):
             site.dashboard(bogus)
     windows = (time.monotonic() - started) / 2 + 1
@@ -315,18 +354,28 @@ def test_issuer_and_audience_when_configured(processes: Processes) -> None:
     enroll(processes, EDGE)
     gw = start_gateway(
         processes,
-        {**NO_LIMITS, "DISPATCH_JWT_ISSUER": "https://auth.example", "DISPATCH_JWT_AUDIENCE": "dispatch"},
+        {
+            **NO_LIMITS,
+            "DISPATCH_JWT_ISSUER": "https://auth.example",
+            "DISPATCH_JWT_AUDIENCE": "dispatch",
+        },
     )
     url = f"{gw.http}/api/commands"
     good = claims(iss="https://auth.example", aud="dispatch")
-    for bad in (claims(), claims(iss="https://evil.example", aud="dispatch"), claims(iss="https://auth.example", aud="other")):
+    for bad in (
+        claims(),
+        claims(iss="https://evil.example", aud="dispatch"),
+        claims(iss="https://auth.example", aud="other"),
+    ):
         status, _, reply = http("POST", url, hs256(bad), command(edge_id=EDGE))
         assert status == 401 and reply["error"]["code"] == "unauthenticated", reply
     status, _, reply = http("POST", url, hs256(good), command(edge_id=EDGE))
     assert status == 202, reply
 
 
-def test_edge_credentials_cannot_be_forged_with_the_user_key_when_separated(processes: Processes) -> None:
+def test_edge_credentials_cannot_be_forged_with_the_user_key_when_separated(
+    processes: Processes,
+) -> None:
     """With DISPATCH_EDGE_JWT_SECRET set, the users' signing key cannot mint edges."""
     edge_secret = "edge-only-secret-" + "e" * 40
     enroll(processes, EDGE)

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from support import REDIS_URL, Processes, command, edge_token, http, user_token, wait_until
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 
 from gateway import grants
 from gateway.revocations import revoke_token
-from support import REDIS_URL, Processes, command, edge_token, http, user_token, wait_until
 
 from .conftest import (
     EDGE,
@@ -72,7 +72,9 @@ def test_revoked_grant_refuses_the_next_command_within_1_s(site: Site) -> None:
     change(site, lambda r: grants.grant(r, site.keys, user, EDGE, grants.CAN_CONTROL))
     with site.dashboard(user_token(user)) as dash:
         wait_until(lambda: send(dash, EDGE)["status"] == "issued", 5, what="the grant")
-        revoked_at = change(site, lambda r: grants.revoke(r, site.keys, user, EDGE, grants.CAN_CONTROL))
+        revoked_at = change(
+            site, lambda r: grants.revoke(r, site.keys, user, EDGE, grants.CAN_CONTROL)
+        )
         deadline = time.monotonic() + 3
         while (reply := send(dash, EDGE))["status"] == "issued":
             assert time.monotonic() < deadline, "the revoked grant still admits commands"
@@ -83,7 +85,9 @@ def test_revoked_grant_refuses_the_next_command_within_1_s(site: Site) -> None:
         assert record["actor"] == f"user:{user}"
         site.assert_edge_got_nothing(site.dashboard())
     # The HTTP API asks again on every request too.
-    status, _, reply = http("POST", f"{site.gw.http}/api/commands", user_token(user), command(edge_id=EDGE))
+    status, _, reply = http(
+        "POST", f"{site.gw.http}/api/commands", user_token(user), command(edge_id=EDGE)
+    )
     assert status == 403 and reply["error"]["code"] == "forbidden"
 
 
@@ -157,8 +161,12 @@ def test_dashboard_sees_only_edges_it_may_view_and_loses_them_within_1_s(site: S
         assert seen == {EDGE}  # OTHER is never shown
         # A viewer cannot command what it may only watch.
         assert send(watch, EDGE)["error"]["code"] == "forbidden"
-        removed_at = change(site, lambda r: grants.change_group(r, site.keys, "fleet_a", [EDGE], add=False))
-        wait_until(lambda: _events_between(operator, watch, [EDGE]) == set(), 3, what="the view to end")
+        removed_at = change(
+            site, lambda r: grants.change_group(r, site.keys, "fleet_a", [EDGE], add=False)
+        )
+        wait_until(
+            lambda: _events_between(operator, watch, [EDGE]) == set(), 3, what="the view to end"
+        )
         assert time.time() - removed_at < 1.5
         assert _events_between(operator, watch, [EDGE, OTHER]) == set()
 
@@ -199,7 +207,9 @@ def test_fleet_grant_covers_edges_added_to_the_group_later(site: Site) -> None:
     with site.dashboard(user_token(user)) as dash:
         wait_until(lambda: send(dash, OTHER)["status"] == "issued", 3, what="the fleet grant")
         assert send(dash, LATE_MEMBER)["error"]["code"] == "forbidden"
-        added_at = change(site, lambda r: grants.change_group(r, site.keys, "fleet_b", [LATE_MEMBER], add=True))
+        added_at = change(
+            site, lambda r: grants.change_group(r, site.keys, "fleet_b", [LATE_MEMBER], add=True)
+        )
         wait_until(lambda: send(dash, LATE_MEMBER)["status"] == "issued", 3, what="the new member")
         assert time.time() - added_at < 1.5
     # The admission names the grant it used.

@@ -11,10 +11,10 @@ import time
 import uuid
 
 import pytest
+from support import SECRET, Processes, command, edge_token, user_token, wait_until
 from websockets.exceptions import InvalidStatus
 
 from dispatch.tokens import edge_claims, sign
-from support import SECRET, Processes, command, edge_token, user_token, wait_until
 
 from .conftest import EDGE, NO_LIMITS, EdgeWatcher, Site, recv_json, start_gateway, ws_connect
 
@@ -34,8 +34,18 @@ def refused_status(site: Site, path: str, token: str | None, **headers: str) -> 
         (f"/ws/edge/{EDGE}", lambda: user_token("op", control=[EDGE]), 401, "unauthenticated"),
         (f"/ws/edge/{EDGE}", lambda: None, 401, "unauthenticated"),
         (f"/ws/edge/{EDGE}", lambda: edge_token(EDGE, ttl_s=-120), 401, "unauthenticated"),
-        (f"/ws/edge/{EDGE}", lambda: sign(edge_claims(EDGE, 600), "x" * 48), 401, "unauthenticated"),
-        (f"/ws/edge/{EDGE}", lambda: sign({**edge_claims(EDGE, 600), "edge_id": [EDGE]}, SECRET), 401, "unauthenticated"),
+        (
+            f"/ws/edge/{EDGE}",
+            lambda: sign(edge_claims(EDGE, 600), "x" * 48),
+            401,
+            "unauthenticated",
+        ),
+        (
+            f"/ws/edge/{EDGE}",
+            lambda: sign({**edge_claims(EDGE, 600), "edge_id": [EDGE]}, SECRET),
+            401,
+            "unauthenticated",
+        ),
         ("/ws/edge/sec%20edge", lambda: edge_token("sec edge"), 400, "invalid_command"),
         ("/ws/edge/..", lambda: edge_token(EDGE), 400, "invalid_command"),
         ("/ws/edge/%7Bp0%7Dx", lambda: edge_token(EDGE), 400, "invalid_command"),
@@ -104,7 +114,9 @@ def test_second_session_replaces_the_first_with_4001(site: Site) -> None:
             dash.send(json.dumps(body))
         wait_until(lambda: len(second.ids()) >= 4, 10, what="deliveries to the second")
         time.sleep(0.2)
-        assert [c["command_id"] for c in later] == [i for i in second.ids() if i != one["command_id"]]
+        assert [c["command_id"] for c in later] == [
+            i for i in second.ids() if i != one["command_id"]
+        ]
         assert not set(first.ids()) & {c["command_id"] for c in later}
         second.close()
 

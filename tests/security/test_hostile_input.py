@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 import redis
+from support import REDIS_URL, Processes, command, http, user_token, wait_until
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 from ledger.keys import Keys
-from support import REDIS_URL, Processes, command, http, user_token, wait_until
 
 from .conftest import (
     EDGE,
@@ -106,18 +106,34 @@ BAD_FRAMES: list[tuple[str, Callable[[], str | bytes], str]] = [
     ("edge_id_too_long", lambda: with_target(edge_id="e" * 65), "invalid_command"),
     ("edge_id_number", lambda: with_target(edge_id=7), "invalid_command"),
     ("device_id_quote", lambda: with_target(device_id='bms"main'), "invalid_command"),
-    ("command_id_json_breakout", lambda: json.dumps(cmd(command_id='x","status":"executed')), "invalid_command"),
+    (
+        "command_id_json_breakout",
+        lambda: json.dumps(cmd(command_id='x","status":"executed')),
+        "invalid_command",
+    ),
     ("command_id_too_long", lambda: json.dumps(cmd(command_id="c" * 129)), "invalid_command"),
     ("timestamp_words", lambda: json.dumps(cmd(timestamp="yesterday")), "invalid_command"),
-    ("timestamp_without_zone", lambda: json.dumps(cmd(timestamp="2026-02-15T14:30:00")), "invalid_command"),
+    (
+        "timestamp_without_zone",
+        lambda: json.dumps(cmd(timestamp="2026-02-15T14:30:00")),
+        "invalid_command",
+    ),
     ("timestamp_far_future", lambda: json.dumps(cmd(timestamp=ahead(hours=2))), "clock_skew"),
     ("already_expired", lambda: json.dumps(cmd(timestamp=ago(hours=1), expiry_sec=60)), "expired"),
     ("expiry_zero", lambda: json.dumps(cmd(expiry_sec=0)), "invalid_command"),
     ("expiry_absurd", lambda: json.dumps(cmd(expiry_sec=10**9)), "invalid_command"),
     ("priority_unknown", lambda: json.dumps(cmd(priority="urgent")), "invalid_command"),
     ("duration_on_setpoint", lambda: json.dumps(cmd(duration_sec=60)), "invalid_command"),
-    ("override_without_duration", lambda: json.dumps(cmd(command_type="config_override")), "invalid_command"),
-    ("system_shell", lambda: json.dumps(cmd(command_type="system", value="rm -rf /")), "invalid_command"),
+    (
+        "override_without_duration",
+        lambda: json.dumps(cmd(command_type="config_override")),
+        "invalid_command",
+    ),
+    (
+        "system_shell",
+        lambda: json.dumps(cmd(command_type="system", value="rm -rf /")),
+        "invalid_command",
+    ),
     ("unit_too_long", lambda: json.dumps(cmd(unit="W" * 17)), "invalid_command"),
     ("empty_source", lambda: json.dumps(cmd(source="")), "invalid_command"),
     ("utf8_bom", lambda: "\ufeff" + json.dumps(cmd()), "malformed_json"),
@@ -140,7 +156,9 @@ def test_there_are_at_least_thirty_distinct_bad_inputs() -> None:
     assert len(set(names)) == len(names) >= 30
 
 
-@pytest.mark.parametrize(("frame", "code"), [(f, c) for _, f, c in BAD_FRAMES], ids=[n for n, _, _ in BAD_FRAMES])
+@pytest.mark.parametrize(
+    ("frame", "code"), [(f, c) for _, f, c in BAD_FRAMES], ids=[n for n, _, _ in BAD_FRAMES]
+)
 def test_bad_frame_is_rejected_recorded_and_reaches_no_edge(
     site: Site, frame: Callable[[], str | bytes], code: str
 ) -> None:
@@ -198,7 +216,9 @@ def test_invalid_utf8_text_frame_closes_the_connection_1007(site: Site) -> None:
     site.assert_edge_got_nothing()
 
 
-@pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://127.0.0.1.evil.example"])
+@pytest.mark.parametrize(
+    "origin", ["https://evil.example", "null", "http://127.0.0.1.evil.example"]
+)
 def test_page_from_another_origin_is_refused(site: Site, origin: str) -> None:
     with pytest.raises(InvalidStatus) as refused:
         site.dashboard(additional_headers={"Origin": origin})
@@ -297,7 +317,7 @@ def test_slow_reading_dashboard_is_disconnected_1013(processes: Processes) -> No
         sent += 250
         # Let the gateway catch up: every frame it answered left one audit record.
         wait_until(
-            lambda: overflowed() or client.xlen(keys.audit()) >= sent, 10, what="the answers"
+            lambda n=sent: overflowed() or client.xlen(keys.audit()) >= n, 10, what="the answers"
         )
     assert overflowed(), f"{sent} unread answers did not overflow a 16-frame outbox"
     assert slow.read_until_closed() == 1013

@@ -10,11 +10,11 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from support import REDIS_URL, Processes, command, edge_token, http, user_token, wait_until
 
 from gateway.ratelimit import Rate, RateLimiter, RateLimits
 from ledger.keys import Keys
 from ledger.store import Ledger
-from support import REDIS_URL, Processes, command, edge_token, http, user_token, wait_until
 
 from .conftest import (
     EDGE,
@@ -46,7 +46,13 @@ async def test_limiter_charges_every_scope_or_none(ledger: Ledger) -> None:
     keys = [k.decode() for k in await ledger.redis.keys(f"{ledger.keys.namespace}:{{rl}}:*")]
     assert sorted(keys) == sorted(
         ledger.keys.ratelimit(scope, who)
-        for scope, who in [("user", "ann"), ("user", "bob"), ("edge", "edge_a"), ("edge", "edge_b"), ("global", "all")]
+        for scope, who in [
+            ("user", "ann"),
+            ("user", "bob"),
+            ("edge", "edge_a"),
+            ("edge", "edge_b"),
+            ("global", "all"),
+        ]
     )
     assert all("{rl}" in k for k in keys)  # one hash slot: one atomic script on a cluster too
 
@@ -98,7 +104,9 @@ def test_flood_of_frames_is_rate_limited_and_only_the_budget_reaches_the_edge(
         client.close()
 
 
-def test_http_429_with_retry_after_and_edge_budget_kept_for_the_allowed(processes: Processes) -> None:
+def test_http_429_with_retry_after_and_edge_budget_kept_for_the_allowed(
+    processes: Processes,
+) -> None:
     enroll(processes, EDGE)
     limits = {
         **NO_LIMITS,
