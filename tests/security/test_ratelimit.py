@@ -167,23 +167,27 @@ def test_limit_holds_within_5_percent_over_10_s_from_20_clients(
     span_s = (stamps[-1] - stamps[0]) / 1000
     observed = (admitted - BURST) / span_s
     print(f"{scope}: admitted={admitted} over {span_s:.2f} s -> {observed:.2f}/s (limit {RATE}/s)")
-    assert span_s > BURST_S * 0.8  # admissions spread over the whole burst
+    assert span_s > BURST_S * 0.9  # admissions spread over the whole burst
     assert abs(observed - RATE) / RATE <= 0.05
     assert admitted <= BURST + RATE * span_s + 1
 
 
 async def _burst(url: str, tokens: list[str], edge_ids: list[str]) -> list[int]:
-    deadline = time.monotonic() + BURST_S
     statuses: list[int] = []
+    clients = [
+        httpx.AsyncClient(headers={"Authorization": f"Bearer {t}"}, timeout=10) for t in tokens
+    ]
+    deadline = time.monotonic() + BURST_S  # once every client is ready
 
-    async def one_client(i: int, token: str) -> None:
-        headers = {"Authorization": f"Bearer {token}"}
-        async with httpx.AsyncClient(headers=headers, timeout=10) as http_client:
-            n = 0
-            while time.monotonic() < deadline:
-                body = command(edge_id=edge_ids[(i + n) % len(edge_ids)], channel=f"ch{i}_{n}")
-                n += 1
-                statuses.append((await http_client.post(url, json=body)).status_code)
+    async def one_client(i: int, http_client: httpx.AsyncClient) -> None:
+        n = 0
+        while time.monotonic() < deadline:
+            body = command(edge_id=edge_ids[(i + n) % len(edge_ids)], channel=f"ch{i}_{n}")
+            n += 1
+            statuses.append((await http_client.post(url, json=body)).status_code)
 
-    await asyncio.gather(*(one_client(i, t) for i, t in enumerate(tokens)))
+    try:
+        await asyncio.gather(*(one_client(i, c) for i, c in enumerate(clients)))
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
     return statuses
