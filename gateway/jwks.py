@@ -98,7 +98,7 @@ class JwksSource:
         self.min_refresh_s = min_refresh_s
         self.timeout_s = timeout_s
         self._keys: list[StoredKey] = []
-        self._loaded_at = 0.0
+        self._loaded_at = float("-inf")
         self._tried_at = float("-inf")
         self._lock = asyncio.Lock()
 
