@@ -8,6 +8,7 @@ command's edge at that moment (grants are re-read within a second of a change).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import msgspec
@@ -24,6 +25,7 @@ from gateway.sessions import (
     ws_hard_limit_bytes,
 )
 from gateway.state import GatewayState
+from ledger.ordering import InOrder, Turn
 from schemas.errors import ErrorCode, error
 
 log = logging.getLogger("gateway.dashboard")
@@ -65,19 +67,12 @@ async def dashboard_endpoint(ws: WebSocket) -> None:
 
 
 async def _read_commands(state: GatewayState, dash: DashboardSession) -> None:
+    """Read frames; handle them concurrently, admit them in arrival order."""
     ws, user, intake = dash.ws, dash.user, state.intake
-    while True:
-        message = await ws.receive()
-        if message["type"] == "websocket.disconnect":
-            cause = protocol_refusal(message, ws_hard_limit_bytes(state.settings.max_message_bytes))
-            if cause is not None:
-                await intake.reject(b"", user.actor, cause)
-            return
-        raw = message.get("bytes")
-        binary = raw is not None
-        if raw is None:
-            raw = (message.get("text") or "").encode()
-        outcome = await intake.submit(raw, user, binary=binary)
+    in_order = InOrder()
+
+    async def handle(raw: bytes, binary: bool, turn: Turn) -> None:
+        outcome = await intake.submit(raw, user, binary=binary, turn=turn)
         if outcome.rejected or not outcome.admitted:
             # Admitted commands answer through the lifecycle events of the ledger.
             dash.outbox.put(_encode(outcome.reply).decode())
@@ -85,4 +80,20 @@ async def _read_commands(state: GatewayState, dash: DashboardSession) -> None:
         if error_code == ErrorCode.UNAUTHENTICATED:
             reason = outcome.reply.error.message if outcome.reply.error else "credential ended"
             dash.outbox.close(CloseCode.CREDENTIAL_ENDED, reason[:120], flush=True)
-            return
+
+    try:
+        while not dash.outbox.closing:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                limit = ws_hard_limit_bytes(state.settings.max_message_bytes)
+                cause = protocol_refusal(message, limit)
+                if cause is not None:
+                    await intake.reject(b"", user.actor, cause)
+                return
+            raw = message.get("bytes")
+            binary = raw is not None
+            if raw is None:
+                raw = (message.get("text") or "").encode()
+            await in_order.run(functools.partial(handle, raw, binary))
+    finally:
+        await in_order.drain()

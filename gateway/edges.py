@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 
@@ -14,6 +15,7 @@ from gateway.handshake import credentials, refuse
 from gateway.sessions import EdgeSession, Outbox, protocol_refusal, ws_hard_limit_bytes
 from gateway.state import GatewayState
 from ledger.keys import SAFE_ID
+from ledger.ordering import InOrder, Turn
 from schemas.commands import Ack
 from schemas.errors import ErrorCode, ErrorObject, error
 from schemas.messages import EdgeNotice
@@ -64,21 +66,27 @@ async def edge_endpoint(ws: WebSocket) -> None:
 
 
 async def _read_acks(state: GatewayState, session: EdgeSession) -> None:
+    """Read acknowledgments; apply them concurrently, in arrival order."""
     ws = session.ws
-    while True:
-        message = await ws.receive()
-        if message["type"] == "websocket.disconnect":
-            cause = protocol_refusal(message, ws_hard_limit_bytes(state.settings.max_message_bytes))
-            if cause is not None:
-                await state.intake.reject(b"", session.identity.actor, cause)
-            return
-        raw = message.get("bytes")
-        if raw is None:
-            raw = (message.get("text") or "").encode()
-        await _acknowledge(state, session, raw)
+    in_order = InOrder()
+    try:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                limit = ws_hard_limit_bytes(state.settings.max_message_bytes)
+                cause = protocol_refusal(message, limit)
+                if cause is not None:
+                    await state.intake.reject(b"", session.identity.actor, cause)
+                return
+            raw = message.get("bytes")
+            if raw is None:
+                raw = (message.get("text") or "").encode()
+            await in_order.run(functools.partial(_acknowledge, state, session, raw))
+    finally:
+        await in_order.drain()
 
 
-async def _acknowledge(state: GatewayState, session: EdgeSession, raw: bytes) -> None:
+async def _acknowledge(state: GatewayState, session: EdgeSession, raw: bytes, turn: Turn) -> None:
     try:
         ack = ACK_DECODER.decode(raw)
     except Exception as exc:  # not JSON, not UTF-8, wrong shape: tell the edge, keep going
@@ -88,7 +96,7 @@ async def _acknowledge(state: GatewayState, session: EdgeSession, raw: bytes) ->
         )
         session.outbox.put(_encode(notice).decode())
         return
-    result = await state.ledger.acknowledge(session.edge_id, ack)
+    result = await state.ledger.acknowledge(session.edge_id, ack, turn=turn)
     if result.applied:
         metrics.ACKS.labels(ack.status, "applied").inc()
         log.info(

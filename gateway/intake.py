@@ -21,6 +21,7 @@ from gateway.ratelimit import ALLOWED, RateLimiter, Verdict
 from gateway.revocations import Revocations
 from ledger.ids import new_event_id
 from ledger.keys import SAFE_ID
+from ledger.ordering import Turn
 from ledger.store import Ledger, SubmitOutcome
 from schemas.commands import Command
 from schemas.errors import ErrorCode, ErrorObject, error
@@ -135,7 +136,9 @@ class Intake:
         except Exception as exc:  # DecodeError, UnicodeDecodeError, anything: it is not JSON
             return error(ErrorCode.MALFORMED_JSON, f"not valid JSON: {exc}")
 
-    async def submit(self, raw: bytes, user: User, *, binary: bool = False) -> Outcome:
+    async def submit(
+        self, raw: bytes, user: User, *, binary: bool = False, turn: Turn | None = None
+    ) -> Outcome:
         """Admit one command from `user`, or reject it naming the cause.
 
         Order: credential still valid, size and shape, rate limit (every frame counts,
@@ -172,7 +175,7 @@ class Intake:
             return await self.reject(raw, user.actor, problem, cmd=cmd)
         assert grant is not None
         result = await self.ledger.submit(
-            cmd, actor=user.actor, grant=grant, gateway_id=self.gateway_id
+            cmd, actor=user.actor, grant=grant, gateway_id=self.gateway_id, turn=turn
         )
         metrics.SUBMIT_SECONDS.observe(time.perf_counter() - started)
         if result.outcome is SubmitOutcome.DUPLICATE:
