@@ -30,6 +30,7 @@ class SettingsError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Settings:
     redis_url: str = DEFAULT_REDIS_URL
+    redis_cluster: bool = False  # DISPATCH_REDIS_CLUSTER=1: the URL names a cluster node
     database_url: str = DEFAULT_DATABASE_URL
     jwt_secret: str = ""
     namespace: str = "dispatch"
@@ -193,6 +194,12 @@ class Settings:
                     raise SettingsError(
                         f"DISPATCH_{f.name.upper()}={raw!r} is not a number"
                     ) from None
+            elif f.type == "bool":
+                if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                    raise SettingsError(
+                        f"DISPATCH_{f.name.upper()}={raw!r} is not a yes/no value (use 1 or 0)"
+                    )
+                values[f.name] = raw.lower() in ("1", "true", "yes")
             elif f.type == "tuple[str, ...]":
                 values[f.name] = tuple(part.strip() for part in raw.split(",") if part.strip())
             else:

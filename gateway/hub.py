@@ -15,12 +15,12 @@ import time
 from collections.abc import Iterable
 
 import msgspec
-from redis.asyncio import Redis
 
 from gateway import metrics
 from gateway.grants import GrantCache
 from gateway.revocations import Revocations
 from gateway.sessions import CloseCode, DashboardSession, EdgeSession, Outbox
+from ledger.connection import AnyRedis, is_cluster
 from ledger.ids import new_event_id
 from ledger.store import EVENT_DECODER, Ledger
 from ledger.tail import StreamTail
@@ -50,7 +50,7 @@ class Hub:
         self,
         ledger: Ledger,
         grants: GrantCache,
-        tail_redis: Redis,
+        tail_redis: AnyRedis,
         gateway_id: str,
         *,
         revocations: Revocations | None = None,
@@ -77,10 +77,16 @@ class Hub:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        tail = StreamTail(self._tail_redis, self._streams)
-        await tail.start_at_end()
+        if is_cluster(self._tail_redis):
+            keys = self.ledger.keys
+            groups = [[keys.log(p), keys.wake(p)] for p in keys.all_partitions()]
+        else:
+            groups = [self._streams]  # one XREAD for everything
+        tails = [StreamTail(self._tail_redis, streams) for streams in groups]
+        for tail in tails:
+            await tail.start_at_end()
         self._tasks = [
-            asyncio.create_task(self._follow(tail), name="hub-tail"),
+            *(asyncio.create_task(self._follow(t), name="hub-tail") for t in tails),
             asyncio.create_task(self._deliveries(), name="hub-deliveries"),
             asyncio.create_task(self._housekeeping(), name="hub-housekeeping"),
         ]

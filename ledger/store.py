@@ -15,10 +15,10 @@ from enum import StrEnum
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
 
 from ledger import lifecycle, scripts
 from ledger.batcher import Batcher
+from ledger.connection import AnyRedis
 from ledger.errors import LedgerError, translated
 from ledger.ids import new_event_id
 from ledger.keys import Keys
@@ -137,7 +137,9 @@ def to_utc(ms: int) -> datetime:
 
 
 class Ledger:
-    def __init__(self, redis: Redis, config: LedgerConfig | None = None, *, url: str = "") -> None:
+    def __init__(
+        self, redis: AnyRedis, config: LedgerConfig | None = None, *, url: str = ""
+    ) -> None:
         self.redis = redis
         self.config = config or LedgerConfig()
         self.keys = Keys(self.config.namespace, self.config.partitions)

@@ -53,14 +53,14 @@ class Projector:
         self.config = config or ProjectorConfig()
         self.owner = owner or f"projector-{uuid.uuid4().hex[:8]}"
         self.schema = ledger.config.namespace
-        self.leases = Leases(ledger.redis, ledger.keys, self.owner)
+        self.leases = Leases(ledger.redis, ledger.keys, self.owner)  # type: ignore[arg-type]
         self.projected = 0
         self.verdicts = 0
         self.storage = ""
 
     async def run(self) -> None:
         conn = await AsyncConnection.connect(self.database_url, autocommit=True)
-        reader = Redis(connection_pool=self.ledger.redis.connection_pool)
+        reader = Redis(connection_pool=self.ledger.redis.connection_pool)  # type: ignore[union-attr]
         try:
             self.storage = await schema.migrate(conn, self.schema)
             await schema.ensure_partitions(conn, self.schema, self.storage)
