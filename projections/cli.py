@@ -21,7 +21,7 @@ async def _run(settings: Settings) -> None:
     ledger = Ledger(redis, settings.ledger(), url=settings.redis_url)
     await ledger.start()
     try:
-        await Projector(ledger, settings.database_url).run()
+        await Projector(ledger, settings.database_url, retention=settings.retention()).run()
     finally:
         await ledger.close()
         await redis.aclose()

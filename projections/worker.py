@@ -4,7 +4,8 @@ For every partition it holds a lease on, it reads the lifecycle log with the
 `projector` consumer group (pending entries first, after a crash), writes each batch in
 one PostgreSQL transaction, then acknowledges it. The audit stream (refused inputs) is
 projected by whichever process holds partition 0. Verdicts (`timed_out`, `expired`) are
-reached for held partitions by atomic ledger scripts, so each command gets exactly one.
+reached for every partition by atomic ledger scripts (projections/verdicts.py), so each
+command gets exactly one; retention (projections/retention.py) runs for held partitions.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from ledger.keys import PROJECTOR_GROUP
+from ledger.retention import RetentionConfig
 from ledger.store import EVENT_DECODER, Ledger
 from projections import schema
 from projections.leases import Leases
+from projections.retention import RetentionLoop
+from projections.verdicts import VerdictConfig, VerdictLoop
 from projections.writer import Entry, apply_batch
 
 log = logging.getLogger("projections.worker")
@@ -47,6 +51,7 @@ class Projector:
         config: ProjectorConfig | None = None,
         *,
         owner: str = "",
+        retention: RetentionConfig | None = None,
     ) -> None:
         self.ledger = ledger
         self.database_url = database_url
@@ -55,8 +60,18 @@ class Projector:
         self.schema = ledger.config.namespace
         self.leases = Leases(ledger.redis, ledger.keys, self.owner)
         self.projected = 0
-        self.verdicts = 0
         self.storage = ""
+        actor = f"projector:{self.owner}"
+        self.verdicts = VerdictLoop(
+            ledger, actor, VerdictConfig(interval_s=self.config.verdict_interval_s)
+        )
+        self.retention = RetentionLoop(
+            ledger,
+            database_url,
+            lambda: set(self.leases.held),
+            retention or RetentionConfig(),
+            actor=actor,
+        )
 
     async def run(self) -> None:
         conn = await AsyncConnection.connect(self.database_url, autocommit=True)
@@ -66,7 +81,10 @@ class Projector:
             await schema.ensure_partitions(conn, self.schema, self.storage)
             log.info("projector.started owner=%s storage=%s", self.owner, self.storage)
             await asyncio.gather(
-                self._project(conn, reader), self._reach_verdicts(), self._rebalance(conn)
+                self._project(conn, reader),
+                self.verdicts.run(),
+                self.retention.run(),
+                self._rebalance(conn),
             )
         finally:
             with contextlib.suppress(Exception):
@@ -158,14 +176,3 @@ class Projector:
         self.projected += await apply_batch(conn, self.schema, stream, batch)
         if ids:
             await redis.xack(stream, PROJECTOR_GROUP, *ids)
-
-    async def _reach_verdicts(self) -> None:
-        while True:
-            for p in sorted(self.leases.held):
-                try:
-                    self.verdicts += await self.ledger.reach_verdicts(
-                        p, actor=f"projector:{self.owner}"
-                    )
-                except Exception as exc:
-                    log.warning("projector.verdicts.failed partition=%d error=%s", p, exc)
-            await asyncio.sleep(self.config.verdict_interval_s)
