@@ -10,6 +10,7 @@ import time
 import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from gateway import cancels
 from gateway.auth import AuthError
 from gateway.handshake import credentials, origin_allowed, refuse
 from gateway.intake import Intake
@@ -54,6 +55,10 @@ async def dashboard_endpoint(ws: WebSocket) -> None:
             if time.time() > user.expires_at + 30:
                 dash.outbox.close(4003, "token expired")
                 break
+            if cancels.is_control_frame(raw):  # {"type": "cancel", ...}
+                answer = await cancels.answer_frame(state, user, raw)
+                dash.outbox.put(_encode(answer.reply).decode())
+                continue
             outcome = await intake.submit(raw, user)
             if outcome.rejected or not outcome.admitted:
                 # Admitted commands answer through the lifecycle events of the ledger.

@@ -20,6 +20,7 @@ class ErrorCode(StrEnum):
     EXPIRED = "expired"
     CLOCK_SKEW = "clock_skew"
     UNKNOWN_COMMAND = "unknown_command"
+    NOT_CANCELLABLE = "not_cancellable"  # a cancel that came after the command was sent
     # Edge-side validation and execution.
     EDGE_BUSY = "edge_busy"
     SUPERSEDED = "superseded"
