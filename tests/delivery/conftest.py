@@ -10,12 +10,12 @@ from typing import Any
 import msgspec
 import pytest
 from redis.asyncio import Redis
+from support import command
 
 from dispatch.settings import Settings
 from ledger.keys import partition_of
 from ledger.store import Ledger
 from schemas.commands import Command
-from support import command
 
 DECODE = msgspec.json.Decoder(Command)
 

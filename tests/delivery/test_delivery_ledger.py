@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 import pytest
 from conftest import Clock, same_partition_edges
@@ -19,7 +20,7 @@ from ledger.retention import Retention, RetentionConfig
 from ledger.store import Ledger, SubmitOutcome
 from projections.verdicts import VerdictLoop
 from schemas.commands import Ack, Command
-from schemas.events import Status, status_of
+from schemas.events import status_of
 
 EDGE = "edge_d1"
 OLD = "gwDead|s0"  # a session whose gateway died: presence still names it
@@ -117,8 +118,6 @@ async def test_more_pending_entries_than_a_batch_are_all_resent_in_order(
     settings: Settings, clocked: Clocked
 ) -> None:
     ledger, clock = clocked
-    from dataclasses import replace
-
     ledger.config = replace(ledger.config, delivery_batch=5)
     await ledger.connect_edge(EDGE, OLD)
     routed = [clock.command(EDGE, channel=f"C{i}") for i in range(12)]
