@@ -60,6 +60,9 @@ class Hub:
         self.dashboards: set[DashboardSession] = set()
         self._tail_redis = tail_redis
         self._dirty: set[str] = set()
+        # Edges whose last delivery failed: the script may have run (entries now pending)
+        # with its reply lost, so the retry reclaims pending entries too.
+        self._reclaim: set[str] = set()
         self._dirty_signal = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         keys = ledger.keys
@@ -148,12 +151,16 @@ class Hub:
             dirty, self._dirty = self._dirty, set()
             sessions = [s for e in dirty if (s := self.edges.get(e)) is not None and s.ready]
             results = await asyncio.gather(
-                *(self._deliver(s, claim=False) for s in sessions), return_exceptions=True
+                *(self._deliver(s, claim=s.edge_id in self._reclaim) for s in sessions),
+                return_exceptions=True,
             )
             for session, result in zip(sessions, results, strict=True):
                 if isinstance(result, Exception):
                     log.warning("edge.delivery.failed edge_id=%s error=%s", session.edge_id, result)
                     self._dirty.add(session.edge_id)  # try again on the next signal
+                    self._reclaim.add(session.edge_id)
+                else:
+                    self._reclaim.discard(session.edge_id)
             if self._dirty:
                 await asyncio.sleep(0.2)
                 self._dirty_signal.set()

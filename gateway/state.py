@@ -17,6 +17,7 @@ from gateway.auth import Authenticator, AuthError
 from gateway.grants import GrantCache
 from gateway.hub import Hub
 from gateway.intake import Intake
+from ledger.client import connect
 from ledger.ids import new_event_id
 from ledger.store import Ledger
 from schemas.errors import ErrorObject
@@ -42,9 +43,9 @@ class GatewayState:
     @classmethod
     async def open(cls, settings: Settings) -> GatewayState:
         gateway_id = settings.gateway_id or f"gw-{uuid.uuid4().hex[:8]}"
-        redis = Redis.from_url(settings.redis_url, max_connections=64)
+        redis = connect(settings.redis_url, max_connections=64)
         # The tail blocks in XREAD: it gets a connection of its own, and only one.
-        tail_redis = Redis.from_url(settings.redis_url, max_connections=1)
+        tail_redis = connect(settings.redis_url, max_connections=1)
         ledger = Ledger(redis, settings.ledger(), url=settings.redis_url)
         await ledger.start()
         grants = GrantCache(redis, ledger.keys)

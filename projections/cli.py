@@ -7,9 +7,8 @@ import asyncio
 import logging
 from typing import Any
 
-from redis.asyncio import Redis
-
 from dispatch.settings import Settings
+from ledger.client import connect
 from ledger.store import Ledger
 from projections.worker import Projector
 
@@ -17,7 +16,7 @@ log = logging.getLogger("projections.cli")
 
 
 async def _run(settings: Settings) -> None:
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url)
     ledger = Ledger(redis, settings.ledger(), url=settings.redis_url)
     await ledger.start()
     try:

@@ -5,7 +5,9 @@ accept only, execute but lose the ack, crash before executing) / resent acks / c
 resubmit / retention / clock advance. Time is virtual: before every ledger call the
 test-only offset (`LedgerConfig.clock_offset_ms`, added to Redis TIME inside every
 script) is set so that the scripts see the machine's clock, which only `advance` moves.
-Ack timeouts and expiries pass without sleeping, and runs replay deterministically.
+Ack timeouts and expiries pass without sleeping. A call still takes a few real ms
+(more on a loaded machine), so `advance` never stops within a margin of a deadline or an
+expiry: outcomes, and so the runs Hypothesis replays, stay deterministic.
 
 Invariants: never executed twice (by the edge, and never twice in the ledger); never
 handed to an edge at or after its expiry; only deliverable commands are handed out;
@@ -52,6 +54,7 @@ T = TypeVar("T")
 DECODE = msgspec.json.Decoder(Command)
 PARTITIONS = 2
 ACK_TIMEOUT_MS = 10_000
+MARGIN_MS = 250  # far more than a script call takes, even on a loaded machine
 
 
 def _edges() -> list[str]:
@@ -87,6 +90,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         self.effects: Counter[str] = Counter()  # writes to the device
         self.commands: dict[str, Command] = {}
         self.expires_at: dict[str, int] = {}
+        self.deadline: dict[str, int] = {}  # virtual routing time + ack timeout
         self.retention = Retention(
             self.ledger, RetentionConfig(log_retain_s=0, edge_retain_s=0), actor="t"
         )
@@ -126,6 +130,7 @@ class DeliveryMachine(RuleBasedStateMachine):
             record = self.run(self.ledger.lookup(d.command_id))
             assert record is not None and record.status == "routed", (d.command_id, record)
             self.inbox[edge].append(msgspec.json.decode(d.frame()))
+            self.deadline[d.command_id] = self.virtual_ms + ACK_TIMEOUT_MS
             event("redelivery" if d.delivery > 1 else "delivery")
 
     def ack(self, edge: str, command_id: str, status: str) -> None:
@@ -168,6 +173,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         shifted = self.now_ms()
         timestamp = datetime.fromtimestamp(shifted / 1000, UTC).isoformat(timespec="milliseconds")
         body = command(
+            f"c{len(self.commands)}",  # not random: replays must pick the same commands
             edge_id=edge,
             channel=channel,
             expiry_sec=expiry_s,
@@ -179,11 +185,13 @@ class DeliveryMachine(RuleBasedStateMachine):
         assert result.outcome is SubmitOutcome.ADMITTED, result
         self.commands[cmd.command_id] = cmd
         self.expires_at[cmd.command_id] = self.ledger.expires_at_ms(cmd)
+        if result.status == "routed":
+            self.deadline[cmd.command_id] = self.virtual_ms + ACK_TIMEOUT_MS
 
     @precondition(lambda self: bool(self.commands))
     @rule(data=st.data())
     def resubmit(self, data: st.DataObject) -> None:
-        cmd = self.commands[data.draw(st.sampled_from(sorted(self.commands)))]
+        cmd = self.commands[data.draw(st.sampled_from(list(self.commands)))]
         before = self.run(self.ledger.lookup(cmd.command_id))
         result = self.run(self.ledger.submit(cmd, actor="user:op", grant="t", gateway_id="gw0"))
         after = self.run(self.ledger.lookup(cmd.command_id))
@@ -226,7 +234,7 @@ class DeliveryMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.commands))
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
-        command_id = data.draw(st.sampled_from(sorted(self.commands)))
+        command_id = data.draw(st.sampled_from(list(self.commands)))
         before = self.run(self.ledger.lookup(command_id))
         result = self.run(self.ledger.cancel(command_id, "user:op"))
         assert before is not None
@@ -235,7 +243,11 @@ class DeliveryMachine(RuleBasedStateMachine):
     # Odd steps: no sum of them lands within a few ms of an expiry or deadline.
     @rule(ms=st.sampled_from([301, 2_003, 5_007, ACK_TIMEOUT_MS + 11, 400_009]))
     def advance(self, ms: int) -> None:
-        self.virtual_ms += ms
+        target = self.virtual_ms + ms
+        boundaries = [*self.expires_at.values(), *self.deadline.values()]
+        while any(abs(target - b) < MARGIN_MS for b in boundaries):
+            target += 2 * MARGIN_MS
+        self.virtual_ms = target
         self.reach_verdicts()
         self.check_nothing_overdue()
 
