@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, OperationalError
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
@@ -74,7 +74,16 @@ class Projector:
         )
 
     async def run(self) -> None:
-        conn = await AsyncConnection.connect(self.database_url, autocommit=True)
+        # Verdicts need Redis only: they start at once and go on while PostgreSQL is away.
+        verdicts = asyncio.create_task(self.verdicts.run(), name="projector-verdicts")
+        try:
+            await self._run_projection()
+        finally:
+            verdicts.cancel()
+            await asyncio.gather(verdicts, return_exceptions=True)
+
+    async def _run_projection(self) -> None:
+        conn = await self._connect()
         reader = Redis(connection_pool=self.ledger.redis.connection_pool)
         try:
             self.storage = await schema.migrate(conn, self.schema)
@@ -82,7 +91,6 @@ class Projector:
             log.info("projector.started owner=%s storage=%s", self.owner, self.storage)
             await asyncio.gather(
                 self._project(conn, reader),
-                self.verdicts.run(),
                 self.retention.run(),
                 self._rebalance(conn),
             )
@@ -90,6 +98,17 @@ class Projector:
             with contextlib.suppress(Exception):
                 await self.leases.release_all()
             await conn.close()
+
+    async def _connect(self) -> AsyncConnection:
+        while True:
+            try:
+                return await AsyncConnection.connect(self.database_url, autocommit=True)
+            except OperationalError as exc:
+                log.warning(
+                    "projector.postgres.unavailable error=%s; verdicts go on, retrying in 2 s",
+                    str(exc).strip(),
+                )
+                await asyncio.sleep(2)
 
     async def _rebalance(self, conn: AsyncConnection) -> None:
         while True:

@@ -167,10 +167,11 @@ class ScriptedEdge:
 
 
 # -- real processes ------------------------------------------------------------------------------
-def projector(processes: Processes, **env: str) -> Proc:
+def projector(processes: Processes, *, started: str = "projector.started", **env: str) -> Proc:
+    """`dispatch projector`, once its log says `started` (verdicts start before that)."""
     proc = processes.dispatch("projector", "projector", env=env or None)
     wait_until(
-        lambda: "projector.started" in proc.log() or not proc.alive(),
+        lambda: started in proc.log() or not proc.alive(),
         20,
         interval_s=0.1,
         what="the projector to start",

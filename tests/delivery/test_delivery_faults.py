@@ -79,6 +79,33 @@ def test_edge_that_receives_but_never_acks_times_out_at_10s_then_a_late_ack_land
     asyncio.run(scenario())
 
 
+def test_verdicts_go_on_while_postgresql_is_unreachable(
+    processes: Processes, tmp_path: Path
+) -> None:
+    enroll(processes.env, EDGE)
+    processes.env["DISPATCH_ACK_TIMEOUT_MS"] = "1000"
+    gw = processes.gateway()
+    nowhere = f"postgresql://127.0.0.1:{free_port()}/test"
+    proj = projector(processes, started="projector.verdicts.started", DISPATCH_DATABASE_URL=nowhere)
+
+    async def scenario() -> None:
+        edge = await ScriptedEdge(EDGE, tmp_path / "record.json", ack=False).connect(gw)
+        try:
+            wait_until(lambda: online(processes.env, EDGE), 10, what="edge online")
+            body = command(edge_id=EDGE)
+            post(gw, OPERATOR, body)
+            done = await asyncio.to_thread(
+                wait_status, gw, OPERATOR, body["command_id"], "timed_out", timeout_s=10
+            )
+            [routed], [verdict] = events(done, "routed"), events(done, "timed_out")
+            assert 1000 <= at_ms(verdict) - at_ms(routed) <= 1500
+        finally:
+            await edge.close()
+
+    asyncio.run(scenario())
+    assert "projector.postgres.unavailable" in proj.log() and proj.alive()
+
+
 def test_gateway_killed_after_routing_redelivers_through_the_other_gateway_once(
     processes: Processes, tmp_path: Path
 ) -> None:
