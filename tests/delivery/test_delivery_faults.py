@@ -65,6 +65,7 @@ def test_edge_that_receives_but_never_acks_times_out_at_10s_then_a_late_ack_land
             )
             [routed], [verdict] = events(timed_out, "routed"), events(timed_out, "timed_out")
             elapsed_ms = at_ms(verdict) - at_ms(routed)
+            print(f"timed_out {elapsed_ms} ms after routed")
             assert 10_000 <= elapsed_ms <= 10_500, elapsed_ms
             assert verdict["error"]["code"] == "timeout"
             await edge.execute(body["command_id"])  # the Core Cycle finally got to it
@@ -193,12 +194,15 @@ def test_projector_killed_mid_run_still_gives_exactly_one_verdict_per_command(
 
     ids = asyncio.run(scenario())
     assert second.alive()
+    lateness: list[int] = []
     for command_id in ids:
         done = wait_status(gw, OPERATOR, command_id, "timed_out", timeout_s=10)
         [routed] = events(done, "routed")
         verdicts = [e for e in done["events"] if e["status"] in ("timed_out", "lost", "expired")]
         assert len(verdicts) == 1, done["events"]
-        assert 2000 <= at_ms(verdicts[0]) - at_ms(routed) <= 2500
+        lateness.append(at_ms(verdicts[0]) - at_ms(routed) - 2000)
+    print(f"verdict lateness across a projector kill: max {max(lateness)} ms")
+    assert min(lateness) >= 0 and max(lateness) <= 500
 
 
 # -- Redis durability -------------------------------------------------------------------------
