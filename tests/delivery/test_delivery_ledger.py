@@ -12,7 +12,7 @@ import logging
 from dataclasses import replace
 
 import pytest
-from conftest import Clock, same_partition_edges
+from delivery_clock import Clock, same_partition_edges
 
 from dispatch.settings import Settings
 from ledger.keys import EDGE_GROUP, PROJECTOR_GROUP
