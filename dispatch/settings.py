@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ledger.retention import RetentionConfig
 from ledger.store import LedgerConfig
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -72,6 +73,10 @@ class Settings:
     outbox_frames: int = 1000
     # Kernel send buffer per connection in bytes (0: the kernel autotunes, up to MiBs).
     socket_send_buffer_bytes: int = 0
+    # Retention (docs/operations.md): kept at least this long even when acknowledged.
+    retain_log_s: int = 86_400
+    retain_edge_s: int = 3_600
+    retention_interval_s: int = 60
 
     def __post_init__(self) -> None:
         for name, scheme in (
@@ -92,6 +97,7 @@ class Settings:
             "state_ttl_s",
             "presence_ttl_ms",
             "max_message_bytes",
+            "retention_interval_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -167,6 +173,18 @@ class Settings:
             default_expiry_s=self.default_expiry_s,
             state_ttl_s=self.state_ttl_s,
             presence_ttl_ms=self.presence_ttl_ms,
+        )
+
+    def retention(self) -> RetentionConfig:
+        for name in ("retain_log_s", "retain_edge_s"):
+            if getattr(self, name) < 0:
+                raise SettingsError(
+                    f"DISPATCH_{name.upper()} must be 0 or more, got {getattr(self, name)}"
+                )
+        return RetentionConfig(
+            log_retain_s=self.retain_log_s,
+            edge_retain_s=self.retain_edge_s,
+            interval_s=self.retention_interval_s,
         )
 
     def with_overrides(self, **overrides: Any) -> Settings:

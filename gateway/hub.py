@@ -66,6 +66,9 @@ class Hub:
         self._watch_all: set[DashboardSession] = set()
         self._tail_redis = tail_redis
         self._dirty: set[str] = set()
+        # Edges whose last delivery failed: the script may have run (entries now pending)
+        # with its reply lost, so the retry reclaims pending entries too.
+        self._reclaim: set[str] = set()
         self._dirty_signal = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -170,11 +173,17 @@ class Hub:
             dirty, self._dirty = self._dirty, set()
             sessions = [s for e in dirty if (s := self.edges.get(e)) is not None and s.ready]
             results = await asyncio.gather(
-                *(self._deliver(s, claim=False) for s in sessions), return_exceptions=True
+                *(self._deliver(s, claim=s.edge_id in self._reclaim) for s in sessions),
+                return_exceptions=True,
             )
             failed = [s for s, r in zip(sessions, results, strict=True) if isinstance(r, Exception)]
+            for session in sessions:
+                if session not in failed:
+                    self._reclaim.discard(session.edge_id)
             for session in failed:
                 log.warning("edge.delivery.failed edge_id=%s", session.edge_id)
+                # Its reply may have been lost after Redis handed entries out: reclaim them.
+                self._reclaim.add(session.edge_id)
             if failed:
                 await asyncio.sleep(0.2)  # Redis trouble: retry those shortly, not in a hot loop
                 for session in failed:

@@ -76,8 +76,13 @@ class Keys:
         return f"{self.tag(partition)}:expiries"
 
     def inflight(self, partition: int) -> str:
-        """HASH edge-stream entry id -> command id, to name commands whose entry vanished."""
+        """HASH `edge_id|entry id` -> command id of unsettled delivery entries (names a
+        command whose entry vanished)."""
         return f"{self.tag(partition)}:inflight"
+
+    def edge_streams(self, partition: int) -> str:
+        """SET of the partition's edges that have a delivery stream (for retention)."""
+        return f"{self.tag(partition)}:streams"
 
     # -- per edge / per command (partition derived from the edge) ------------------------
     def partition(self, edge_id: str) -> int:

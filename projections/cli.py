@@ -7,9 +7,8 @@ import asyncio
 import logging
 from typing import Any
 
-from redis.asyncio import Redis
-
 from dispatch.settings import Settings
+from ledger.connection import connect
 from ledger.store import Ledger
 from projections.worker import Projector
 
@@ -17,11 +16,11 @@ log = logging.getLogger("projections.cli")
 
 
 async def _run(settings: Settings) -> None:
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url, cluster=settings.redis_cluster)
     ledger = Ledger(redis, settings.ledger(), url=settings.redis_url)
     await ledger.start()
     try:
-        await Projector(ledger, settings.database_url).run()
+        await Projector(ledger, settings.database_url, retention=settings.retention()).run()
     finally:
         await ledger.close()
         await redis.aclose()

@@ -4,7 +4,8 @@ For every partition it holds a lease on, it reads the lifecycle log with the
 `projector` consumer group (pending entries first, after a crash), writes each batch in
 one PostgreSQL transaction, then acknowledges it. The audit stream (refused inputs) is
 projected by whichever process holds partition 0. Verdicts (`timed_out`, `expired`) are
-reached for held partitions by atomic ledger scripts, so each command gets exactly one.
+reached for every partition by atomic ledger scripts (projections/verdicts.py), so each
+command gets exactly one; retention (projections/retention.py) runs for held partitions.
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, OperationalError
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from ledger.keys import PROJECTOR_GROUP
+from ledger.retention import RetentionConfig
 from ledger.store import EVENT_DECODER, Ledger
 from projections import schema
 from projections.leases import Leases
+from projections.retention import RetentionLoop
+from projections.verdicts import VerdictConfig, VerdictLoop
 from projections.writer import Entry, apply_batch
 
 log = logging.getLogger("projections.worker")
@@ -47,6 +51,7 @@ class Projector:
         config: ProjectorConfig | None = None,
         *,
         owner: str = "",
+        retention: RetentionConfig | None = None,
     ) -> None:
         self.ledger = ledger
         self.database_url = database_url
@@ -55,23 +60,55 @@ class Projector:
         self.schema = ledger.config.namespace
         self.leases = Leases(ledger.redis, ledger.keys, self.owner)  # type: ignore[arg-type]
         self.projected = 0
-        self.verdicts = 0
         self.storage = ""
+        actor = f"projector:{self.owner}"
+        self.verdicts = VerdictLoop(
+            ledger, actor, VerdictConfig(interval_s=self.config.verdict_interval_s)
+        )
+        self.retention = RetentionLoop(
+            ledger,
+            database_url,
+            lambda: set(self.leases.held),
+            retention or RetentionConfig(),
+            actor=actor,
+        )
 
     async def run(self) -> None:
-        conn = await AsyncConnection.connect(self.database_url, autocommit=True)
+        # Verdicts need Redis only: they start at once and go on while PostgreSQL is away.
+        verdicts = asyncio.create_task(self.verdicts.run(), name="projector-verdicts")
+        try:
+            await self._run_projection()
+        finally:
+            verdicts.cancel()
+            await asyncio.gather(verdicts, return_exceptions=True)
+
+    async def _run_projection(self) -> None:
+        conn = await self._connect()
         reader = Redis(connection_pool=self.ledger.redis.connection_pool)  # type: ignore[union-attr]
         try:
             self.storage = await schema.migrate(conn, self.schema)
             await schema.ensure_partitions(conn, self.schema, self.storage)
             log.info("projector.started owner=%s storage=%s", self.owner, self.storage)
             await asyncio.gather(
-                self._project(conn, reader), self._reach_verdicts(), self._rebalance(conn)
+                self._project(conn, reader),
+                self.retention.run(),
+                self._rebalance(conn),
             )
         finally:
             with contextlib.suppress(Exception):
                 await self.leases.release_all()
             await conn.close()
+
+    async def _connect(self) -> AsyncConnection:
+        while True:
+            try:
+                return await AsyncConnection.connect(self.database_url, autocommit=True)
+            except OperationalError as exc:
+                log.warning(
+                    "projector.postgres.unavailable error=%s; verdicts go on, retrying in 2 s",
+                    str(exc).strip(),
+                )
+                await asyncio.sleep(2)
 
     async def _rebalance(self, conn: AsyncConnection) -> None:
         while True:
@@ -158,14 +195,3 @@ class Projector:
         self.projected += await apply_batch(conn, self.schema, stream, batch)
         if ids:
             await redis.xack(stream, PROJECTOR_GROUP, *ids)
-
-    async def _reach_verdicts(self) -> None:
-        while True:
-            for p in sorted(self.leases.held):
-                try:
-                    self.verdicts += await self.ledger.reach_verdicts(
-                        p, actor=f"projector:{self.owner}"
-                    )
-                except Exception as exc:
-                    log.warning("projector.verdicts.failed partition=%d error=%s", p, exc)
-            await asyncio.sleep(self.config.verdict_interval_s)
