@@ -15,12 +15,13 @@ $(STAMP): pyproject.toml
 services: $(STAMP)
 	@scripts/services.sh
 
+# Private Redis/PostgreSQL servers started for the demo are stopped when it ends.
 demo: $(STAMP) services
-	$(BIN)/dispatch demo
+	@trap 'scripts/services.sh stop' EXIT; $(BIN)/dispatch demo
 
 test: $(STAMP) services
 	@scripts/browser.sh
-	$(BIN)/pytest -q
+	@trap 'scripts/services.sh stop' EXIT; $(BIN)/pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -2,9 +2,11 @@
 # Make sure Redis and PostgreSQL answer where DISPATCH_REDIS_URL / DISPATCH_DATABASE_URL
 # point (local defaults otherwise). When nothing answers on a local address, start a
 # private server from the machine's binaries under .local/ and say so.
+# `services.sh stop` stops the private servers this script started (and nothing else).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOCAL="$PWD/.local"
+STARTED="$LOCAL/services.started"  # one line per private server we started
 REDIS_URL="${DISPATCH_REDIS_URL:-redis://127.0.0.1:6379/0}"
 DATABASE_URL="${DISPATCH_DATABASE_URL:-postgresql://127.0.0.1:5432/test}"
 
@@ -38,6 +40,7 @@ ensure_redis() {
     --logfile "$LOCAL/redis/redis.log" >/dev/null
   for _ in $(seq 50); do redis_ok "$host" "$port" && break; sleep 0.1; done
   redis_ok "$host" "$port" || die "started redis-server but it does not answer; see $LOCAL/redis/redis.log"
+  echo "redis $port" >> "$STARTED"
   say "started a private Redis (AOF everysec) on $host:$port, data in $LOCAL/redis"
 }
 
@@ -67,6 +70,7 @@ ensure_postgres() {
       -o "-p $port -c listen_addresses=127.0.0.1 -k $data" start >/dev/null
     "${run[@]}" psql -h 127.0.0.1 -p "$port" -U postgres -d postgres -qtAc \
       "DO \$\$BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '$user') THEN CREATE ROLE \"$user\" LOGIN SUPERUSER; END IF; END\$\$" >/dev/null
+    echo "postgres $data" >> "$STARTED"
     say "started a private PostgreSQL on $host:$port, data in $data"
   fi
   if ! psql -h "$host" -p "$port" -d postgres -qtAc "SELECT 1 FROM pg_database WHERE datname = '$db'" 2>/dev/null | grep -q 1; then
@@ -76,5 +80,21 @@ ensure_postgres() {
     || die "cannot connect to database $db at $host:$port as $user; grant access or fix DISPATCH_DATABASE_URL"
 }
 
+stop_started() {
+  [ -f "$STARTED" ] || return 0
+  while read -r kind where; do
+    case "$kind" in
+      redis) redis-cli -p "$where" shutdown >/dev/null 2>&1 && say "stopped the private Redis on port $where" ;;
+      postgres)
+        local run=(); [ "$(id -u)" = 0 ] && run=(runuser -u postgres --)
+        "${run[@]}" "$(pg_bindir)/pg_ctl" -D "$where" stop -m fast >/dev/null 2>&1 \
+          && say "stopped the private PostgreSQL in $where" ;;
+    esac
+  done < "$STARTED"
+  rm -f "$STARTED"
+}
+
+if [ "${1:-}" = stop ]; then stop_started; exit 0; fi
+mkdir -p "$LOCAL"
 ensure_redis
 ensure_postgres
