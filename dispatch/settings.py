@@ -45,13 +45,21 @@ class Settings:
     jwt_issuer: str = ""
     jwt_audience: str = ""
     gateway_id: str = ""
+    # Audit projection (docs/audit.md): the writer role's own login (else the admin URL
+    # plus SET ROLE), the prefix of the roles, and how long events are kept.
+    projector_database_url: str = ""
+    db_role_prefix: str = ""
+    audit_retention_days: int = 400
 
     def __post_init__(self) -> None:
         for name, scheme in (
             ("redis_url", ("redis", "rediss", "unix")),
             ("database_url", ("postgresql", "postgres")),
+            ("projector_database_url", ("postgresql", "postgres")),
         ):
             value = getattr(self, name)
+            if name == "projector_database_url" and not value:
+                continue
             if urlsplit(value).scheme not in scheme:
                 raise SettingsError(
                     f"DISPATCH_{name.upper()}={value!r} is not a {scheme[0]}:// URL; "
@@ -65,6 +73,7 @@ class Settings:
             "state_ttl_s",
             "presence_ttl_ms",
             "max_message_bytes",
+            "audit_retention_days",
         )
         for name in positive:
             if getattr(self, name) <= 0:
