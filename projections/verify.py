@@ -251,7 +251,8 @@ async def verify(
     return result
 
 
-def _normalise(column: str, value: Any) -> Any:
+def _expected(column: str, value: Any) -> Any:
+    """A `command_row` value as psycopg reads it back (JSON columns come decoded)."""
     if column in _JSON_COLUMNS and isinstance(value, str):
         return msgspec.json.decode(value)
     return value
@@ -286,7 +287,7 @@ async def _check_commands(
             return checked
         expected = dict(zip(_COMMAND_COLUMNS, command_row(state), strict=True))
         for column in _COMMAND_COLUMNS:
-            if _normalise(column, expected[column]) != _normalise(column, row[column]):
+            if _expected(column, expected[column]) != row[column]:
                 result.breaks.append(
                     Break(
                         check.chain,

@@ -169,7 +169,7 @@ class Projector:
     async def _project(self, writer: Writer, redis: Redis) -> None:
         ready: set[str] = set()
         reader = LogReader(redis, batch=self.config.batch)
-        idle_check = 0.0
+        quiet_check: dict[str, float] = {}
         while True:
             streams = self._streams()
             ready &= set(streams)  # a lost lease is re-synchronised when regained
@@ -182,7 +182,6 @@ class Projector:
                 for stream in new:
                     # Pending entries first: a crash may have left read-but-unstored ones.
                     await self._drain_pending(writer, redis, reader, stream)
-                    await self._catch_up(writer, redis, reader, stream)
                 ready.update(new)
             await self._maintain(writer)
             try:
@@ -198,14 +197,19 @@ class Projector:
                     ready.clear()  # the stream was deleted; recreate its group
                     continue
                 raise
+            seen: set[str] = set()
             for stream_raw, rows in reply or []:
+                seen.add(stream_raw.decode())
                 await self._store(writer, redis, reader, stream_raw.decode(), rows)
             now = time.monotonic()
-            if not reply and now >= idle_check:
-                # Idle: anything between the stored position and the log's end that the
-                # group will not hand out again (acked elsewhere, a swapped-in rebuild).
-                idle_check = now + self.config.rebalance_interval_s
-                for stream in streams:
+            for stream in streams:
+                if stream in seen:
+                    quiet_check[stream] = now + self.config.rebalance_interval_s
+                elif now >= quiet_check.get(stream, 0.0):
+                    # Quiet stream: project what lies between the stored position and the
+                    # log's end that the group will not hand out again (acknowledged by
+                    # another holder, or a swapped-in rebuild that is behind).
+                    quiet_check[stream] = now + self.config.rebalance_interval_s
                     await self._catch_up(writer, redis, reader, stream)
 
     async def _drain_pending(
