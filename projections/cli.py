@@ -62,13 +62,18 @@ async def _projector(settings: Settings, args: argparse.Namespace) -> int:
         if args.rebuild:
             return await _rebuild(ledger, settings, args)
         config = ProjectorConfig(batch=args.batch, retention_days=settings.audit_retention_days)
-        await Projector(
+        projector = Projector(
             ledger,
             settings.database_url,
             config,
             writer_url=settings.projector_database_url,
             roles=roles_of(settings),
-        ).run()
+        )
+        if args.migrate:
+            kind = await projector.migrate()
+            print(f"audit schema {settings.namespace!r} is up to date (storage: {kind})")
+            return 0
+        await projector.run()
         return 0
     finally:
         await ledger.close()
@@ -115,6 +120,8 @@ async def _rebuild(ledger: Ledger, settings: Settings, args: argparse.Namespace)
 def cmd_projector(args: argparse.Namespace) -> int:
     if args.swap and not args.rebuild:
         return _fail("--swap only applies with --rebuild")
+    if args.migrate and args.rebuild:
+        return _fail("give --migrate or --rebuild, not both")
     return _run(_projector(_settings(args), args))
 
 
@@ -345,6 +352,11 @@ def register(sub: Any) -> None:
     p.add_argument("--redis-url", help="default: DISPATCH_REDIS_URL or redis://127.0.0.1:6379/0")
     _database_flag(p)
     p.add_argument("--batch", type=int, default=500, help="events per transaction (500)")
+    p.add_argument(
+        "--migrate",
+        action="store_true",
+        help="apply the schema migrations (creating the roles) and exit",
+    )
     p.add_argument(
         "--rebuild",
         action="store_true",

@@ -90,7 +90,7 @@ async def rebuild(
         await admin.close()
     log.info("projector.rebuild.started schema=%s storage=%s", target, storage)
     report = RebuildReport(target)
-    conn = await database.connect_writer("dispatch-projector:rebuild")
+    conn = await database.connect_writer(f"dispatch-projector:{live}:rebuild")
     try:
         writer = Writer(conn, target, storage)
         today = datetime.now(UTC).date()

@@ -256,6 +256,19 @@ async def storage_of(conn: AsyncConnection, schema: str) -> str | None:
     return PARTITIONED if row[0] == "p" else TIMESCALEDB
 
 
+async def is_current(conn: AsyncConnection, schema: str) -> bool:
+    """True when every migration is applied (checkable with the writer role alone)."""
+    try:
+        async with conn.transaction():
+            cur = await conn.execute(
+                _q("SELECT coalesce(max(version), 0) FROM {s}.schema_migrations", schema)
+            )
+            row = await cur.fetchone()
+    except Exception:
+        return False
+    return bool(row) and int(row[0]) >= len(MIGRATIONS)
+
+
 async def _ensure_roles(conn: AsyncConnection, roles: Roles) -> None:
     for role in roles.all():
         cur = await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))

@@ -150,7 +150,7 @@ class _ChainCheck:
             return None if prev == GENESIS else "first link does not start from the genesis hash"
         if last is None and self.lenient_start:
             return None  # TimescaleDB's own retention drops chunks without recording cuts
-        after = last.seq if last is not None else 0
+        after = last.seq if last is not None else cut.seq if cut is not None else 0
         return f"links {after + 1}..{seq - 1} are missing"
 
     def close(self, head: _Link | None) -> None:

@@ -113,6 +113,19 @@ class Projector:
         return self.progress.verdicts
 
     async def migrate(self) -> str:
+        """Apply migrations with the admin URL; with a writer login and a current schema,
+        the admin URL is not used at all (the least-privilege deployment)."""
+        if self.database.writer_url:
+            conn = await self.database.connect_writer(
+                f"dispatch-projector:{self.schema}:{self.owner}"
+            )
+            try:
+                kind = await schema.storage_of(conn, self.schema)
+                if kind is not None and await schema.is_current(conn, self.schema):
+                    self.storage = kind
+                    return kind
+            finally:
+                await conn.close()
         admin = await AsyncConnection.connect(self.database.admin_url, autocommit=True)
         try:
             self.storage = await schema.migrate(
@@ -127,7 +140,7 @@ class Projector:
 
     async def run(self) -> None:
         await self.migrate()
-        conn = await self.database.connect_writer(f"dispatch-projector:{self.owner}")
+        conn = await self.database.connect_writer(f"dispatch-projector:{self.schema}:{self.owner}")
         reader = Redis(connection_pool=self.ledger.redis.connection_pool)
         writer = Writer(conn, self.schema, self.storage)
         try:

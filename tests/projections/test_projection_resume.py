@@ -132,8 +132,9 @@ async def test_projector_killed_mid_batch_resumes_without_gap_or_duplicate(
             assert time.monotonic() < deadline, first.log()
             busy = await scalar(
                 conn,
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE"
-                " 'dispatch-projector:%%' AND xact_start IS NOT NULL AND state <> 'idle'",
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s"
+                " AND xact_start IS NOT NULL AND state <> 'idle'",
+                f"dispatch-projector:{settings.namespace}:%",
             )
             stored = await positions(conn, settings.namespace)
             if busy and any(e != "0-0" for e in stored.values()):
