@@ -170,6 +170,14 @@ async def swap(conn: AsyncConnection, live: str, rebuilt: str) -> str:
             "SELECT pg_advisory_xact_lock(hashtext(%s))", (f"dispatch-migrate:{live}",)
         )
         exists = await schema.storage_of(conn, live)
+        # Wait for writers' open batches (each starts by locking its position row) and
+        # hold new ones back, so no transaction spans both copies.
+        for name in (live, rebuilt) if exists is not None else (rebuilt,):
+            await conn.execute(
+                sql.SQL("LOCK TABLE {}.positions IN ACCESS EXCLUSIVE MODE").format(
+                    sql.Identifier(name)
+                )
+            )
         if exists is not None:
             await conn.execute(
                 sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(

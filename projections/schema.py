@@ -266,7 +266,7 @@ async def is_current(conn: AsyncConnection, schema: str) -> bool:
             row = await cur.fetchone()
     except Exception:
         return False
-    return bool(row) and int(row[0]) >= len(MIGRATIONS)
+    return row is not None and int(row[0]) >= len(MIGRATIONS)
 
 
 async def _ensure_roles(conn: AsyncConnection, roles: Roles) -> None:

@@ -20,7 +20,9 @@ from ledger.store import Ledger
 @pytest.fixture
 async def ledger(settings: Settings) -> AsyncIterator[Ledger]:
     client = Redis.from_url(settings.redis_url)
-    led = Ledger(client, replace(settings.ledger(), ack_timeout_ms=3_600_000), url=settings.redis_url)
+    led = Ledger(
+        client, replace(settings.ledger(), ack_timeout_ms=3_600_000), url=settings.redis_url
+    )
     await led.start()
     yield led
     await led.close()

@@ -98,9 +98,9 @@ async def test_ten_thousand_commands_projected_and_queried(
     try:
         stored = await conn.execute(f'SELECT stream, entry_id FROM "{s}".events')
         assert {(a, b) for a, b in await stored.fetchall()} == expected_ids
-        assert await scalar(conn, "SELECT count(DISTINCT event_id) FROM {s}.events", schema=s) == len(
-            expected_ids
-        )
+        assert await scalar(
+            conn, "SELECT count(DISTINCT event_id) FROM {s}.events", schema=s
+        ) == len(expected_ids)
         assert await scalar(conn, "SELECT count(*) FROM {s}.commands", schema=s) == 10_000
         cur = await conn.execute(f'SELECT status, count(*) FROM "{s}".commands GROUP BY status')
         assert dict(await cur.fetchall()) == Counter(p.status for p in plans)
@@ -124,18 +124,21 @@ async def test_ten_thousand_commands_projected_and_queried(
 
     def expect(**params: str) -> None:
         def keep(p: loadgen.Planned) -> bool:
-            return all(
-                {
-                    "edge_id": p.edge_id,
-                    "source": p.source,
-                    "user": p.user,
-                    "status": p.status,
-                    "command_type": p.command_type,
-                }.get(k, "") == v
-                for k, v in params.items()
-                if k not in ("since", "until")
-            ) and (("since" not in params) or p.index >= 5000) and (
-                ("until" not in params) or p.index < 5000
+            return (
+                all(
+                    {
+                        "edge_id": p.edge_id,
+                        "source": p.source,
+                        "user": p.user,
+                        "status": p.status,
+                        "command_type": p.command_type,
+                    }.get(k, "")
+                    == v
+                    for k, v in params.items()
+                    if k not in ("since", "until")
+                )
+                and (("since" not in params) or p.index >= 5000)
+                and (("until" not in params) or p.index < 5000)
             )
 
         want = sorted(p.command_id for p in plans if keep(p))
@@ -158,7 +161,11 @@ async def test_ten_thousand_commands_projected_and_queried(
 
     # Cursor pagination walks every row once, newest first.
     pages = all_pages(gw, auditor, status="executed")
-    assert len(pages) == len({r["command_id"] for r in pages}) == Counter(p.status for p in plans)["executed"]
+    assert (
+        len(pages)
+        == len({r["command_id"] for r in pages})
+        == Counter(p.status for p in plans)["executed"]
+    )
     issued = [(r["issued_at"], r["command_id"]) for r in pages]
     assert issued == sorted(issued, reverse=True)
 
@@ -166,7 +173,9 @@ async def test_ten_thousand_commands_projected_and_queried(
     _, ctype, body = fetch_raw(f"{gw.http}/api/commands?edge_id=edge_05&format=json", auditor)
     exported = json.loads(body)
     assert ctype.startswith("application/json")
-    assert {r["command_id"] for r in exported} == {p.command_id for p in plans if p.edge_id == "edge_05"}
+    assert {r["command_id"] for r in exported} == {
+        p.command_id for p in plans if p.edge_id == "edge_05"
+    }
 
     # Access: can_view on one edge sees only that edge; nothing granted sees nothing.
     viewer = user_token("viewer", view=["edge_02"])
@@ -182,8 +191,12 @@ async def test_ten_thousand_commands_projected_and_queried(
     assert status == 200 and body["count"] == 10
 
     # The command line reads the same tables.
-    proc = processes.dispatch("audit", "audit", "list", "--status", "rejected", "--limit", "5", "--json")
+    proc = processes.dispatch(
+        "audit", "audit", "list", "--status", "rejected", "--limit", "5", "--json"
+    )
     assert proc.popen.wait(30) == 0
     page = json.loads(next(line for line in proc.log().splitlines() if line.startswith("{")))
     assert page["count"] == 5 and page["next_cursor"]
-    assert all(r["status"] == "rejected" and r["error_code"] == "out_of_range" for r in page["commands"])
+    assert all(
+        r["status"] == "rejected" and r["error_code"] == "out_of_range" for r in page["commands"]
+    )

@@ -150,7 +150,9 @@ async def test_projector_killed_mid_batch_resumes_without_gap_or_duplicate(
             rows: Any = (
                 await ledger.redis.xrange(stream, "-", position) if position != "0-0" else []
             )
-            assert sorted(e for s, e in partial if s == stream) == sorted(r[0].decode() for r in rows)
+            assert sorted(e for s, e in partial if s == stream) == sorted(
+                r[0].decode() for r in rows
+            )
         # It had read a batch it never committed nor acknowledged.
         assert await pending(ledger) > 0
 
@@ -162,7 +164,10 @@ async def test_projector_killed_mid_batch_resumes_without_gap_or_duplicate(
         assert await scalar(
             conn, "SELECT count(DISTINCT event_id) FROM {s}.events", schema=settings.namespace
         ) == len(expected)
-        assert await scalar(conn, "SELECT count(*) FROM {s}.commands", schema=settings.namespace) == 6000
+        assert (
+            await scalar(conn, "SELECT count(*) FROM {s}.commands", schema=settings.namespace)
+            == 6000
+        )
         result = await verify(conn, settings.namespace, commands=True)
         assert result.ok and result.commands == 6000, result.breaks
         # The restarted projector acknowledged what the killed one had read.

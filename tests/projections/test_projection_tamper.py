@@ -100,7 +100,7 @@ async def test_triggers_refuse_even_a_superuser_and_verify_names_an_altered_row(
         row = conn.execute(
             sql.SQL(
                 "UPDATE {}.events SET status = 'executed', payload = replace(payload,"
-                " '\"status\":\"rejected\"', '\"status\":\"executed\"') WHERE command_id = %s"
+                ' \'"status":"rejected"\', \'"status":"executed"\') WHERE command_id = %s'
                 " AND status = 'rejected' RETURNING event_id, chain, seq"
             ).format(s),
             (rejected.command_id,),
@@ -192,7 +192,9 @@ async def test_retention_drops_old_day_partitions_and_verify_accepts_the_cut(
         assert await schema.sweep_retention(conn, s, schema.PARTITIONED) == 1
         assert not await scalar(conn, "SELECT to_regclass(%s) IS NOT NULL", f'"{s}".{part}')
         assert await scalar(conn, "SELECT count(*) FROM {s}.events", schema=s) == before - 5
-        cut = await conn.execute(sql.SQL("SELECT chain, seq FROM {}.chain_cuts").format(sql.Identifier(s)))
+        cut = await conn.execute(
+            sql.SQL("SELECT chain, seq FROM {}.chain_cuts").format(sql.Identifier(s))
+        )
         assert await cut.fetchall() == [(edge, 5)]
         result = await verify(conn, s, commands=True)
         assert result.ok, result.breaks
@@ -234,7 +236,9 @@ async def test_projector_runs_with_only_the_writer_login(
     await wait_caught_up(settings, ledger.redis, ledger.keys, timeout_s=60)
     conn = await pg(settings)
     try:
-        assert await scalar(conn, "SELECT count(*) FROM {s}.commands", schema=settings.namespace) == len(plans)
+        assert await scalar(
+            conn, "SELECT count(*) FROM {s}.commands", schema=settings.namespace
+        ) == len(plans)
         users = await scalar(
             conn,
             "SELECT array_agg(DISTINCT usename) FROM pg_stat_activity WHERE application_name"
