@@ -7,6 +7,8 @@ import time
 from typing import Any
 
 import pytest
+from projection_support import log_ids, pg, positions, roles, scalar, wait_caught_up
+from support import Processes
 
 from dispatch.settings import Settings
 from ledger.store import Ledger
@@ -16,8 +18,6 @@ from projections.schema import migrate
 from projections.verify import verify
 from projections.worker import Database
 from projections.writer import Writer
-from projection_support import log_ids, pg, positions, roles, scalar, wait_caught_up
-from support import Processes
 
 
 async def stored_ids(settings: Settings) -> list[tuple[str, str]]:
