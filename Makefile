@@ -19,6 +19,7 @@ demo: $(STAMP) services
 	$(BIN)/dispatch demo
 
 test: $(STAMP) services
+	@scripts/browser.sh
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

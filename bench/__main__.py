@@ -17,15 +17,17 @@ ORDER = ["latency", "throughput", "idle_edges", "projector"]
 
 def main(argv: list[str]) -> int:
     available = {m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_")}
-    wanted = [a for a in argv if not a.startswith("-")] or [n for n in ORDER if n in available]
-    wanted += sorted(available - set(ORDER) - {"harness"}) if not argv else []
+    available.discard("harness")
+    names = [a for a in argv if a in available]
+    options = [a for a in argv if a not in available]
+    if any(not a.startswith("-") and a not in available for a in argv[:1]):
+        print(f"bench: no benchmark named {argv[0]!r}; have {sorted(available)}", file=sys.stderr)
+        return 2
+    wanted = names or [n for n in ORDER if n in available] + sorted(available - set(ORDER))
     status = 0
     for name in wanted:
-        if name not in available or name == "harness":
-            print(f"bench: no benchmark named {name!r}; have {sorted(available - {'harness'})}", file=sys.stderr)
-            return 2
         module = importlib.import_module(f"bench.{name}")
-        status |= int(module.main([a for a in argv if a.startswith("-")]) or 0)
+        status |= int(module.main(options) or 0)
     return status
 
 

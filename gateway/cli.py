@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import resource
 from typing import Any
 
 import uvicorn
@@ -16,7 +17,15 @@ from gateway.app import create_app
 WS_HARD_LIMIT_BYTES = 256 * 1024
 
 
+def raise_fd_limit() -> None:
+    """One descriptor per connected edge: take the hard limit the system allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(settings: Settings, *, log_level: str = "info") -> None:
+    raise_fd_limit()
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -17,19 +17,12 @@ from gateway.sessions import EdgeSession, Outbox
 from gateway.state import GatewayState
 from ledger.keys import SAFE_ID
 from schemas.commands import Ack
-from schemas.errors import ErrorCode, error
+from schemas.errors import ErrorCode, ErrorObject, error
+from schemas.messages import EdgeNotice
 
 log = logging.getLogger("gateway.edges")
 ACK_DECODER = msgspec.json.Decoder(Ack)
 _encode = msgspec.json.Encoder().encode
-
-
-class EdgeNotice(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """Gateway -> edge answer to an acknowledgment it could not apply."""
-
-    type: str = "ack_refused"
-    command_id: str | None = None
-    error: dict[str, str] | None = None
 
 
 async def edge_endpoint(ws: WebSocket) -> None:
@@ -78,7 +71,7 @@ async def _acknowledge(state: GatewayState, session: EdgeSession, raw: bytes) ->
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         metrics.ACKS.labels("invalid", "refused").inc()
         notice = EdgeNotice(
-            error={"code": "invalid_ack", "message": f"unreadable acknowledgment: {exc}"}
+            error=ErrorObject(code="invalid_ack", message=f"unreadable acknowledgment: {exc}")
         )
         session.outbox.put(_encode(notice).decode())
         return
@@ -97,10 +90,9 @@ async def _acknowledge(state: GatewayState, session: EdgeSession, raw: bytes) ->
         metrics.ACKS.labels(ack.status, "unknown").inc()
         notice = EdgeNotice(
             command_id=ack.command_id,
-            error={
-                "code": "unknown_command",
-                "message": f"no command {ack.command_id!r} for this edge",
-            },
+            error=ErrorObject(
+                code="unknown_command", message=f"no command {ack.command_id!r} for this edge"
+            ),
         )
         session.outbox.put(_encode(notice).decode())
         return

@@ -24,16 +24,10 @@ from gateway.sessions import CloseCode, DashboardSession, EdgeSession
 from ledger.store import EVENT_DECODER, Ledger
 from ledger.tail import StreamTail
 from schemas.events import Event, Rejected, Routed, status_of
-from schemas.messages import StatusUpdate
+from schemas.messages import StatusUpdate, iso_ms
 
 log = logging.getLogger("gateway.hub")
 _encode = msgspec.json.Encoder().encode
-
-
-def iso_ms(ms: int) -> str:
-    """ISO 8601 UTC with milliseconds, e.g. 2026-02-15T14:30:01.050Z."""
-    seconds, millis = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
 def status_update(event: Event) -> StatusUpdate:
@@ -58,6 +52,9 @@ class Hub:
         self.gateway_id = gateway_id
         self.edges: dict[str, EdgeSession] = {}
         self.dashboards: set[DashboardSession] = set()
+        # Who may watch what, indexed so an event costs O(its viewers), not O(dashboards).
+        self._watchers: dict[str, set[DashboardSession]] = {}
+        self._watch_all: set[DashboardSession] = set()
         self._tail_redis = tail_redis
         self._dirty: set[str] = set()
         self._dirty_signal = asyncio.Event()
@@ -92,13 +89,23 @@ class Hub:
 
     # -- dashboards --------------------------------------------------------------------------
     async def add_dashboard(self, dash: DashboardSession) -> None:
-        await self.refresh_views(dash)
         self.dashboards.add(dash)
+        await self.refresh_views(dash)
         metrics.DASHBOARDS.set(len(self.dashboards))
 
     def remove_dashboard(self, dash: DashboardSession) -> None:
         self.dashboards.discard(dash)
+        self._unindex(dash)
         metrics.DASHBOARDS.set(len(self.dashboards))
+
+    def _unindex(self, dash: DashboardSession) -> None:
+        self._watch_all.discard(dash)
+        for edge_id in dash.views:
+            watchers = self._watchers.get(edge_id)
+            if watchers is not None:
+                watchers.discard(dash)
+                if not watchers:
+                    del self._watchers[edge_id]
 
     async def refresh_views(self, dash: DashboardSession) -> None:
         """Recompute which edges a dashboard may watch (token claims + grants store)."""
@@ -110,9 +117,17 @@ class Hub:
             for scope, perms in stored.items()
             if scope == "*"
         )
-        dash.views = frozenset(claimed) | frozenset(
+        views = frozenset(claimed) | frozenset(
             scope for scope, perms in stored.items() if perms and scope != "*"
         )
+        self._unindex(dash)
+        dash.views = views
+        if dash not in self.dashboards:
+            return  # closed while its grants were loading
+        if dash.views_all:
+            self._watch_all.add(dash)
+        for edge_id in views:
+            self._watchers.setdefault(edge_id, set()).add(dash)
 
     # -- edges -------------------------------------------------------------------------------
     async def add_edge(self, session: EdgeSession) -> None:
@@ -150,13 +165,13 @@ class Hub:
             results = await asyncio.gather(
                 *(self._deliver(s, claim=False) for s in sessions), return_exceptions=True
             )
-            for session, result in zip(sessions, results, strict=True):
-                if isinstance(result, Exception):
-                    log.warning("edge.delivery.failed edge_id=%s error=%s", session.edge_id, result)
-                    self._dirty.add(session.edge_id)  # try again on the next signal
-            if self._dirty:
-                await asyncio.sleep(0.2)
-                self._dirty_signal.set()
+            failed = [s for s, r in zip(sessions, results, strict=True) if isinstance(r, Exception)]
+            for session in failed:
+                log.warning("edge.delivery.failed edge_id=%s", session.edge_id)
+            if failed:
+                await asyncio.sleep(0.2)  # Redis trouble: retry those shortly, not in a hot loop
+                for session in failed:
+                    self.want_delivery(session.edge_id)
 
     async def _deliver(self, session: EdgeSession, *, claim: bool) -> None:
         deliveries = await self.ledger.deliver(session.edge_id, session.owner, claim=claim)
@@ -196,7 +211,10 @@ class Hub:
             dash.outbox.put(frame)
 
     def _viewers(self, edge_id: str) -> Iterable[DashboardSession]:
-        return [d for d in self.dashboards if d.may_view(edge_id)]
+        watchers = self._watchers.get(edge_id)
+        if not watchers:
+            return self._watch_all
+        return watchers | self._watch_all if self._watch_all else watchers
 
     def _on_wake(self, fields: dict[bytes, bytes]) -> None:
         if fields.get(b"kind") != b"replaced":

@@ -21,7 +21,7 @@ from ledger.store import Ledger, SubmitOutcome
 from schemas.commands import Command
 from schemas.errors import ErrorCode, ErrorObject, error
 from schemas.events import Rejected
-from schemas.messages import StatusUpdate
+from schemas.messages import StatusUpdate, iso_ms
 
 COMMAND_DECODER = msgspec.json.Decoder(Command)
 EXCERPT_CHARS = 512
@@ -65,9 +65,7 @@ class Outcome:
 
 
 def now_iso() -> str:
-    ms = time.time_ns() // 1_000_000
-    seconds, millis = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    return iso_ms(time.time_ns() // 1_000_000)
 
 
 def probe(raw: bytes) -> tuple[str | None, str | None]:
@@ -96,6 +94,8 @@ class Intake:
         self.gateway_id = gateway_id
         self.max_message_bytes = max_message_bytes
         self.clock_skew_s = clock_skew_s
+        # Enrollment is never withdrawn while a gateway runs: remember positive answers.
+        self._enrolled: set[str] = set()
 
     async def submit(self, raw: bytes, user: User) -> Outcome:
         started = time.perf_counter()
@@ -172,7 +172,11 @@ class Intake:
                 f"timestamp is {skew_s:.0f} s in the future (tolerance {self.clock_skew_s} s); "
                 "check the sender's clock",
             )
-        if not await self.ledger.is_enrolled(cmd.target.edge_id):
+        edge_id = cmd.target.edge_id
+        known = edge_id in self._enrolled or await self.ledger.is_enrolled(edge_id)
+        if known and len(self._enrolled) < 1_000_000:
+            self._enrolled.add(edge_id)
+        if not known:
             return error(
                 ErrorCode.UNKNOWN_EDGE,
                 f"edge {cmd.target.edge_id!r} is not enrolled; enroll it with "

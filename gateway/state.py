@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 
 from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.requests import HTTPConnection
 
 from dispatch.settings import Settings
@@ -42,7 +42,13 @@ class GatewayState:
     @classmethod
     async def open(cls, settings: Settings) -> GatewayState:
         gateway_id = settings.gateway_id or f"gw-{uuid.uuid4().hex[:8]}"
-        redis = Redis.from_url(settings.redis_url, max_connections=64)
+        # Bursts of handshakes wait for a pooled connection instead of failing; the hot
+        # path goes through the ledger's batcher and needs only one or two of them.
+        redis = Redis(
+            connection_pool=BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=32, timeout=10
+            )
+        )
         # The tail blocks in XREAD: it gets a connection of its own, and only one.
         tail_redis = Redis.from_url(settings.redis_url, max_connections=1)
         ledger = Ledger(redis, settings.ledger(), url=settings.redis_url)
@@ -94,7 +100,8 @@ class GatewayState:
         log.info("gateway.stopped gateway_id=%s", self.gateway_id)
 
     async def check_not_revoked(self, jti: str) -> None:
-        if await self.redis.zscore(self.ledger.keys.revoked_tokens(), jti) is not None:
+        revoked = await self.ledger.batcher.call("ZSCORE", self.ledger.keys.revoked_tokens(), jti)
+        if revoked is not None:
             raise AuthError("token refused: it has been revoked")
 
     async def audit_refusal(self, conn: HTTPConnection, edge_id: str, err: ErrorObject) -> None:

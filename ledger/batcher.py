@@ -57,10 +57,9 @@ class Batcher:
 
     async def load_scripts(self) -> None:
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for script in ALL:
-                    pipe.script_load(script.source)
-                await pipe.execute()
+            # Not pipelined: on Redis Cluster SCRIPT LOAD must reach every primary.
+            for script in ALL:
+                await self._redis.script_load(script.source)
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             raise LedgerUnavailable(
                 f"loading ledger scripts: Redis at {self._url or 'the configured URL'} did "

@@ -36,6 +36,15 @@ class ErrorCode(StrEnum):
     CANCELLED = "cancelled"
     LOST = "lost"
     INTERNAL = "internal"
+    # Edge side, appended with the edge agent (issue 3).
+    WRONG_EDGE = "wrong_edge"
+    WRONG_TARGET = "wrong_target"
+    UNKNOWN_CONTROLLER = "unknown_controller"
+    UNKNOWN_MODE = "unknown_mode"
+    READBACK_MISMATCH = "readback_mismatch"
+    OUTCOME_UNKNOWN = "outcome_unknown"
+    INTERRUPTED = "interrupted"
+    CONFIG_SYNC_FAILED = "config_sync_failed"
 
 
 class ErrorObject(Struct, frozen=True, kw_only=True, omit_defaults=True):

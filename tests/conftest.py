@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from dispatch.settings import Settings
 from ledger.store import Ledger
+
 from support import DATABASE_URL, REDIS_URL, SECRET, Processes
 
 
@@ -22,7 +23,9 @@ def _check_services() -> None:
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
     except Exception as exc:
-        pytest.exit(f"Redis at {REDIS_URL} does not answer ({exc}); run `make test` or start Redis", 2)
+        pytest.exit(
+            f"Redis at {REDIS_URL} does not answer ({exc}); run `make test` or start Redis", 2
+        )
     try:
         psycopg.connect(DATABASE_URL, connect_timeout=3).close()
     except Exception as exc:
@@ -89,7 +92,9 @@ async def ledger(settings: Settings) -> AsyncIterator[Ledger]:
 
 
 @pytest.fixture
-def processes(env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]:
+def processes(
+    env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Processes]:
     procs = Processes(env, tmp_path)
     yield procs
     procs.stop_all()

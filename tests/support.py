@@ -33,8 +33,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def user_token(user: str = "user_456", control: list[str] | None = None,
-               view: list[str] | None = None, ttl_s: int = 3600) -> str:
+def user_token(
+    user: str = "user_456",
+    control: list[str] | None = None,
+    view: list[str] | None = None,
+    ttl_s: int = 3600,
+) -> str:
     return sign(user_claims(user, control or [], view or [], ttl_s), SECRET)
 
 
@@ -46,8 +50,15 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def command(command_id: str | None = None, *, edge_id: str = DEMO_EDGE, device_id: str = "bms_main",
-            channel: str = "SetActivePower", value: Any = 50000, **extra: Any) -> dict[str, Any]:
+def command(
+    command_id: str | None = None,
+    *,
+    edge_id: str = DEMO_EDGE,
+    device_id: str = "bms_main",
+    channel: str = "SetActivePower",
+    value: Any = 50000,
+    **extra: Any,
+) -> dict[str, Any]:
     """The specification's example command, with a fresh id and timestamp."""
     body: dict[str, Any] = {
         "command_id": command_id or f"cmd_{uuid.uuid4().hex[:12]}",
@@ -101,7 +112,9 @@ class Processes:
         with log_path.open("wb") as out:  # the child keeps its own descriptor
             popen = subprocess.Popen(
                 [sys.executable, "-m", "dispatch.cli", *args],
-                env={**self.env, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+                env={**self.env, **(env or {})},
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         proc = Proc(name, popen, log_path)
         self.procs.append(proc)
@@ -140,16 +153,24 @@ class Gateway:
         while time.monotonic() < deadline:
             if not self.proc.alive():
                 raise RuntimeError(f"gateway exited early:\n{self.proc.log()}")
-            with contextlib.suppress(OSError, urllib.error.URLError):
-                with urllib.request.urlopen(f"{self.http}/healthz", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
+            with (
+                contextlib.suppress(OSError, urllib.error.URLError),
+                urllib.request.urlopen(f"{self.http}/healthz", timeout=1) as resp,
+            ):
+                if resp.status == 200:
+                    return
             time.sleep(0.05)
         raise RuntimeError(f"gateway not ready after {timeout_s} s:\n{self.proc.log()}")
 
 
-def http(method: str, url: str, token: str | None = None, body: Any = None,
-         raw: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
+def http(
+    method: str,
+    url: str,
+    token: str | None = None,
+    body: Any = None,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], Any]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     if token:
@@ -171,7 +192,9 @@ def _json(payload: bytes) -> Any:
         return payload.decode(errors="replace")
 
 
-def wait_until(predicate: Any, timeout_s: float = 10, interval_s: float = 0.05, what: str = "condition") -> Any:
+def wait_until(
+    predicate: Any, timeout_s: float = 10, interval_s: float = 0.05, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         result = predicate()

@@ -41,7 +41,9 @@ async def statuses_until(ws: Any, command_id: str, final: str, timeout_s: float 
 
 
 def dashboard(gw: Gateway, token: str) -> Any:
-    return websockets.connect(f"{gw.ws}/ws/dashboard", additional_headers={"Authorization": f"Bearer {token}"})
+    return websockets.connect(
+        f"{gw.ws}/ws/dashboard", additional_headers={"Authorization": f"Bearer {token}"}
+    )
 
 
 def edge(gw: Gateway, edge_id: str = EDGE, token: str | None = None) -> Any:
@@ -58,8 +60,16 @@ async def run_edge(ws: Any, count: int) -> list[dict[str, Any]]:
         msg = await recv_json(ws)
         got.append(msg)
         await ws.send(json.dumps({"command_id": msg["command_id"], "status": "accepted"}))
-        await ws.send(json.dumps({"command_id": msg["command_id"], "status": "executed",
-                                  "executed_at": "2026-02-15T14:30:01.050Z", "error": None}))
+        await ws.send(
+            json.dumps(
+                {
+                    "command_id": msg["command_id"],
+                    "status": "executed",
+                    "executed_at": "2026-02-15T14:30:01.050Z",
+                    "error": None,
+                }
+            )
+        )
     return got
 
 
@@ -90,15 +100,26 @@ async def test_online_edge_full_lifecycle_reaches_the_dashboard(gateway: Gateway
 async def test_offline_edge_is_queued_and_served_on_connect(gateway: Gateway) -> None:
     token = user_token(control=[EDGE])
     async with dashboard(gateway, token) as d:
-        first, second = command(edge_id=EDGE, channel="MinSoc", value=10), command(edge_id=EDGE, channel="Other", value=20)
+        first, second = (
+            command(edge_id=EDGE, channel="MinSoc", value=10),
+            command(edge_id=EDGE, channel="Other", value=20),
+        )
         for body in (first, second):
             await d.send(json.dumps(body))
-            assert await statuses_until(d, body["command_id"], "queued") == ["issued", "authorized", "queued"]
+            assert await statuses_until(d, body["command_id"], "queued") == [
+                "issued",
+                "authorized",
+                "queued",
+            ]
         async with edge(gateway) as e:
             got = await run_edge(e, 2)
             assert [m["command_id"] for m in got] == [first["command_id"], second["command_id"]]
             for body in (first, second):
-                assert await statuses_until(d, body["command_id"], "executed") == ["routed", "delivered", "executed"]
+                assert await statuses_until(d, body["command_id"], "executed") == [
+                    "routed",
+                    "delivered",
+                    "executed",
+                ]
 
 
 async def test_bad_frames_are_rejected_and_the_connection_stays_usable(gateway: Gateway) -> None:
@@ -129,7 +150,11 @@ async def test_bad_frames_are_rejected_and_the_connection_stays_usable(gateway: 
 
 
 async def test_handshakes_without_valid_credentials_are_refused(gateway: Gateway) -> None:
-    for headers in ({}, {"Authorization": "Bearer nonsense"}, {"Authorization": f"Bearer {edge_token(EDGE)}"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer nonsense"},
+        {"Authorization": f"Bearer {edge_token(EDGE)}"},
+    ):
         with pytest.raises(InvalidStatus) as refused:
             async with websockets.connect(f"{gateway.ws}/ws/dashboard", additional_headers=headers):
                 pass
@@ -144,14 +169,16 @@ def test_post_api_commands_for_services(gateway: Gateway) -> None:
     token = user_token("scheduler", control=[EDGE])
     body = command(edge_id=EDGE, source="optimizer")
     status, _, reply = http("POST", f"{gateway.http}/api/commands", token, body)
-    assert status == 202 and reply["command_id"] == body["command_id"] and reply["status"] == "queued"
+    assert (
+        status == 202 and reply["command_id"] == body["command_id"] and reply["status"] == "queued"
+    )
     status, _, reply = http("POST", f"{gateway.http}/api/commands", token, body)
     assert status == 200 and reply["status"] == "queued"
     status, _, reply = http("POST", f"{gateway.http}/api/commands", token, {**body, "value": 3})
     assert status == 409 and reply["error"]["code"] == "duplicate"
     status, _, reply = http("POST", f"{gateway.http}/api/commands", None, body)
     assert status == 401 and reply["error"]["code"] == "unauthenticated"
-    status, _, reply = http("POST", f"{gateway.http}/api/commands", token, raw=b"{\"command_id\": ")
+    status, _, reply = http("POST", f"{gateway.http}/api/commands", token, raw=b'{"command_id": ')
     assert status == 400 and reply["error"]["code"] == "malformed_json"
     status, _, reply = http("GET", f"{gateway.http}/api/commands/nope", token)
     assert status == 404
@@ -179,7 +206,24 @@ def test_health_ready_and_metrics(gateway: Gateway) -> None:
     assert status == 200 and body["status"] == "ok"
     status, _, body = http("GET", f"{gateway.http}/readyz")
     assert status == 200 and body["checks"]["redis"]["ok"] and body["checks"]["postgres"]["ok"]
-    status, headers, text = http("GET", f"{gateway.http}/metrics")
+    status, _headers, text = http("GET", f"{gateway.http}/metrics")
     assert status == 200 and "dispatch_edges_connected" in text
     status, _, page = http("GET", f"{gateway.http}/")
     assert status == 200 and "Command Dispatch" in page
+
+
+async def test_dashboards_only_see_edges_they_may_view(processes: Processes) -> None:
+    for edge_id in (EDGE, "edge_flow_2"):
+        processes.dispatch("token", "token", "--edge", edge_id).popen.wait(20)
+    gw = processes.gateway()
+    operator = user_token("op", control=[EDGE, "edge_flow_2"])
+    watcher = user_token("watcher", view=["edge_flow_2"])
+    async with dashboard(gw, operator) as d, dashboard(gw, watcher) as w:
+        hidden, shown = command(edge_id=EDGE), command(edge_id="edge_flow_2")
+        await d.send(json.dumps(hidden))
+        await d.send(json.dumps(shown))
+        assert (await statuses_until(d, shown["command_id"], "queued"))[-1] == "queued"
+        seen = [await recv_json(w) for _ in range(3)]
+        assert {m["command_id"] for m in seen} == {shown["command_id"]}
+        with pytest.raises(TimeoutError):
+            await recv_json(w, 0.5)

@@ -6,14 +6,16 @@ import asyncio
 
 import msgspec
 import pytest
+from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from ledger import lifecycle
 from ledger.keys import Keys, UnsafeKeyPart
-from ledger.store import Ledger, SubmitOutcome
+from ledger.store import Ledger, LedgerConfig, SubmitOutcome
 from schemas.commands import Ack, Command
 from schemas.errors import ErrorObject
 from schemas.events import Status, status_of
+
 from support import command
 
 DECODE = msgspec.json.Decoder(Command)
@@ -35,9 +37,16 @@ def test_one_transition_touches_one_hash_slot() -> None:
     for edge in ("site1_edge_prod", "e-2", "edge.3"):
         p = keys.partition(edge)
         touched = [
-            keys.command(edge, "cmd_1"), keys.edge_stream(edge), keys.presence(edge),
-            keys.latest(edge), keys.log(p), keys.wake(p), keys.deadlines(p), keys.expiries(p),
-            keys.inflight(p), keys.command_prefix(p) + "other",
+            keys.command(edge, "cmd_1"),
+            keys.edge_stream(edge),
+            keys.presence(edge),
+            keys.latest(edge),
+            keys.log(p),
+            keys.wake(p),
+            keys.deadlines(p),
+            keys.expiries(p),
+            keys.inflight(p),
+            keys.command_prefix(p) + "other",
         ]
         assert len({key_slot(k.encode()) for k in touched}) == 1, touched
 
@@ -61,7 +70,12 @@ async def test_offline_edge_gets_queued_then_delivered_in_order(ledger: Ledger) 
     assert frame["delivery"] == 1 and frame["value"] == 10
     record = await ledger.lookup(first.command_id)
     assert record is not None and record.status == "routed"
-    assert [status_of(e).value for e in record.events] == ["issued", "authorized", "queued", "routed"]
+    assert [status_of(e).value for e in record.events] == [
+        "issued",
+        "authorized",
+        "queued",
+        "routed",
+    ]
 
 
 async def test_online_edge_is_routed_at_admission(ledger: Ledger) -> None:
@@ -105,8 +119,10 @@ async def test_acks_follow_the_state_machine(ledger: Ledger) -> None:
     assert accepted.applied and accepted.previous == "routed"
     executed = await ledger.acknowledge("edge1", Ack(command_id=c.command_id, status="executed"))
     assert executed.applied and executed.previous == "delivered"
-    repeated = await ledger.acknowledge("edge1", Ack(command_id=c.command_id, status="failed",
-                                                     error=ErrorObject(code="x", message="y")))
+    repeated = await ledger.acknowledge(
+        "edge1",
+        Ack(command_id=c.command_id, status="failed", error=ErrorObject(code="x", message="y")),
+    )
     assert not repeated.applied and repeated.previous == "executed"
     stranger = await ledger.acknowledge("edge2", Ack(command_id=c.command_id, status="executed"))
     assert stranger.unknown  # an edge cannot acknowledge another edge's command
@@ -126,7 +142,9 @@ async def test_redelivery_after_a_session_ends_counts_deliveries(ledger: Ledger)
     assert again is not None and [(d.command_id, d.delivery) for d in again] == [(c.command_id, 2)]
     record = await ledger.lookup(c.command_id)
     assert record is not None
-    assert [getattr(e, "delivery", None) for e in record.events if status_of(e) is Status.ROUTED] == [1, 2]
+    assert [
+        getattr(e, "delivery", None) for e in record.events if status_of(e) is Status.ROUTED
+    ] == [1, 2]
 
 
 async def test_newer_queued_setpoint_supersedes_older_ones(ledger: Ledger) -> None:
@@ -143,12 +161,10 @@ async def test_newer_queued_setpoint_supersedes_older_ones(ledger: Ledger) -> No
 
 
 async def test_timeout_verdict_once_then_late_ack_is_recorded(settings) -> None:  # type: ignore[no-untyped-def]
-    from redis.asyncio import Redis
-
-    from ledger.store import LedgerConfig
-
     client = Redis.from_url(settings.redis_url)
-    led = Ledger(client, LedgerConfig(namespace=settings.namespace, partitions=4, ack_timeout_ms=300))
+    led = Ledger(
+        client, LedgerConfig(namespace=settings.namespace, partitions=4, ack_timeout_ms=300)
+    )
     await led.start()
     try:
         await led.connect_edge("edge1", OWNER)
@@ -188,7 +204,9 @@ async def test_cancel_only_before_delivery(ledger: Ledger) -> None:
     await ledger.connect_edge("edge1", OWNER)
     routed = cmd(channel="Other")
     await submit(ledger, routed)
-    assert [d.command_id for d in await ledger.deliver("edge1", OWNER, claim=True) or []] == [routed.command_id]
+    assert [d.command_id for d in await ledger.deliver("edge1", OWNER, claim=True) or []] == [
+        routed.command_id
+    ]
     refused = await ledger.cancel(routed.command_id, "user:u")
     assert not refused.applied and refused.previous == "routed"
 

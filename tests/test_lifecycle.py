@@ -18,7 +18,11 @@ ERR = ErrorObject(code="x", message="y")
 def make_event(status: Status, at: int, n: int) -> Event:
     cls = EVENT_TYPES[status]
     fields: dict[str, object] = {
-        "event_id": f"e{n:04d}", "command_id": "c1", "edge_id": "edge1", "actor": "t", "at": at,
+        "event_id": f"e{n:04d}",
+        "command_id": "c1",
+        "edge_id": "edge1",
+        "actor": "t",
+        "at": at,
     }
     if status is Status.ISSUED:
         return cls(**fields, command=None, digest="d")  # type: ignore[call-arg]
@@ -29,8 +33,14 @@ def make_event(status: Status, at: int, n: int) -> Event:
     elif status is Status.ROUTED:
         fields["gateway"] = "gw"
         fields["delivery"] = n
-    elif status in (Status.FAILED, Status.REJECTED, Status.TIMED_OUT, Status.EXPIRED,
-                    Status.CANCELLED, Status.LOST):
+    elif status in (
+        Status.FAILED,
+        Status.REJECTED,
+        Status.TIMED_OUT,
+        Status.EXPIRED,
+        Status.CANCELLED,
+        Status.LOST,
+    ):
         fields["error"] = ERR
     return cls(**fields)  # type: ignore[arg-type]
 

@@ -1,0 +1,160 @@
+"""Shared set-up for benchmarks: a private namespace, real gateway processes, clients."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+
+from dispatch.tokens import edge_claims, sign, user_claims
+
+SECRET = "bench-secret-for-command-dispatch-0123456789abcdef"
+
+
+def raise_fd_limit() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+@dataclass
+class Bench:
+    """A namespace of its own on the configured Redis/PostgreSQL, and its processes."""
+
+    namespace: str = field(default_factory=lambda: f"bench{uuid.uuid4().hex[:8]}")
+    redis_url: str = os.environ.get("DISPATCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+    database_url: str = os.environ.get("DISPATCH_DATABASE_URL", "postgresql://127.0.0.1:5432/test")
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    log_dir: Path = field(default_factory=lambda: Path(".local/bench"))
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "DISPATCH_NAMESPACE": self.namespace,
+            "DISPATCH_JWT_SECRET": SECRET,
+            "DISPATCH_REDIS_URL": self.redis_url,
+            "DISPATCH_DATABASE_URL": self.database_url,
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def dispatch(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with (self.log_dir / f"{name}.log").open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "dispatch.cli", *args],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def gateway(self) -> tuple[subprocess.Popen[bytes], int]:
+        port = free_port()
+        proc = self.dispatch(f"gateway-{port}", "gateway", "--port", str(port))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1),
+            ):
+                return proc, port
+            if proc.poll() is not None:
+                raise RuntimeError(f"gateway exited; see {self.log_dir}")
+            time.sleep(0.05)
+        raise RuntimeError("gateway did not start")
+
+    def enroll(self, edges: list[str]) -> None:
+        client = redis.Redis.from_url(self.redis_url)
+        for i in range(0, len(edges), 1000):
+            client.sadd(f"{self.namespace}:edges", *edges[i : i + 1000])
+        client.close()
+
+    def user_token(self, user: str, control: list[str]) -> str:
+        return sign(user_claims(user, control, [], 3600), SECRET)
+
+    def edge_token(self, edge_id: str) -> str:
+        return sign(edge_claims(edge_id, 3600), SECRET)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        client = redis.Redis.from_url(self.redis_url)
+        keys = list(client.scan_iter(match=f"{self.namespace}:*", count=5000))
+        for i in range(0, len(keys), 1000):
+            client.delete(*keys[i : i + 1000])
+        client.close()
+        with (
+            contextlib.suppress(Exception),
+            psycopg.connect(self.database_url, autocommit=True) as conn,
+        ):
+            conn.execute(f'DROP SCHEMA IF EXISTS "{self.namespace}" CASCADE')
+
+
+@contextlib.contextmanager
+def bench() -> Iterator[Bench]:
+    b = Bench()
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def command(command_id: str, edge_id: str, value: int, priority: str = "normal") -> dict[str, Any]:
+    return {
+        "command_id": command_id,
+        "command_type": "setpoint",
+        "target": {"edge_id": edge_id, "device_id": "bms_main", "channel": "SetActivePower"},
+        "value": value,
+        "unit": "W",
+        "expiry_sec": 300,
+        "source": "bench",
+        "timestamp": now_iso(),
+        "priority": priority,
+    }

@@ -1,0 +1,157 @@
+"""Saturated throughput: full command lifecycles per second through one gateway.
+
+Scripted edges (WebSocket clients that accept and execute at once) and dashboards that
+keep a window of commands in flight; a command counts when its dashboard receives
+`executed`. Prints commands/s and the latency under that load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+import uvloop
+import websockets
+
+from bench.harness import Bench, bench, command, percentile, raise_fd_limit
+
+
+async def run_edge(url: str, token: str, stop: asyncio.Event) -> None:
+    async with websockets.connect(
+        url,
+        additional_headers={"Authorization": f"Bearer {token}"},
+        compression=None,
+        max_queue=None,
+    ) as ws:
+        while not stop.is_set():
+            try:
+                raw = await asyncio.wait_for(ws.recv(), 0.5)
+            except TimeoutError:
+                continue
+            msg = json.loads(raw)
+            if "command_id" not in msg or msg.get("type"):
+                continue
+            cid = msg["command_id"]
+            await ws.send(json.dumps({"command_id": cid, "status": "accepted"}))
+            await ws.send(
+                json.dumps(
+                    {"command_id": cid, "status": "executed", "executed_at": None, "error": None}
+                )
+            )
+
+
+async def run_dashboard(
+    url: str,
+    token: str,
+    edges: list[str],
+    window: int,
+    stop: asyncio.Event,
+    done: list[float],
+    latencies: list[float],
+    measuring: asyncio.Event,
+    prefix: str,
+) -> None:
+    sent: dict[str, float] = {}
+    counter = 0
+    async with websockets.connect(
+        url,
+        additional_headers={"Authorization": f"Bearer {token}"},
+        compression=None,
+        max_queue=None,
+    ) as ws:
+
+        async def send_one() -> None:
+            nonlocal counter
+            counter += 1
+            cid = f"{prefix}-{counter}"
+            edge = edges[counter % len(edges)]
+            sent[cid] = time.perf_counter()
+            await ws.send(json.dumps(command(cid, edge, counter % 1000)))
+
+        for _ in range(window):
+            await send_one()
+        while not stop.is_set():
+            try:
+                raw = await asyncio.wait_for(ws.recv(), 0.5)
+            except TimeoutError:
+                continue
+            msg: dict[str, Any] = json.loads(raw)
+            status = msg.get("status")
+            if status in ("executed", "failed", "rejected", "timed_out"):
+                started = sent.pop(msg.get("command_id") or "", None)
+                if started is None:
+                    continue
+                if measuring.is_set():
+                    now = time.perf_counter()
+                    done.append(now)
+                    latencies.append((now - started) * 1000)
+                if not stop.is_set():
+                    await send_one()
+
+
+async def measure(
+    b: Bench, port: int, edges: int, dashboards: int, window: int, seconds: float
+) -> tuple[float, list[float]]:
+    names = [f"edge{i:05d}" for i in range(edges)]
+    b.enroll(names)
+    stop, measuring = asyncio.Event(), asyncio.Event()
+    edge_tasks = [
+        asyncio.create_task(run_edge(f"ws://127.0.0.1:{port}/ws/edge/{n}", b.edge_token(n), stop))
+        for n in names
+    ]
+    await asyncio.sleep(1.0)
+    done: list[float] = []
+    latencies: list[float] = []
+    groups = [names[i::dashboards] for i in range(dashboards)]
+    dash_tasks = [
+        asyncio.create_task(
+            run_dashboard(
+                f"ws://127.0.0.1:{port}/ws/dashboard",
+                b.user_token(f"op{i}", group),
+                group,
+                window,
+                stop,
+                done,
+                latencies,
+                measuring,
+                f"d{i}",
+            )
+        )
+        for i, group in enumerate(groups)
+    ]
+    await asyncio.sleep(2.0)  # warm up
+    measuring.set()
+    started = time.perf_counter()
+    await asyncio.sleep(seconds)
+    measuring.clear()
+    elapsed = time.perf_counter() - started
+    stop.set()
+    await asyncio.gather(*dash_tasks, *edge_tasks, return_exceptions=True)
+    return len(done) / elapsed, latencies
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench throughput")
+    parser.add_argument("--edges", type=int, default=100)
+    parser.add_argument("--dashboards", type=int, default=50)
+    parser.add_argument("--window", type=int, default=4, help="commands in flight per dashboard")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args, _ = parser.parse_known_args(argv)
+    raise_fd_limit()
+    with bench() as b:
+        _, port = b.gateway()
+        b.dispatch("projector", "projector")
+        rate, latencies = uvloop.run(
+            measure(b, port, args.edges, args.dashboards, args.window, args.seconds)
+        )
+    print(
+        f"saturated_throughput: {rate:.0f} commands/s (full lifecycles issued..executed; "
+        f"{args.edges} scripted edges, {args.dashboards} dashboards x {args.window} in flight, "
+        f"1 gateway + 1 projector, {args.seconds:.0f} s)"
+    )
+    print(f"saturated_latency_p50: {percentile(latencies, 50):.1f} ms")
+    print(f"saturated_latency_p99: {percentile(latencies, 99):.1f} ms")
+    return 0

@@ -1,0 +1,441 @@
+"""The edge agent: wires the cloud link, validation, the Core Cycle, devices and journal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from edge.capabilities import (
+    ConfigSource,
+    SiteConfig,
+    check_edge,
+    decode_config,
+    fetch_config,
+    read_cached,
+    shipped_config,
+    write_cached,
+)
+from edge.core_cycle import CoreCycle, CycleSettings, log_transition
+from edge.errors import ConfigError
+from edge.frames import BadFrame, Notice, ack, decode_frame, utc_now
+from edge.journal import JOURNAL_FILE, CommandMeta, Journal, StateLock
+from edge.link import CLOSE_TIMEOUT_S, Link, LinkSettings
+from edge.modbus import DevicePort, ModbusDevices
+from edge.validation import Rejection, SystemPlan, validate
+from schemas.commands import EdgeCommand
+from schemas.errors import ErrorCode
+
+log = logging.getLogger("edge.agent")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_RESTART = 75  # a `system restart` command asked for a fresh process (EX_TEMPFAIL)
+HALF_OPEN_BOUND_S = 30.0
+_EDGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_FLUSH_ON_STOP_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """Everything `dispatch edge` is told; refuses bad combinations when built."""
+
+    edge_id: str
+    gateway_url: str
+    token: str
+    state_dir: Path
+    config_file: Path | None = None
+    modbus: tuple[tuple[str, str, int], ...] = ()
+    cycle_period_ms: int = 1000
+    queue_capacity: int = 256
+    per_cycle: int = 32
+    clock_skew_s: float = 60.0
+    ping_interval_s: float = 10.0
+    ping_timeout_s: float = 10.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 60.0
+    ack_resend_window_s: float = 60.0
+    config_fetch_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not _EDGE_ID.match(self.edge_id):
+            raise ConfigError(
+                f"edge id {self.edge_id!r} is not valid: use 1-64 letters, digits, '_', '.', '-'"
+            )
+        if urlsplit(self.gateway_url).scheme not in ("ws", "wss"):
+            raise ConfigError(
+                f"--gateway {self.gateway_url!r} is not a ws:// or wss:// URL; "
+                "give it like ws://127.0.0.1:8000"
+            )
+        if not self.token:
+            raise ConfigError(
+                "no edge credential: pass --token or set DISPATCH_EDGE_TOKEN "
+                f"(print one with `dispatch token --edge {self.edge_id}`)"
+            )
+        for name in ("cycle_period_ms", "queue_capacity", "per_cycle", "ping_interval_s",
+                     "ping_timeout_s", "backoff_initial_s", "backoff_max_s",
+                     "config_fetch_timeout_s"):  # fmt: skip
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.ping_interval_s + self.ping_timeout_s + CLOSE_TIMEOUT_S > HALF_OPEN_BOUND_S:
+            raise ConfigError(
+                f"ping interval {self.ping_interval_s:g} s + ping timeout "
+                f"{self.ping_timeout_s:g} s + close timeout {CLOSE_TIMEOUT_S:g} s exceed "
+                f"{HALF_OPEN_BOUND_S:g} s: a half-open "
+                "connection would go unnoticed too long; lower them"
+            )
+        if self.clock_skew_s < 0:
+            raise ConfigError(f"clock skew tolerance must be >= 0, got {self.clock_skew_s}")
+
+    @property
+    def ws_url(self) -> str:
+        return f"{self.gateway_url.rstrip('/')}/ws/edge/{self.edge_id}"
+
+
+class Agent:
+    """`await Agent(settings).run()` until `stop()`; returns the process exit code."""
+
+    def __init__(self, settings: AgentSettings, devices: DevicePort | None = None) -> None:
+        self.settings = settings
+        self.devices: DevicePort = devices if devices is not None else ModbusDevices()
+        self.config_source: ConfigSource | None = None
+        self.exit_code = EXIT_OK
+        self._site: SiteConfig | None = None
+        self._stop = asyncio.Event()
+        self._acks = asyncio.Event()
+        self._lost_at: float | None = None
+        self._journal: Journal | None = None
+        self._core: CoreCycle | None = None
+        self._link: Link | None = None
+        self.ready = asyncio.Event()
+
+    # -- public ------------------------------------------------------------------------------
+    @property
+    def site(self) -> SiteConfig:
+        if self._site is None:
+            raise RuntimeError("Expected a loaded capability config, but there is none yet")
+        return self._site
+
+    @property
+    def core(self) -> CoreCycle:
+        assert self._core is not None
+        return self._core
+
+    @property
+    def link(self) -> Link:
+        assert self._link is not None
+        return self._link
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> int:
+        settings = self.settings
+        lock = StateLock(settings.state_dir)
+        lock.acquire()
+        journal = self._journal = Journal(settings.state_dir / JOURNAL_FILE)
+        try:
+            await self._load_initial_config()
+            core = self._core = CoreCycle(
+                journal=journal,
+                devices=self.devices,
+                site=lambda: self.site,
+                settings=CycleSettings(
+                    period_ms=settings.cycle_period_ms,
+                    capacity=settings.queue_capacity,
+                    per_cycle=settings.per_cycle,
+                    skew_s=settings.clock_skew_s,
+                    edge_id=settings.edge_id,
+                ),
+                on_ack=self._acks.set,
+                on_system=self._system,
+            )
+            await core.recover()
+            # Acks sent just before the last stop may never have arrived: send them again.
+            journal.resend_since(time.time() - settings.ack_resend_window_s)
+            self._link = Link(
+                LinkSettings(
+                    url=settings.ws_url,
+                    token=settings.token,
+                    ping_interval_s=settings.ping_interval_s,
+                    ping_timeout_s=settings.ping_timeout_s,
+                    backoff_initial_s=settings.backoff_initial_s,
+                    backoff_max_s=settings.backoff_max_s,
+                ),
+                self,
+            )
+            return await self._serve()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.devices.close()
+            journal.close()
+            lock.release()
+
+    async def _serve(self) -> int:
+        tasks = [
+            asyncio.create_task(self.core.run(), name="core-cycle"),
+            asyncio.create_task(self.link.run(), name="link"),
+            asyncio.create_task(self._pump(), name="ack-pump"),
+        ]
+        stopper = asyncio.create_task(self._stop.wait(), name="stop")
+        log.info(
+            "edge.agent.started edge_id=%s config_version=%s config_source=%s state_dir=%s",
+            self.settings.edge_id,
+            self.site.version,
+            self.config_source,
+            self.settings.state_dir,
+        )
+        self.ready.set()
+        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopper and task.exception() is not None:
+                log.error("edge.agent.crashed task=%s error=%r", task.get_name(), task.exception())
+                self.exit_code = EXIT_FAILED
+        await self._shutdown(tasks)
+        stopper.cancel()
+        log.info(
+            "edge.agent.stopped edge_id=%s exit_code=%d", self.settings.edge_id, self.exit_code
+        )
+        return self.exit_code
+
+    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
+        await self.core.stop()
+        await self.core.abandon_queue()
+        # Give queued acks a moment to leave while the session is still up.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_FLUSH_ON_STOP_S):
+                while self.link.is_open and self._journal_unsent() > 0:
+                    self._acks.set()
+                    await asyncio.sleep(0.02)
+        await self.link.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _journal_unsent(self) -> int:
+        assert self._journal is not None
+        return self._journal.unsent_count()
+
+    # -- link handler ------------------------------------------------------------------------
+    async def on_open(self) -> None:
+        journal = self._journal
+        assert journal is not None
+        if self._lost_at is not None:
+            again = journal.resend_since(self._lost_at - self.settings.ack_resend_window_s)
+            if again:
+                log.info("edge.acks.resending count=%d", again)
+        await self._refresh_config()
+        self._acks.set()
+
+    def on_close(self) -> None:
+        self._lost_at = time.time()
+
+    async def on_message(self, data: str | bytes) -> None:
+        body = data.encode() if isinstance(data, str) else data
+        frame = decode_frame(body)
+        if isinstance(frame, Notice):
+            self._notice(frame)
+        elif isinstance(frame, BadFrame):
+            self._bad_frame(frame, body)
+        else:
+            self._command(frame, body)
+
+    def _notice(self, notice: Notice) -> None:
+        error = notice.error
+        log.warning(
+            "edge.notice type=%s command_id=%s code=%s message=%r",
+            notice.type,
+            notice.command_id,
+            None if error is None else error.code,
+            None if error is None else error.message,
+        )
+
+    def _bad_frame(self, frame: BadFrame, body: bytes) -> None:
+        journal = self._journal
+        assert journal is not None
+        if frame.command_id is None:
+            log.warning("edge.frame.unreadable error=%r excerpt=%r", frame.message, body[:200])
+            return
+        if journal.lookup(frame.command_id) is not None:
+            journal.resend(frame.command_id, 0)
+            self._acks.set()
+            return
+        answer = ack(
+            frame.command_id, "rejected", code=ErrorCode.INVALID_COMMAND, message=frame.message
+        )
+        meta = CommandMeta(frame.command_id, "unknown", "unknown", "unknown")
+        journal.record(meta, body, answer)
+        log_transition(
+            frame.command_id,
+            self.settings.edge_id,
+            "rejected",
+            code=answer.error.code if answer.error else None,
+        )
+        self._acks.set()
+
+    def _command(self, cmd: EdgeCommand, body: bytes) -> None:
+        journal = self._journal
+        assert journal is not None
+        stored = journal.resend(cmd.command_id, cmd.delivery)
+        if stored is not None:
+            # Known id (a redelivery): answer from the journal, never execute again.
+            log.info(
+                "command.duplicate command_id=%s delivery=%d state=%s",
+                cmd.command_id,
+                cmd.delivery,
+                stored.state,
+            )
+            self._acks.set()
+            return
+        verdict = validate(
+            cmd,
+            self.site,
+            utc_now(),
+            edge_id=self.settings.edge_id,
+            skew_s=self.settings.clock_skew_s,
+        )
+        if isinstance(verdict, Rejection):
+            answer = ack(cmd.command_id, "rejected", code=verdict.code, message=verdict.message)
+            meta = CommandMeta(cmd.command_id, cmd.command_type.value, cmd.priority, cmd.source)
+            journal.record(meta, body, answer)
+            log_transition(
+                cmd.command_id, self.settings.edge_id, "rejected", code=verdict.code.value
+            )
+            self._acks.set()
+            return
+        self.core.submit(cmd, verdict, body)
+
+    # -- acks --------------------------------------------------------------------------------
+    async def _pump(self) -> None:
+        """Send the journal's unsent acks, in order, whenever a session is open."""
+        journal = self._journal
+        assert journal is not None
+        while True:
+            await self._acks.wait()
+            self._acks.clear()
+            while self.link.is_open:
+                batch = journal.unsent(100)
+                if not batch:
+                    break
+                sent: list[int] = []
+                for entry in batch:
+                    if not await self.link.send(entry.ack.decode()):
+                        break
+                    sent.append(entry.seq)
+                journal.mark_sent(sent)
+                if len(sent) < len(batch):
+                    break
+
+    # -- config ------------------------------------------------------------------------------
+    async def _load_initial_config(self) -> None:
+        """--config FILE, else the cache, else the cloud, else the shipped config."""
+        settings = self.settings
+        raw: bytes | None = None
+        if settings.config_file is not None:
+            try:
+                raw = settings.config_file.read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"cannot read --config {settings.config_file}: {exc}") from None
+            self._adopt(raw, ConfigSource.FILE, cache=True)
+            return
+        raw = read_cached(settings.state_dir)
+        if raw is not None:
+            try:
+                self._adopt(raw, ConfigSource.CACHE, cache=False)
+                return
+            except ConfigError as exc:
+                log.warning("edge.config.cache_unusable error=%s", exc)
+        cloud_problem = ""
+        try:
+            raw = await fetch_config(
+                settings.gateway_url,
+                settings.edge_id,
+                settings.token,
+                settings.config_fetch_timeout_s,
+            )
+        except ConfigError as exc:
+            cloud_problem = str(exc)
+            log.warning("edge.config.fetch_failed error=%s", exc)
+        if raw is not None:
+            self._adopt(raw, ConfigSource.CLOUD, cache=True)
+            return
+        raw = shipped_config(settings.edge_id)
+        if raw is not None:
+            self._adopt(raw, ConfigSource.SHIPPED, cache=False)
+            return
+        raise ConfigError(
+            f"no capability config for edge {settings.edge_id!r}: none cached in "
+            f"{settings.state_dir}, none from the gateway ({cloud_problem or 'it has none'}), "
+            "none shipped with the agent; pass --config FILE"
+        )
+
+    def _adopt(self, raw: bytes, source: ConfigSource, *, cache: bool) -> SiteConfig:
+        site = check_edge(decode_config(raw), self.settings.edge_id, source.value)
+        for device_id, host, port in self.settings.modbus:
+            site = site.with_address(device_id, host, port)
+        if cache:
+            write_cached(self.settings.state_dir, raw)
+        previous = self._site
+        self._site = site
+        self.config_source = source
+        if self._core is not None:
+            assert self._journal is not None
+            self._core.controllers.load(site, self._journal.controllers())
+        log.info(
+            "edge.config.loaded version=%s source=%s previous=%s",
+            site.version,
+            source.value,
+            None if previous is None else previous.version,
+        )
+        return site
+
+    async def _refresh_config(self) -> None:
+        """At connect: take the cloud's config if its version differs."""
+        settings = self.settings
+        try:
+            raw = await fetch_config(
+                settings.gateway_url,
+                settings.edge_id,
+                settings.token,
+                settings.config_fetch_timeout_s,
+            )
+            if raw is None:
+                return
+            fresh = decode_config(raw)
+            if fresh.version != self.site.version:
+                self._adopt(raw, ConfigSource.CLOUD, cache=True)
+        except ConfigError as exc:
+            log.warning("edge.config.refresh_failed error=%s", exc)
+
+    async def _system(self, plan: SystemPlan, cmd: EdgeCommand) -> Rejection | None:
+        if plan.action == "restart":
+            log.info("edge.agent.restart_requested command_id=%s", cmd.command_id)
+            self.exit_code = EXIT_RESTART
+            self._stop.set()
+            return None
+        settings = self.settings
+        try:
+            raw = await fetch_config(
+                settings.gateway_url,
+                settings.edge_id,
+                settings.token,
+                settings.config_fetch_timeout_s,
+            )
+            if raw is None:
+                return Rejection(
+                    code=ErrorCode.CONFIG_SYNC_FAILED,
+                    message="the gateway has no config for this edge (HTTP 404); kept the old one",
+                )
+            self._adopt(raw, ConfigSource.CLOUD, cache=True)
+        except ConfigError as exc:
+            return Rejection(
+                code=ErrorCode.CONFIG_SYNC_FAILED,
+                message=f"{exc}; kept version {self.site.version!r}",
+            )
+        return None

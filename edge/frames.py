@@ -1,0 +1,87 @@
+"""Gateway <-> edge frames: decoding what arrives, building the acks that leave."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+import msgspec
+from msgspec import Struct
+
+from schemas.commands import Ack, AckStatus, EdgeCommand
+from schemas.errors import ErrorCode, ErrorObject, error
+
+_COMMAND_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_command_decoder = msgspec.json.Decoder(EdgeCommand)
+_encode = msgspec.json.Encoder().encode
+
+
+class Notice(Struct, frozen=True, kw_only=True):
+    """A gateway frame with a `type`, e.g. `ack_refused`."""
+
+    type: str
+    command_id: str | None = None
+    error: ErrorObject | None = None
+
+
+class BadFrame(Struct, frozen=True, kw_only=True):
+    """A frame that is not a command; `command_id` is set when one could be read from it."""
+
+    command_id: str | None
+    message: str
+
+
+class _Peek(Struct):
+    type: str | None = None
+    command_id: object = None
+
+
+_peek_decoder = msgspec.json.Decoder(_Peek)
+
+
+def decode_frame(raw: str | bytes) -> EdgeCommand | Notice | BadFrame:
+    """Classify one gateway frame; never raises."""
+    data = raw.encode() if isinstance(raw, str) else raw
+    try:
+        peek = _peek_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return BadFrame(command_id=None, message=f"frame is not a JSON object: {exc}")
+    command_id = peek.command_id if isinstance(peek.command_id, str) else None
+    if command_id is not None and not _COMMAND_ID.match(command_id):
+        command_id = None
+    if peek.type is not None:
+        try:
+            return msgspec.json.decode(data, type=Notice)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return BadFrame(command_id=None, message=f"unreadable {peek.type!r} frame: {exc}")
+    try:
+        cmd = _command_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return BadFrame(command_id=command_id, message=f"not a valid command: {exc}")
+    if command_id is None:
+        return BadFrame(command_id=None, message=f"unusable command_id {cmd.command_id!r}")
+    return cmd
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def ack(
+    command_id: str,
+    status: AckStatus,
+    *,
+    code: ErrorCode | None = None,
+    message: str = "",
+    executed_at: datetime | None = None,
+) -> Ack:
+    return Ack(
+        command_id=command_id,
+        status=status,
+        executed_at=executed_at,
+        error=None if code is None else error(code, message),
+    )
+
+
+def encode_ack(value: Ack) -> bytes:
+    return _encode(value)

@@ -1,0 +1,315 @@
+"""The pure validator: command + capabilities + now -> a plan to execute, or a rejection.
+
+No I/O. Every rejection carries the ErrorCode of the first check that failed and a
+message that quotes the value and says what would be accepted.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+from typing import Literal
+
+from msgspec import Struct
+
+from edge.capabilities import RAW_LIMITS, Channel, DataType, SiteConfig
+from schemas.commands import CORE_DEVICE, SYSTEM_CHANNEL, CommandType, EdgeCommand
+from schemas.errors import ErrorCode
+
+# Units the validator converts between: unit -> (base unit, factor to the base).
+UNITS: dict[str, tuple[str, float]] = {
+    "W": ("W", 1.0),
+    "kW": ("W", 1e3),
+    "MW": ("W", 1e6),
+    "Wh": ("Wh", 1.0),
+    "kWh": ("Wh", 1e3),
+    "MWh": ("Wh", 1e6),
+    "var": ("var", 1.0),
+    "kvar": ("var", 1e3),
+    "VA": ("VA", 1.0),
+    "kVA": ("VA", 1e3),
+    "V": ("V", 1.0),
+    "kV": ("V", 1e3),
+    "mV": ("V", 1e-3),
+    "A": ("A", 1.0),
+    "mA": ("A", 1e-3),
+    "Hz": ("Hz", 1.0),
+    "%": ("%", 1.0),
+    "s": ("s", 1.0),
+    "min": ("s", 60.0),
+    "h": ("s", 3600.0),
+}
+# Relative tolerance when a converted value must land on a whole raw register value.
+_INTEGRAL_TOLERANCE = 1e-6
+
+
+class WritePlan(Struct, frozen=True, kw_only=True, tag="write"):
+    """Write `value` (in the channel's unit) to a device channel; an override reverts later."""
+
+    device_id: str
+    channel: str
+    value: float
+    override_s: int | None = None
+
+
+class ModePlan(Struct, frozen=True, kw_only=True, tag="mode"):
+    controller: str
+    mode: str
+
+
+class SchedulePlan(Struct, frozen=True, kw_only=True, tag="schedule"):
+    controller: str
+    run: bool
+
+
+class SystemPlan(Struct, frozen=True, kw_only=True, tag="system"):
+    action: Literal["restart", "sync_config"]
+
+
+Plan = WritePlan | ModePlan | SchedulePlan | SystemPlan
+
+
+class Rejection(Struct, frozen=True, kw_only=True):
+    code: ErrorCode
+    message: str
+
+
+def validate(
+    cmd: EdgeCommand, site: SiteConfig, now: datetime, *, edge_id: str, skew_s: float
+) -> Plan | Rejection:
+    """Check a command against the site's capabilities; the first failed check wins."""
+    if cmd.target.edge_id != edge_id:
+        return Rejection(
+            code=ErrorCode.WRONG_EDGE,
+            message=f"command is for edge {cmd.target.edge_id!r} but this is {edge_id!r}",
+        )
+    late = now - (cmd.expires_at + timedelta(seconds=skew_s))
+    if late > timedelta(0):
+        return Rejection(
+            code=ErrorCode.EXPIRED,
+            message=(
+                f"command expired at {cmd.expires_at.isoformat()} (now {now.isoformat()}, "
+                f"clock-skew tolerance {skew_s:g} s); send a new command"
+            ),
+        )
+    kind = cmd.command_type
+    if kind in (CommandType.SETPOINT, CommandType.CONFIG_OVERRIDE):
+        return _write(cmd, site)
+    if kind is CommandType.MODE_CHANGE:
+        return _mode(cmd, site)
+    if kind is CommandType.SCHEDULER_CONTROL:
+        return _schedule(cmd, site)
+    return _system(cmd)
+
+
+def still_valid(cmd: EdgeCommand, now: datetime, *, skew_s: float) -> Rejection | None:
+    """Re-check expiry when a queued command's turn comes."""
+    if now > cmd.expires_at + timedelta(seconds=skew_s):
+        return Rejection(
+            code=ErrorCode.EXPIRED,
+            message=f"command expired at {cmd.expires_at.isoformat()} while it waited in the queue",
+        )
+    return None
+
+
+def _write(cmd: EdgeCommand, site: SiteConfig) -> Plan | Rejection:
+    target = cmd.target
+    if target.device_id == CORE_DEVICE:
+        return Rejection(
+            code=ErrorCode.WRONG_TARGET,
+            message=f"a {cmd.command_type.value} writes a device channel; 'core' is not a device",
+        )
+    device = site.device(target.device_id)
+    if device is None:
+        known = ", ".join(d.device_id for d in site.devices) or "none"
+        return Rejection(
+            code=ErrorCode.UNKNOWN_DEVICE,
+            message=(
+                f"device {target.device_id!r} is not in config {site.version!r} (devices: {known})"
+            ),
+        )
+    channel = device.channel(target.channel)
+    if channel is None:
+        known = ", ".join(c.name for c in device.channels) or "none"
+        return Rejection(
+            code=ErrorCode.UNKNOWN_CHANNEL,
+            message=(
+                f"device {device.device_id!r} has no channel {target.channel!r} (channels: {known})"
+            ),
+        )
+    if not channel.writable:
+        return Rejection(
+            code=ErrorCode.NOT_WRITABLE,
+            message=f"channel {device.device_id}.{channel.name} is read-only",
+        )
+    if cmd.command_type is CommandType.CONFIG_OVERRIDE and (
+        cmd.duration_sec is None or cmd.duration_sec <= 0
+    ):
+        return Rejection(
+            code=ErrorCode.INVALID_COMMAND,
+            message="a config_override needs a positive `duration_sec` (how long it lasts)",
+        )
+    if cmd.command_type is CommandType.SETPOINT and cmd.duration_sec is not None:
+        return Rejection(
+            code=ErrorCode.INVALID_COMMAND,
+            message="`duration_sec` applies to config_override only; send a config_override",
+        )
+    value = cmd.value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return Rejection(
+            code=ErrorCode.WRONG_TYPE,
+            message=f"channel {channel.name} takes a number, got {value!r}",
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        return Rejection(code=ErrorCode.WRONG_TYPE, message=f"value {value!r} is not finite")
+    converted = _convert(value, cmd.unit, channel)
+    if isinstance(converted, Rejection):
+        return converted
+    problem = _range_problem(converted, channel)
+    if problem is not None:
+        return problem
+    override_s = cmd.duration_sec if cmd.command_type is CommandType.CONFIG_OVERRIDE else None
+    return WritePlan(
+        device_id=device.device_id, channel=channel.name, value=converted, override_s=override_s
+    )
+
+
+def _convert(value: float, unit: str | None, channel: Channel) -> float | Rejection:
+    if unit is None or unit == channel.unit:
+        return float(value)
+    have, want = UNITS.get(unit), UNITS.get(channel.unit)
+    if have is None or want is None or have[0] != want[0]:
+        return Rejection(
+            code=ErrorCode.WRONG_UNIT,
+            message=(
+                f"unit {unit!r} does not convert to channel {channel.name}'s unit "
+                f"{channel.unit!r}; send the value in {channel.unit!r}"
+            ),
+        )
+    return float(value) * have[1] / want[1]
+
+
+def _range_problem(value: float, channel: Channel) -> Rejection | None:
+    low = channel.min if channel.min is not None else -math.inf
+    high = channel.max if channel.max is not None else math.inf
+    if not low <= value <= high:
+        return Rejection(
+            code=ErrorCode.OUT_OF_RANGE,
+            message=(
+                f"{value:g} {channel.unit} is outside {channel.name}'s limits "
+                f"{_fmt(channel.min)} … {_fmt(channel.max)} {channel.unit}"
+            ),
+        )
+    raw = value / channel.scale
+    raw_low, raw_high = RAW_LIMITS[channel.data_type]
+    if not raw_low <= raw <= raw_high:
+        return Rejection(
+            code=ErrorCode.OUT_OF_RANGE,
+            message=(
+                f"{value:g} {channel.unit} does not fit {channel.name}'s "
+                f"{channel.data_type} register"
+            ),
+        )
+    if channel.data_type is not DataType.FLOAT32:
+        whole = round(raw)
+        if abs(raw - whole) > _INTEGRAL_TOLERANCE * max(1.0, abs(raw)):
+            return Rejection(
+                code=ErrorCode.WRONG_TYPE,
+                message=(
+                    f"{value:g} {channel.unit} is not a multiple of {channel.name}'s resolution "
+                    f"{channel.scale:g} {channel.unit}"
+                ),
+            )
+    return None
+
+
+def _fmt(limit: float | None) -> str:
+    return "unbounded" if limit is None else f"{limit:g}"
+
+
+def _controller_target(cmd: EdgeCommand, site: SiteConfig) -> Rejection | None:
+    target = cmd.target
+    if target.device_id != CORE_DEVICE:
+        return Rejection(
+            code=ErrorCode.WRONG_TARGET,
+            message=(
+                f"a {cmd.command_type.value} addresses device 'core' and a controller as channel, "
+                f"not device {target.device_id!r}"
+            ),
+        )
+    if site.controller(target.channel) is None:
+        known = ", ".join(c.name for c in site.controllers) or "none"
+        return Rejection(
+            code=ErrorCode.UNKNOWN_CONTROLLER,
+            message=(
+                f"no controller {target.channel!r} in config {site.version!r} "
+                f"(controllers: {known})"
+            ),
+        )
+    if cmd.duration_sec is not None:
+        return Rejection(
+            code=ErrorCode.INVALID_COMMAND,
+            message=f"`duration_sec` does not apply to {cmd.command_type.value}",
+        )
+    return None
+
+
+def _mode(cmd: EdgeCommand, site: SiteConfig) -> Plan | Rejection:
+    problem = _controller_target(cmd, site)
+    if problem is not None:
+        return problem
+    controller = site.controller(cmd.target.channel)
+    assert controller is not None
+    if not isinstance(cmd.value, str):
+        return Rejection(
+            code=ErrorCode.WRONG_TYPE,
+            message=(
+                f"a mode_change value is a mode name ({', '.join(controller.modes)}), "
+                f"got {cmd.value!r}"
+            ),
+        )
+    if cmd.value not in controller.modes:
+        return Rejection(
+            code=ErrorCode.UNKNOWN_MODE,
+            message=(
+                f"controller {controller.name!r} has no mode {cmd.value!r} "
+                f"(modes: {', '.join(controller.modes)})"
+            ),
+        )
+    return ModePlan(controller=controller.name, mode=cmd.value)
+
+
+def _schedule(cmd: EdgeCommand, site: SiteConfig) -> Plan | Rejection:
+    problem = _controller_target(cmd, site)
+    if problem is not None:
+        return problem
+    if cmd.value not in ("start", "stop") or not isinstance(cmd.value, str):
+        return Rejection(
+            code=ErrorCode.WRONG_TYPE,
+            message=f"a scheduler_control value is 'start' or 'stop', got {cmd.value!r}",
+        )
+    return SchedulePlan(controller=cmd.target.channel, run=cmd.value == "start")
+
+
+def _system(cmd: EdgeCommand) -> Plan | Rejection:
+    target = cmd.target
+    if target.device_id != CORE_DEVICE or target.channel != SYSTEM_CHANNEL:
+        return Rejection(
+            code=ErrorCode.WRONG_TARGET,
+            message=(
+                "a system command addresses device 'core', channel 'system', "
+                f"not {target.device_id!r}/{target.channel!r}"
+            ),
+        )
+    if cmd.duration_sec is not None:
+        return Rejection(
+            code=ErrorCode.INVALID_COMMAND, message="`duration_sec` does not apply to system"
+        )
+    if cmd.value == "restart" and isinstance(cmd.value, str):
+        return SystemPlan(action="restart")
+    if cmd.value == "sync_config" and isinstance(cmd.value, str):
+        return SystemPlan(action="sync_config")
+    return Rejection(
+        code=ErrorCode.WRONG_TYPE,
+        message=f"a system command value is 'restart' or 'sync_config', got {cmd.value!r}",
+    )

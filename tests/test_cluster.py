@@ -1,0 +1,132 @@
+"""Every lifecycle transition is one script in one hash slot: it runs on a real Redis Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+from redis.asyncio.cluster import RedisCluster
+
+from ledger.store import Ledger, LedgerConfig, SubmitOutcome
+from schemas.commands import Ack, Command
+
+from support import command, free_port, wait_until
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("redis-server") is None, reason="redis-server is not installed"
+    ),
+]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[list[int]]:
+    ports = [free_port() for _ in range(3)]
+    procs = []
+    for port in ports:
+        data = tmp_path / str(port)
+        data.mkdir()
+        procs.append(
+            subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--dir",
+                    str(data),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    try:
+        for port in ports:
+            wait_until(
+                lambda p=port: (
+                    subprocess.run(
+                        ["redis-cli", "-p", str(p), "ping"], check=False, capture_output=True
+                    ).stdout.strip()
+                    == b"PONG"
+                ),
+                10,
+            )
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{p}" for p in ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        wait_until(
+            lambda: (
+                b"cluster_state:ok"
+                in subprocess.run(
+                    ["redis-cli", "-p", str(ports[0]), "cluster", "info"],
+                    check=False,
+                    capture_output=True,
+                ).stdout
+            ),
+            15,
+        )
+        yield ports
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(10)
+
+
+@pytest.fixture
+async def cluster_ledger(cluster: list[int]) -> AsyncIterator[Ledger]:
+    client = RedisCluster.from_url(f"redis://127.0.0.1:{cluster[0]}/0")
+    ledger = Ledger(client, LedgerConfig(namespace="cl", partitions=12, ack_timeout_ms=200))
+    await ledger.start()
+    yield ledger
+    await ledger.close()
+    await client.aclose()
+
+
+async def test_transitions_are_single_slot_scripts_on_a_cluster(cluster_ledger: Ledger) -> None:
+    edges = [f"edge{i}" for i in range(12)]
+    partitions = {cluster_ledger.keys.partition(e) for e in edges}
+    assert len(partitions) > 3  # spread over partitions, hence over the three shards
+    for i, edge in enumerate(edges):
+        cmd = msgspec.json.decode(msgspec.json.encode(command(f"c{i}", edge_id=edge)), type=Command)
+        result = await cluster_ledger.submit(cmd, actor="user:u", grant="g", gateway_id="gw")
+        assert result.outcome is SubmitOutcome.ADMITTED and result.status == "queued"
+        await cluster_ledger.connect_edge(edge, "gw|s1")
+        delivered = await cluster_ledger.deliver(edge, "gw|s1", claim=True)
+        assert delivered is not None and [d.command_id for d in delivered] == [f"c{i}"]
+        if i % 2 == 0:
+            assert (
+                await cluster_ledger.acknowledge(edge, Ack(command_id=f"c{i}", status="executed"))
+            ).applied
+    await asyncio.sleep(0.25)
+    verdicts = sum([await cluster_ledger.reach_verdicts(p, actor="t") for p in range(12)])
+    assert verdicts == 6  # the unacknowledged half timed out, each exactly once
+    for i in range(12):
+        record = await cluster_ledger.lookup(f"c{i}")
+        assert record is not None and record.status == ("executed" if i % 2 == 0 else "timed_out")
