@@ -14,7 +14,6 @@ from urllib.parse import urlencode
 
 import pytest
 from projection_support import log_ids, pg, running, scalar, wait_caught_up
-from support import Gateway, Processes, http, user_token
 
 from dispatch.settings import Settings
 from ledger.ids import new_event_id
@@ -22,6 +21,8 @@ from ledger.store import Ledger
 from projections import loadgen
 from schemas.errors import ErrorCode, error
 from schemas.events import Rejected
+
+from support import Gateway, Processes, http, user_token
 
 pytestmark = pytest.mark.slow
 

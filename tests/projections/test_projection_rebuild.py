@@ -6,7 +6,6 @@ from datetime import UTC, datetime
 
 import pytest
 from projection_support import pg, roles, running, scalar, wait_caught_up
-from support import Processes
 
 from dispatch.settings import Settings
 from ledger.ids import new_event_id
@@ -16,6 +15,8 @@ from projections.verify import verify
 from projections.worker import Database
 from schemas.errors import ErrorCode, error
 from schemas.events import Rejected
+
+from support import Processes
 
 
 async def refuse(ledger: Ledger, count: int) -> None:

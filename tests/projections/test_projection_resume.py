@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from projection_support import log_ids, pg, positions, roles, scalar, wait_caught_up
-from support import Processes
 
 from dispatch.settings import Settings
 from ledger.store import Ledger
@@ -18,6 +17,8 @@ from projections.schema import migrate
 from projections.verify import verify
 from projections.worker import Database
 from projections.writer import Writer
+
+from support import Processes
 
 
 async def stored_ids(settings: Settings) -> list[tuple[str, str]]:

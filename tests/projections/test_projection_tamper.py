@@ -10,7 +10,6 @@ import psycopg
 import pytest
 from projection_support import pg, roles, running, scalar, wait_caught_up
 from psycopg import errors, sql
-from support import Processes
 
 from dispatch.settings import Settings
 from ledger.ids import new_event_id
@@ -19,6 +18,8 @@ from projections import loadgen, schema
 from projections.verify import verify
 from projections.worker import Database
 from schemas.events import Authorized
+
+from support import Processes
 
 
 async def projected(ledger: Ledger, settings: Settings, count: int = 120) -> list[loadgen.Planned]:
