@@ -180,7 +180,7 @@ REFUSAL_LIST_COLUMNS = (
     ("at", 24),
     ("edge_id", 18),
     ("command_id", 20),
-    ("actor", 22),
+    ("actor", 30),
     ("error_code", 16),
     ("error_message", 50),
 )
