@@ -398,7 +398,6 @@ async def _create_events(conn: AsyncConnection, schema: str, kind: str) -> None:
         )
     for statement in (
         "CREATE INDEX events_command ON {s}.events (command_id, at)",
-        "CREATE INDEX events_edge ON {s}.events (edge_id, at)",
         "CREATE INDEX events_chain ON {s}.events (chain, seq)",
         "CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON {s}.events"
         " FOR EACH ROW EXECUTE FUNCTION {s}.refuse_change()",

@@ -14,6 +14,7 @@ incremental result byte for byte.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import weakref
@@ -25,16 +26,20 @@ from typing import Any
 import msgspec
 from msgspec import structs
 from psycopg import AsyncConnection, sql
+from psycopg.errors import UniqueViolation
 
 from ledger import lifecycle
-from ledger.store import to_utc
+from ledger.store import to_utc as _to_utc
 from projections import schema as schema_mod
 from projections.schema import GENESIS, REFUSALS_CHAIN
-from schemas.events import AnyEvent, Event, Status, status_of
+from schemas.events import EVENT_TYPES, AnyEvent, Event, Status
 
 log = logging.getLogger("projections.writer")
 
 _encode = msgspec.json.Encoder().encode
+# Hot path (several calls per event): the tag of each event type, and times by the ms.
+_STATUS = {cls: status.value for status, cls in EVENT_TYPES.items()}
+to_utc = functools.lru_cache(maxsize=8192)(_to_utc)
 STATE_DECODER = msgspec.json.Decoder(dict[Status, AnyEvent])
 START = "0-0"  # position before the first entry of any stream
 
@@ -88,10 +93,6 @@ class Applied:
 
 def _q(statement: str, schema: str) -> sql.Composed:
     return sql.SQL(statement).format(s=sql.Identifier(schema))
-
-
-class _Duplicates(Exception):
-    """Some events of the batch are stored already (same event id): redo without them."""
 
 
 EVENT_FIELDS = (
@@ -192,14 +193,7 @@ class Writer:
     async def _prepare(self) -> None:
         if self.conn in _prepared:
             return
-        # Session-private staging tables for COPY (emptied at each commit).
-        await self.conn.execute(
-            _q(
-                "CREATE TEMP TABLE IF NOT EXISTS incoming_events (LIKE {s}.events)"
-                " ON COMMIT DELETE ROWS",
-                self.schema,
-            )
-        )
+        # Session-private staging table for the commands upsert (emptied at each commit).
         await self.conn.execute(
             _q(
                 "CREATE TEMP TABLE IF NOT EXISTS incoming_commands"
@@ -228,25 +222,17 @@ class Writer:
         while True:
             links = dict(heads)
             try:
-                async with conn.transaction():  # a savepoint: undone if some ids exist
-                    async with conn.cursor().copy(
-                        "COPY incoming_events (" + EVENT_FIELDS + ") FROM STDIN"
-                    ) as copy:
-                        for e in batch:
-                            await copy.write_row(_event_row(e, refusals, links))
-                    cur = await conn.execute(
-                        _q(
-                            "INSERT INTO {s}.events ("
-                            + EVENT_FIELDS
-                            + ") SELECT "
-                            + EVENT_FIELDS
-                            + " FROM incoming_events ON CONFLICT DO NOTHING",
-                            s,
-                        )
-                    )
-                    if cur.rowcount != len(batch):
-                        raise _Duplicates
-            except _Duplicates:
+                # Straight into the partitioned table; a savepoint undoes the lot if an
+                # event id is stored already (then those events are dropped and it retries).
+                async with (
+                    conn.transaction(),
+                    conn.cursor().copy(
+                        _q("COPY {s}.events (" + EVENT_FIELDS + ") FROM STDIN", s)
+                    ) as copy,
+                ):
+                    for e in batch:
+                        await copy.write_row(_event_row(e, refusals, links))
+            except UniqueViolation:
                 batch = await self._without_stored(batch)
                 continue
             break
@@ -356,7 +342,7 @@ def _event_row(e: Entry, refusals: bool, links: dict[str, tuple[int, str]]) -> t
         seq,
         ev.command_id,
         ev.edge_id,
-        status_of(ev).value,
+        _STATUS[type(ev)],
         ev.actor,
         err.code if err is not None else None,
         e.stream,

@@ -115,6 +115,17 @@ async def test_an_event_id_repeated_in_the_log_is_stored_once(
             writer.conn, "SELECT count(*) FROM {s}.events", schema=settings.namespace
         ) == len(rows)
         assert (await verify(writer.conn, settings.namespace)).ok
+        # Appended again after it was stored: a later batch meets it in the table.
+        await ledger.redis.xadd(stream, {"e": rows[5][1][b"e"]})
+        await loadgen.generate(ledger, range(16, 20))
+        later = await writer.catch_up(stream, LogReader(ledger.redis).fetch)
+        total = len(await ledger.redis.xrange(stream, "-", "+"))
+        assert later.new == total - len(rows) - 2
+        assert (
+            await scalar(writer.conn, "SELECT count(*) FROM {s}.events", schema=settings.namespace)
+            == total - 2
+        )
+        assert (await verify(writer.conn, settings.namespace, commands=True)).ok
     finally:
         await writer.conn.close()
 
