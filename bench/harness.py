@@ -75,6 +75,10 @@ class Bench:
             "DISPATCH_REDIS_URL": self.redis_url,
             "DISPATCH_DATABASE_URL": self.database_url,
             "PYTHONUNBUFFERED": "1",
+            # Benchmarks measure capacity: the per-user/edge/global limits are switched off.
+            "DISPATCH_RATE_USER_PER_S": "0",
+            "DISPATCH_RATE_EDGE_PER_S": "0",
+            "DISPATCH_RATE_GLOBAL_PER_S": "0",
         }
 
     def dispatch(self, name: str, *args: str) -> subprocess.Popen[bytes]:

@@ -105,7 +105,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         children.start("projector", "projector", env=env)
         sim = children.start("simulator", "simulate-device", "--port", str(modbus_port), env=env)
         wait_for_port(modbus_port, 15, sim)
-        edge_token = sign(edge_claims(DEMO_EDGE, 365 * 86_400), settings.jwt_secret)
+        edge_token = sign(edge_claims(DEMO_EDGE, 365 * 86_400), settings.edge_secret)
         asyncio.run(enroll(settings, DEMO_EDGE))
         children.start(
             "edge",

@@ -20,6 +20,7 @@ from ledger.store import LedgerConfig
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "postgresql://127.0.0.1:5432/test"
 MIN_SECRET_BYTES = 32
+JWT_ALGORITHMS = ("HS256", "RS256", "ES256")
 
 
 class SettingsError(ValueError):
@@ -45,6 +46,31 @@ class Settings:
     jwt_issuer: str = ""
     jwt_audience: str = ""
     gateway_id: str = ""
+    # User tokens: HS256 with DISPATCH_JWT_SECRET (Django SimpleJWT) and/or RS256/ES256
+    # with public keys from a JWKS file or URL.
+    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwks_file: str = ""
+    jwks_url: str = ""
+    jwks_ttl_s: int = 300
+    jwks_min_refresh_s: int = 10  # unknown key ids fetch the set again at most this often
+    jwt_leeway_s: int = 10
+    jwt_max_lifetime_s: int = 7 * 86_400
+    # Edge credentials are HS256 with their own secret (default: DISPATCH_JWT_SECRET), so
+    # whoever holds the users' signing key need not be able to impersonate edges.
+    edge_jwt_secret: str = ""
+    edge_max_lifetime_s: int = 2 * 366 * 86_400
+    # Commands per second and burst, per user, per edge and for the whole deployment
+    # (0 per second switches that scope off).
+    rate_user_per_s: float = 20.0
+    rate_user_burst: int = 40
+    rate_edge_per_s: float = 20.0
+    rate_edge_burst: int = 40
+    rate_global_per_s: float = 2000.0
+    rate_global_burst: int = 4000
+    # Frames queued for one client before it counts as too slow and is disconnected.
+    outbox_frames: int = 1000
+    # Kernel send buffer per connection in bytes (0: the kernel autotunes, up to MiBs).
+    socket_send_buffer_bytes: int = 0
     # Audit projection (docs/audit.md): the writer role's own login (else the admin URL
     # plus SET ROLE), the prefix of the roles, and how long events are kept.
     projector_database_url: str = ""
@@ -82,6 +108,64 @@ class Settings:
                 )
         if self.port > 65535:
             raise SettingsError(f"DISPATCH_PORT must be at most 65535, got {self.port}")
+        if self.socket_send_buffer_bytes < 0:
+            raise SettingsError("DISPATCH_SOCKET_SEND_BUFFER_BYTES must be 0 (auto) or positive")
+        for name in (
+            "jwks_ttl_s",
+            "jwks_min_refresh_s",
+            "jwt_max_lifetime_s",
+            "edge_max_lifetime_s",
+            "outbox_frames",
+        ):
+            if getattr(self, name) <= 0:
+                raise SettingsError(
+                    f"DISPATCH_{name.upper()} must be positive, got {getattr(self, name)}"
+                )
+        if not 0 <= self.jwt_leeway_s <= 300:
+            raise SettingsError(
+                f"DISPATCH_JWT_LEEWAY_S={self.jwt_leeway_s} must be between 0 and 300 seconds; "
+                "a leeway is for clock skew, not for extending tokens"
+            )
+        self._check_algorithms()
+        self._check_rates()
+
+    def _check_algorithms(self) -> None:
+        unknown = [a for a in self.jwt_algorithms if a not in JWT_ALGORITHMS]
+        if unknown or not self.jwt_algorithms:
+            raise SettingsError(
+                f"DISPATCH_JWT_ALGORITHMS={','.join(self.jwt_algorithms)!r} is not accepted; "
+                f"use a comma-separated subset of {', '.join(JWT_ALGORITHMS)} ('none' never is)"
+            )
+        asymmetric = [a for a in self.jwt_algorithms if a != "HS256"]
+        if asymmetric and not (self.jwks_file or self.jwks_url):
+            raise SettingsError(
+                f"DISPATCH_JWT_ALGORITHMS includes {', '.join(asymmetric)} but neither "
+                "DISPATCH_JWKS_FILE nor DISPATCH_JWKS_URL is set; say where the public keys are"
+            )
+        if self.jwks_file and self.jwks_url:
+            raise SettingsError("set DISPATCH_JWKS_FILE or DISPATCH_JWKS_URL, not both")
+        if self.jwks_url and urlsplit(self.jwks_url).scheme not in ("https", "http"):
+            raise SettingsError(f"DISPATCH_JWKS_URL={self.jwks_url!r} is not an http(s) URL")
+
+    def _check_rates(self) -> None:
+        for scope in ("user", "edge", "global"):
+            per_s = getattr(self, f"rate_{scope}_per_s")
+            burst = getattr(self, f"rate_{scope}_burst")
+            if not (per_s >= 0 and per_s < float("inf")):  # also refuses NaN
+                raise SettingsError(
+                    f"DISPATCH_RATE_{scope.upper()}_PER_S={per_s} must be a finite number >= 0 "
+                    "(0 switches the limit off)"
+                )
+            if per_s > 0 and burst < 1:
+                raise SettingsError(
+                    f"DISPATCH_RATE_{scope.upper()}_BURST={burst} must be at least 1 "
+                    f"while DISPATCH_RATE_{scope.upper()}_PER_S is {per_s}"
+                )
+
+    @property
+    def edge_secret(self) -> str:
+        """The key edge credentials are signed and checked with."""
+        return self.edge_jwt_secret or self.jwt_secret
 
     def ledger(self) -> LedgerConfig:
         return LedgerConfig(
@@ -111,6 +195,13 @@ class Settings:
                     raise SettingsError(
                         f"DISPATCH_{f.name.upper()}={raw!r} is not a whole number"
                     ) from None
+            elif f.type == "float":
+                try:
+                    values[f.name] = float(raw)
+                except ValueError:
+                    raise SettingsError(
+                        f"DISPATCH_{f.name.upper()}={raw!r} is not a number"
+                    ) from None
             elif f.type == "tuple[str, ...]":
                 values[f.name] = tuple(part.strip() for part in raw.split(",") if part.strip())
             else:
@@ -122,6 +213,12 @@ class Settings:
                 f"dispatch: warning: DISPATCH_JWT_SECRET is shorter than {MIN_SECRET_BYTES} bytes; "
                 "HS256 tokens signed with it can be brute-forced. Use a long random secret.",
                 file=sys.stderr,
+            )
+        edge_secret = values.get("edge_jwt_secret", "")
+        if edge_secret and len(edge_secret.encode()) < MIN_SECRET_BYTES:
+            raise SettingsError(
+                f"DISPATCH_EDGE_JWT_SECRET is shorter than {MIN_SECRET_BYTES} bytes; "
+                "use a long random secret"
             )
         return cls(**values)
 

@@ -1,20 +1,22 @@
-"""`dispatch token`, `dispatch grant`, `dispatch revoke`: credentials and the grants store."""
+"""`dispatch token`, `grant`, `revoke`, `revoke-token`: credentials and the grants store."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 import uuid
 from typing import Any
 
-from joserfc import jwt
+from joserfc import jws, jwt
 from redis.asyncio import Redis
 
 from dispatch.settings import Settings
 from gateway import grants
-from gateway.auth import ACCESS_TOKEN_TYPE, EDGE_TOKEN_TYPE, signing_key
+from gateway.auth import ACCESS_TOKEN_TYPE, EDGE_TOKEN_TYPE, SAFE_USER_ID, signing_key
+from gateway.revocations import revoke_token
 from ledger.errors import translated
 from ledger.keys import Keys, check_id
 
@@ -66,6 +68,34 @@ def _edge_id(value: str) -> str:
         ) from None
 
 
+def _scope(value: str) -> str:
+    try:
+        return grants.check_scope(value)
+    except grants.GrantError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _group_name(value: str) -> str:
+    return _scope(grants.GROUP_PREFIX + value).removeprefix(grants.GROUP_PREFIX)
+
+
+async def _change_group(settings: Settings, args: argparse.Namespace) -> None:
+    redis = Redis.from_url(settings.redis_url)
+    keys = Keys(settings.namespace, settings.partitions)
+    try:
+        async with translated("changing the site group", settings.redis_url):
+            await grants.change_group(redis, keys, args.group, args.edges, add=args.action == "add")
+    finally:
+        await redis.aclose()
+
+
+def cmd_group(args: argparse.Namespace) -> int:
+    asyncio.run(_change_group(Settings.from_env(), args))
+    where = "to" if args.action == "add" else "from"
+    print(f"{args.action} {' '.join(args.edges)} {where} group {args.group}")
+    return 0
+
+
 async def enroll(settings: Settings, edge_id: str) -> None:
     redis = Redis.from_url(settings.redis_url)
     try:
@@ -80,16 +110,88 @@ def cmd_token(args: argparse.Namespace) -> int:
     if args.edge and args.user:
         print("dispatch token: give either --user or --edge, not both", file=sys.stderr)
         return 2
+    if args.ttl is not None and args.ttl <= 0:
+        print(f"dispatch token: --ttl must be positive, got {args.ttl}", file=sys.stderr)
+        return 2
     if args.edge:
+        ttl_s = args.ttl or EDGE_TTL_S
+        if ttl_s > settings.edge_max_lifetime_s:
+            print(
+                f"dispatch token: --ttl {ttl_s} exceeds DISPATCH_EDGE_MAX_LIFETIME_S "
+                f"({settings.edge_max_lifetime_s}); gateways would refuse the credential",
+                file=sys.stderr,
+            )
+            return 2
         if not args.no_enroll:
             asyncio.run(enroll(settings, args.edge))
-        print(sign(edge_claims(args.edge, args.ttl or EDGE_TTL_S), settings.jwt_secret))
+        print(sign(edge_claims(args.edge, ttl_s), settings.edge_secret))
         return 0
     if not args.user:
         print("dispatch token: --user USER or --edge EDGE is required", file=sys.stderr)
         return 2
-    claims = user_claims(args.user, args.can_control, args.can_view, args.ttl or USER_TTL_S)
+    if not SAFE_USER_ID.match(args.user):
+        print(
+            f"dispatch token: user {args.user!r} must be 1-128 letters, digits or '_.@+:-'",
+            file=sys.stderr,
+        )
+        return 2
+    ttl_s = args.ttl or USER_TTL_S
+    if ttl_s > settings.jwt_max_lifetime_s:
+        print(
+            f"dispatch token: --ttl {ttl_s} exceeds DISPATCH_JWT_MAX_LIFETIME_S "
+            f"({settings.jwt_max_lifetime_s}); gateways would refuse the token",
+            file=sys.stderr,
+        )
+        return 2
+    claims = user_claims(args.user, args.can_control, args.can_view, ttl_s)
     print(sign(claims, settings.jwt_secret))
+    return 0
+
+
+def revocation_target(value: str, default_until_s: float) -> tuple[str, float]:
+    """(jti, refuse-until) from a whole token (its `jti` and `exp`) or a bare jti.
+
+    The token's signature is not checked: putting a jti on the deny-list can only
+    refuse more, and tokens of other issuers (Django) must be revocable too.
+    """
+    if value.count(".") == 2:
+        try:
+            claims = jws.extract_compact(value.encode()).payload or b"{}"
+            decoded = json.loads(claims)
+        except Exception:
+            raise ValueError("this looks like a token but cannot be read") from None
+        jti, exp = decoded.get("jti"), decoded.get("exp")
+        if not isinstance(jti, str) or not jti:
+            raise ValueError("the token has no `jti` claim to revoke")
+        until = float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else 0.0
+        return jti, max(until, time.time() + 60)
+    if not 0 < len(value) <= 255:
+        raise ValueError("a jti is 1-255 characters")
+    return value, default_until_s
+
+
+async def _revoke_token(settings: Settings, jti: str, until_s: float) -> None:
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        async with translated("revoking the token", settings.redis_url):
+            await revoke_token(redis, Keys(settings.namespace, settings.partitions), jti, until_s)
+    finally:
+        await redis.aclose()
+
+
+def cmd_revoke_token(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    # A bare jti says nothing about expiry: keep it as long as any token may live.
+    longest_s = max(settings.jwt_max_lifetime_s, settings.edge_max_lifetime_s)
+    default_until = time.time() + longest_s + settings.jwt_leeway_s
+    try:
+        jti, until_s = revocation_target(args.token_or_jti.strip(), default_until)
+    except ValueError as exc:
+        print(f"dispatch revoke-token: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(_revoke_token(settings, jti, until_s))
+    until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until_s))
+    print(f"revoked token jti={jti} until {until}; open connections close within a second")
     return 0
 
 
@@ -156,9 +258,34 @@ def register(sub: Any) -> None:
             name,
             help=f"{name} a permission in the grants store",
             description=f"{name.capitalize()} USER's PERMISSION ({' or '.join(grants.PERMISSIONS)}) "
-            "on EDGE ('*' for every edge). Open connections see the change within a second.",
+            "on EDGE ('*' for every edge, group:NAME for a site group). Open connections "
+            "see the change within a second.",
         )
         p.add_argument("user")
-        p.add_argument("edge", type=lambda v: v if v == grants.ALL_EDGES else _edge_id(v))
+        p.add_argument("edge", type=_scope, metavar="EDGE", help="an edge id, '*' or group:NAME")
         p.add_argument("permission", choices=grants.PERMISSIONS)
         p.set_defaults(func=lambda a, add=add: cmd_grant(a, add=add))
+
+    group = sub.add_parser(
+        "group",
+        help="add edges to or remove them from a site group",
+        description="Site groups give fleet-level grants: `dispatch grant USER group:NAME "
+        "PERMISSION` covers every edge in the group, including edges added later. Open "
+        "connections see membership changes within a second.",
+    )
+    group.add_argument("action", choices=("add", "remove"))
+    group.add_argument("group", type=_group_name, metavar="GROUP")
+    group.add_argument("edges", nargs="+", type=_edge_id, metavar="EDGE")
+    group.set_defaults(func=cmd_group)
+
+    rt = sub.add_parser(
+        "revoke-token",
+        help="refuse one token (user or edge) from now on",
+        description="Put a token's jti on the deny-list every gateway checks: new "
+        "connections with it are refused and open ones are closed (4003) within a second. "
+        "Give the whole token (its jti and exp are read from it) or just its jti (then it "
+        "is kept for the longest token lifetime). To take a permission away from a user, "
+        "use `dispatch revoke USER EDGE PERMISSION` instead.",
+    )
+    rt.add_argument("token_or_jti", metavar="TOKEN_OR_JTI")
+    rt.set_defaults(func=cmd_revoke_token)

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from gateway import metrics
-from gateway.auth import AuthError, User, bearer_token
+from gateway.auth import AuthError, User, bearer_token, claimed
 from gateway.grants import CAN_CONTROL, CAN_VIEW
 from gateway.state import GatewayState
 from ledger.keys import SAFE_ID
@@ -38,12 +38,18 @@ def problem(status: int, code: ErrorCode | str, message: str, **extra: Any) -> J
 
 
 async def authenticate(request: Request) -> User:
+    """The caller, or AuthError; every refusal is recorded in the audit stream."""
     state = _state(request)
     token = bearer_token(request.headers.get("authorization"))
-    if token is None:
-        raise AuthError("no bearer token: send `Authorization: Bearer <token>`")
-    user = state.auth.user(token)
-    await state.check_not_revoked(user.jti)
+    try:
+        if token is None:
+            raise AuthError("no bearer token: send `Authorization: Bearer <token>`")
+        user = await state.auth.user(token)
+        await state.check_not_revoked(user.jti)
+    except AuthError as exc:
+        err = error(ErrorCode.UNAUTHENTICATED, str(exc))
+        await state.audit_refusal(request, "", err, detail=claimed(token))
+        raise
     return user
 
 
@@ -67,15 +73,12 @@ async def post_command(request: Request) -> Response:
     try:
         user = await authenticate(request)
     except AuthError as exc:
-        await state.audit_refusal(request, "", error(ErrorCode.UNAUTHENTICATED, str(exc)))
         return problem(401, ErrorCode.UNAUTHENTICATED, str(exc))
     limit = state.settings.max_message_bytes
     raw = await read_body(request, limit)
     if raw is None:
-        outcome = await state.intake.reject(
-            b"",
-            user.actor,
-            error(ErrorCode.TOO_LARGE, f"body exceeds the {limit}-byte limit"),
+        outcome = await state.intake.refuse(
+            b"", user, error(ErrorCode.TOO_LARGE, f"body exceeds the {limit}-byte limit")
         )
     else:
         outcome = await state.intake.submit(raw, user)
@@ -233,11 +236,7 @@ def _export(
 
 async def _visible_edges(state: GatewayState, user: User) -> frozenset[str] | None:
     """Edges the user may view; None means all of them (an auditor: `*` in a grant/claim)."""
-    claimed = user.view | user.control
-    stored = await state.grants.load(user.user_id)
-    if "*" in claimed or "*" in stored:
-        return None
-    return frozenset(claimed) | frozenset(e for e, perms in stored.items() if perms)
+    return await state.grants.visible_edges(user)
 
 
 async def edge_config(request: Request) -> Response:
@@ -249,9 +248,11 @@ async def edge_config(request: Request) -> Response:
     try:
         if token is None or not _safe(edge_id):
             raise AuthError("an edge credential for this edge is required")
-        identity = state.auth.edge(token, edge_id)
+        identity = await state.auth.edge(token, edge_id)
         await state.check_not_revoked(identity.jti)
     except AuthError as exc:
+        err = error(ErrorCode.UNAUTHENTICATED, str(exc))
+        await state.audit_refusal(request, edge_id if _safe(edge_id) else "", err)
         return problem(401, ErrorCode.UNAUTHENTICATED, str(exc))
     stored = await state.redis.get(state.ledger.keys.edge_config(edge_id))
     raw = stored if stored is not None else shipped_config(edge_id)

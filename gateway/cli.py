@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import argparse
 import resource
+import socket
 from typing import Any
 
 import uvicorn
 
 from dispatch.settings import Settings
 from gateway.app import create_app
-
-# The application rejects messages over DISPATCH_MAX_MESSAGE_BYTES (64 KiB) with a
-# `too_large` answer and keeps the connection; the protocol layer drops anything beyond
-# this hard ceiling (close 1009) before buffering it.
-WS_HARD_LIMIT_BYTES = 256 * 1024
+from gateway.sessions import ws_hard_limit_bytes
 
 
 def raise_fd_limit() -> None:
@@ -26,19 +23,29 @@ def raise_fd_limit() -> None:
 
 def serve(settings: Settings, *, log_level: str = "info") -> None:
     raise_fd_limit()
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=log_level,
         access_log=False,
-        ws_max_size=max(WS_HARD_LIMIT_BYTES, settings.max_message_bytes * 2),
+        ws_max_size=ws_hard_limit_bytes(settings.max_message_bytes),
         ws_per_message_deflate=False,  # compression costs ~45 % throughput and opens zip bombs
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
+    server = uvicorn.Server(config)
+    if not settings.socket_send_buffer_bytes:
+        server.run()
+        return
+    sock = config.bind_socket()
+    # Accepted connections inherit a fixed send buffer: it bounds the kernel memory each
+    # client can pin, and a client that stops reading fills it (and then its outbox, and
+    # is disconnected) after that many bytes instead of the kernel's autotuned megabytes.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
+    server.run(sockets=[sock])
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:

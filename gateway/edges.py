@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import functools
 import logging
 import uuid
 
 import msgspec
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 from gateway import metrics
-from gateway.auth import AuthError
+from gateway.auth import AuthError, claimed
 from gateway.handshake import credentials, refuse
-from gateway.sessions import EdgeSession, Outbox
+from gateway.sessions import EdgeSession, Outbox, protocol_refusal, ws_hard_limit_bytes
 from gateway.state import GatewayState
 from ledger.keys import SAFE_ID
+from ledger.ordering import InOrder, Turn
 from schemas.commands import Ack
 from schemas.errors import ErrorCode, ErrorObject, error
 from schemas.messages import EdgeNotice
@@ -29,53 +29,74 @@ async def edge_endpoint(ws: WebSocket) -> None:
     state: GatewayState = ws.app.state.gateway
     edge_id = ws.path_params["edge_id"]
     if not SAFE_ID.match(edge_id) or len(edge_id) > 64:
-        await refuse(ws, 400, "invalid_command", "edge id must be letters, digits, '_', '.', '-'")
+        err = error(ErrorCode.INVALID_COMMAND, "edge id must be letters, digits, '_', '.', '-'")
+        await state.audit_refusal(ws, "", err, detail=f"edge id {edge_id[:80]!r}")
+        await refuse(ws, 400, err.code, err.message)
+        return
+    if ws.headers.get("origin") is not None:
+        # Edges are not browsers: a page from any origin has no business here.
+        err = error(ErrorCode.FORBIDDEN, "browser pages may not connect as an edge")
+        await state.audit_refusal(ws, edge_id, err, detail=f"origin {ws.headers['origin'][:80]!r}")
+        await refuse(ws, 403, err.code, err.message)
         return
     token, _ = credentials(ws)
     try:
         if token is None:
             raise AuthError("no bearer token: send `Authorization: Bearer <edge credential>`")
-        identity = state.auth.edge(token, edge_id)
+        identity = await state.auth.edge(token, edge_id)
         await state.check_not_revoked(identity.jti)
     except AuthError as exc:
-        await state.audit_refusal(ws, edge_id, error(ErrorCode.UNAUTHENTICATED, str(exc)))
+        err = error(ErrorCode.UNAUTHENTICATED, str(exc))
+        await state.audit_refusal(ws, edge_id, err, detail=claimed(token))
         await refuse(ws, 401, "unauthenticated", str(exc))
         return
     await ws.accept()
     owner = f"{state.gateway_id}|{uuid.uuid4().hex[:16]}"
     session = EdgeSession(ws=ws, identity=identity, owner=owner, outbox=Outbox(ws, 10_000))
-    writer = asyncio.create_task(session.outbox.run())
+    session.outbox.start()
     await state.ledger.enroll_edge(edge_id)
     log.info("edge.session.opened edge_id=%s owner=%s", edge_id, owner)
     try:
         await state.hub.add_edge(session)
-        while not session.outbox.closing:
-            message = await ws.receive()
-            if message["type"] == "websocket.disconnect":
-                break
-            raw = message.get("bytes") or (message.get("text") or "").encode()
-            await _acknowledge(state, session, raw)
-    except WebSocketDisconnect:
-        pass
+        await session.outbox.serve(_read_acks(state, session))
     finally:
         await state.hub.remove_edge(session)
-        session.outbox.close(1000, "bye")
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(writer, 5)
+        await session.outbox.finish()
         log.info("edge.session.closed edge_id=%s owner=%s", edge_id, owner)
 
 
-async def _acknowledge(state: GatewayState, session: EdgeSession, raw: bytes) -> None:
+async def _read_acks(state: GatewayState, session: EdgeSession) -> None:
+    """Read acknowledgments; apply them concurrently, in arrival order."""
+    ws = session.ws
+    in_order = InOrder()
+    try:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                limit = ws_hard_limit_bytes(state.settings.max_message_bytes)
+                cause = protocol_refusal(message, limit)
+                if cause is not None:
+                    await state.intake.reject(b"", session.identity.actor, cause)
+                return
+            raw = message.get("bytes")
+            if raw is None:
+                raw = (message.get("text") or "").encode()
+            await in_order.run(functools.partial(_acknowledge, state, session, raw))
+    finally:
+        await in_order.drain()
+
+
+async def _acknowledge(state: GatewayState, session: EdgeSession, raw: bytes, turn: Turn) -> None:
     try:
         ack = ACK_DECODER.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except Exception as exc:  # not JSON, not UTF-8, wrong shape: tell the edge, keep going
         metrics.ACKS.labels("invalid", "refused").inc()
         notice = EdgeNotice(
             error=ErrorObject(code="invalid_ack", message=f"unreadable acknowledgment: {exc}")
         )
         session.outbox.put(_encode(notice).decode())
         return
-    result = await state.ledger.acknowledge(session.edge_id, ack)
+    result = await state.ledger.acknowledge(session.edge_id, ack, turn=turn)
     if result.applied:
         metrics.ACKS.labels(ack.status, "applied").inc()
         log.info(

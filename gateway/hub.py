@@ -18,11 +18,13 @@ import msgspec
 from redis.asyncio import Redis
 
 from gateway import metrics
-from gateway.auth import expired
-from gateway.grants import CAN_VIEW, GrantCache
-from gateway.sessions import CloseCode, DashboardSession, EdgeSession
+from gateway.grants import GrantCache
+from gateway.revocations import Revocations
+from gateway.sessions import CloseCode, DashboardSession, EdgeSession, Outbox
+from ledger.ids import new_event_id
 from ledger.store import EVENT_DECODER, Ledger
 from ledger.tail import StreamTail
+from schemas.errors import ErrorCode, error
 from schemas.events import Event, Rejected, Routed, status_of
 from schemas.messages import StatusUpdate, iso_ms
 
@@ -45,10 +47,17 @@ def status_update(event: Event) -> StatusUpdate:
 
 class Hub:
     def __init__(
-        self, ledger: Ledger, grants: GrantCache, tail_redis: Redis, gateway_id: str
+        self,
+        ledger: Ledger,
+        grants: GrantCache,
+        tail_redis: Redis,
+        gateway_id: str,
+        *,
+        revocations: Revocations | None = None,
     ) -> None:
         self.ledger = ledger
         self.grants = grants
+        self.revocations = revocations
         self.gateway_id = gateway_id
         self.edges: dict[str, EdgeSession] = {}
         self.dashboards: set[DashboardSession] = set()
@@ -59,6 +68,7 @@ class Hub:
         self._dirty: set[str] = set()
         self._dirty_signal = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
         keys = ledger.keys
         self._logs = {keys.log(p) for p in keys.all_partitions()}
         self._streams = [keys.log(p) for p in keys.all_partitions()] + [
@@ -108,25 +118,16 @@ class Hub:
                     del self._watchers[edge_id]
 
     async def refresh_views(self, dash: DashboardSession) -> None:
-        """Recompute which edges a dashboard may watch (token claims + grants store)."""
-        user = dash.user
-        claimed = user.view | user.control
-        stored = await self.grants.load(user.user_id)
-        dash.views_all = "*" in claimed or any(
-            CAN_VIEW in perms or "can_control" in perms
-            for scope, perms in stored.items()
-            if scope == "*"
-        )
-        views = frozenset(claimed) | frozenset(
-            scope for scope, perms in stored.items() if perms and scope != "*"
-        )
+        """Recompute which edges a dashboard may watch (token claims, grants, groups)."""
+        visible = await self.grants.visible_edges(dash.user)
         self._unindex(dash)
-        dash.views = views
+        dash.views_all = visible is None
+        dash.views = visible or frozenset()
         if dash not in self.dashboards:
             return  # closed while its grants were loading
         if dash.views_all:
             self._watch_all.add(dash)
-        for edge_id in views:
+        for edge_id in dash.views:
             self._watchers.setdefault(edge_id, set()).add(dash)
 
     # -- edges -------------------------------------------------------------------------------
@@ -237,14 +238,47 @@ class Hub:
                 if await self.grants.poll():
                     for dash in list(self.dashboards):
                         await self.refresh_views(dash)
-                for dash in list(self.dashboards):
-                    if expired(dash.user.expires_at, now):
-                        dash.outbox.close(CloseCode.CREDENTIAL_ENDED, "token expired")
+                if self.revocations is not None:
+                    await self.revocations.poll()
+                self._end_credentials(now)
                 if now - last_presence >= ttl_s / 3:
                     last_presence = now
                     await self._refresh_presence()
             except Exception as exc:  # keep the gateway alive through Redis blips
                 log.warning("gateway.housekeeping.failed error=%s", exc)
+
+    def _end_credentials(self, now: float) -> None:
+        """Close sessions whose token expired or was revoked (within one poll, 0.25 s)."""
+        revoked = self.revocations.revoked if self.revocations is not None else None
+        for dash in list(self.dashboards):
+            if revoked is not None and revoked(dash.user.jti):
+                self.end_session(dash.outbox, dash.user.actor, "token revoked")
+            elif dash.user.expired(now):
+                self.end_session(dash.outbox, dash.user.actor, "token expired")
+        for session in list(self.edges.values()):
+            if revoked is not None and revoked(session.identity.jti):
+                self.end_session(session.outbox, session.identity.actor, "credential revoked")
+            elif session.identity.expired(now):
+                self.end_session(session.outbox, session.identity.actor, "credential expired")
+
+    def end_session(self, outbox: Outbox, actor: str, reason: str) -> None:
+        """Close a session whose credential ended, and say so in the audit stream."""
+        if outbox.closing:
+            return
+        outbox.close(CloseCode.CREDENTIAL_ENDED, reason)
+        log.info("gateway.session.ended actor=%s reason=%s", actor, reason.replace(" ", "_"))
+        event = Rejected(
+            event_id=new_event_id(),
+            at=int(time.time() * 1000),
+            command_id="",
+            edge_id=actor.removeprefix("edge:") if actor.startswith("edge:") else "",
+            actor=actor,
+            error=error(ErrorCode.UNAUTHENTICATED, f"{reason}: connection closed (4003)"),
+            stage="gateway",
+        )
+        task = asyncio.create_task(self.ledger.record_rejection(event))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _refresh_presence(self) -> None:
         sessions = list(self.edges.values())
@@ -254,7 +288,6 @@ class Hub:
         )
         for session, owned in zip(sessions, results, strict=True):
             if owned is False:
+                # The presence lapsed or moved: commands may have been queued meanwhile, so
+                # close; the edge reconnects and its new session claims everything waiting.
                 session.outbox.close(CloseCode.REPLACED, "another connection owns this edge now")
-            elif owned is True:
-                # Also a safety net: deliver anything a lost notification left behind.
-                self.want_delivery(session.edge_id)

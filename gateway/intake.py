@@ -7,6 +7,7 @@ audit stream with who sent it, a digest and an excerpt of what they sent, and wh
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from dataclasses import dataclass
@@ -16,7 +17,11 @@ import msgspec
 from gateway import metrics
 from gateway.auth import User
 from gateway.grants import CAN_CONTROL, GrantCache
+from gateway.ratelimit import ALLOWED, RateLimiter, Verdict
+from gateway.revocations import Revocations
 from ledger.ids import new_event_id
+from ledger.keys import SAFE_ID
+from ledger.ordering import Turn
 from ledger.store import Ledger, SubmitOutcome
 from schemas.commands import Command
 from schemas.errors import ErrorCode, ErrorObject, error
@@ -69,14 +74,21 @@ def now_iso() -> str:
 
 
 def probe(raw: bytes) -> tuple[str | None, str | None]:
-    """Best-effort command id and edge id of an input that failed validation."""
+    """Best-effort command id and edge id of an input that failed validation.
+
+    Only well-formed identifiers are kept: the audit record's fields stay trustworthy,
+    and whatever else was sent is in its excerpt.
+    """
     try:
         found = _PROBE.decode(raw)
     except Exception:
         return None, None
     edge = found.target.get("edge_id") if isinstance(found.target, dict) else None
-    cid = found.command_id if isinstance(found.command_id, str) else None
-    return (cid[:128] if cid else None), (edge[:64] if isinstance(edge, str) else None)
+    cid = found.command_id
+    return (
+        cid if isinstance(cid, str) and SAFE_ID.match(cid) else None,
+        edge if isinstance(edge, str) and len(edge) <= 64 and SAFE_ID.match(edge) else None,
+    )
 
 
 class Intake:
@@ -88,6 +100,8 @@ class Intake:
         gateway_id: str,
         max_message_bytes: int,
         clock_skew_s: int,
+        limiter: RateLimiter | None = None,
+        revocations: Revocations | None = None,
     ) -> None:
         self.ledger = ledger
         self.grants = grants
@@ -96,44 +110,72 @@ class Intake:
         self.clock_skew_s = clock_skew_s
         # Enrollment is never withdrawn while a gateway runs: remember positive answers.
         self._enrolled: set[str] = set()
+        self.limiter = limiter
+        self.revocations = revocations
 
-    async def submit(self, raw: bytes, user: User) -> Outcome:
-        started = time.perf_counter()
+    async def _charge(self, user: User, edge_id: str | None) -> Verdict:
+        if self.limiter is None:
+            return ALLOWED
+        return await self.limiter.check(user.user_id, edge_id)
+
+    def _decode(self, raw: bytes, *, binary: bool) -> Command | ErrorObject:
         if len(raw) > self.max_message_bytes:
-            return await self.reject(
-                raw,
-                user.actor,
-                error(
-                    ErrorCode.TOO_LARGE,
-                    f"message is {len(raw)} bytes; the limit is {self.max_message_bytes}",
-                ),
+            return error(
+                ErrorCode.TOO_LARGE,
+                f"message is {len(raw)} bytes; the limit is {self.max_message_bytes}",
+            )
+        if binary:
+            return error(
+                ErrorCode.MALFORMED_JSON,
+                "binary frames are not accepted; send each command as a JSON text frame",
             )
         try:
-            cmd = COMMAND_DECODER.decode(raw)
+            return COMMAND_DECODER.decode(raw)
         except msgspec.ValidationError as exc:
+            return error(ErrorCode.INVALID_COMMAND, f"invalid command: {exc}")
+        except Exception as exc:  # DecodeError, UnicodeDecodeError, anything: it is not JSON
+            return error(ErrorCode.MALFORMED_JSON, f"not valid JSON: {exc}")
+
+    async def submit(
+        self, raw: bytes, user: User, *, binary: bool = False, turn: Turn | None = None
+    ) -> Outcome:
+        """Admit one command from `user`, or reject it naming the cause.
+
+        Order: credential still valid, size and shape, rate limit (every frame counts,
+        so floods of garbage are throttled too), clock, enrollment, permission, ledger.
+        The per-edge budget is only charged for commands the user may send to that edge,
+        so nobody can exhaust an edge's budget for the people allowed to control it.
+        """
+        started = time.perf_counter()
+        if self.revocations is not None and self.revocations.revoked(user.jti):
             return await self.reject(
-                raw, user.actor, error(ErrorCode.INVALID_COMMAND, f"invalid command: {exc}")
+                raw, user.actor, error(ErrorCode.UNAUTHENTICATED, "the token has been revoked")
             )
-        except msgspec.DecodeError as exc:
+        if user.expired():
             return await self.reject(
-                raw, user.actor, error(ErrorCode.MALFORMED_JSON, f"not valid JSON: {exc}")
+                raw, user.actor, error(ErrorCode.UNAUTHENTICATED, "the token has expired")
             )
-        problem = await self._refusal(cmd, user)
+        decoded = self._decode(raw, binary=binary)
+        if isinstance(decoded, ErrorObject):
+            return await self.refuse(raw, user, decoded)
+        cmd = decoded
+        edge_id = cmd.target.edge_id
+        grant = await self.grants.allows(user, edge_id, CAN_CONTROL)
+        enrolled, verdict = await asyncio.gather(
+            self._is_enrolled(edge_id),
+            self._charge(user, edge_id if grant is not None else None),
+        )
+        problem = _limited(verdict) or self._refusal(cmd, enrolled=enrolled)
+        if problem is None and grant is None:
+            problem = error(
+                ErrorCode.FORBIDDEN,
+                f"user {user.user_id!r} lacks can_control on edge {edge_id!r}",
+            )
         if problem is not None:
             return await self.reject(raw, user.actor, problem, cmd=cmd)
-        grant = await self.grants.allows(user, cmd.target.edge_id, CAN_CONTROL)
-        if grant is None:
-            return await self.reject(
-                raw,
-                user.actor,
-                error(
-                    ErrorCode.FORBIDDEN,
-                    f"user {user.user_id!r} lacks can_control on edge {cmd.target.edge_id!r}",
-                ),
-                cmd=cmd,
-            )
+        assert grant is not None
         result = await self.ledger.submit(
-            cmd, actor=user.actor, grant=grant, gateway_id=self.gateway_id
+            cmd, actor=user.actor, grant=grant, gateway_id=self.gateway_id, turn=turn
         )
         metrics.SUBMIT_SECONDS.observe(time.perf_counter() - started)
         if result.outcome is SubmitOutcome.DUPLICATE:
@@ -164,7 +206,20 @@ class Intake:
         admitted = result.outcome is SubmitOutcome.ADMITTED
         return Outcome(reply, 202 if admitted else 200, admitted=admitted)
 
-    async def _refusal(self, cmd: Command, user: User) -> ErrorObject | None:
+    async def _is_enrolled(self, edge_id: str) -> bool:
+        if edge_id in self._enrolled:
+            return True
+        known = await self.ledger.is_enrolled(edge_id)
+        if known and len(self._enrolled) < 1_000_000:
+            self._enrolled.add(edge_id)
+        return known
+
+    async def refuse(self, raw: bytes, user: User, err: ErrorObject) -> Outcome:
+        """Reject input that is not a command; it still counts against the user's rate."""
+        verdict = await self._charge(user, None)
+        return await self.reject(raw, user.actor, _limited(verdict) or err)
+
+    def _refusal(self, cmd: Command, *, enrolled: bool) -> ErrorObject | None:
         skew_s = cmd.timestamp.timestamp() - time.time()
         if skew_s > self.clock_skew_s:
             return error(
@@ -172,11 +227,7 @@ class Intake:
                 f"timestamp is {skew_s:.0f} s in the future (tolerance {self.clock_skew_s} s); "
                 "check the sender's clock",
             )
-        edge_id = cmd.target.edge_id
-        known = edge_id in self._enrolled or await self.ledger.is_enrolled(edge_id)
-        if known and len(self._enrolled) < 1_000_000:
-            self._enrolled.add(edge_id)
-        if not known:
+        if not enrolled:
             return error(
                 ErrorCode.UNKNOWN_EDGE,
                 f"edge {cmd.target.edge_id!r} is not enrolled; enroll it with "
@@ -210,3 +261,15 @@ class Intake:
             command_id=command_id, status="rejected", at=now_iso(), edge_id=edge_id, error=err
         )
         return Outcome(reply, HTTP_STATUS.get(ErrorCode(err.code), 400))
+
+
+def _limited(verdict: Verdict) -> ErrorObject | None:
+    if verdict.allowed:
+        return None
+    return error(
+        ErrorCode.RATE_LIMITED,
+        f"over the {verdict.scope} rate limit ({verdict.limit}); retry in "
+        f"{verdict.retry_after_s:.3f} s",
+        limit=verdict.limit,
+        retry_after_s=verdict.retry_after_s,
+    )

@@ -11,12 +11,15 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketState
 
 from gateway.auth import EdgeIdentity, User
+from schemas.errors import ErrorCode, ErrorObject, error
 
 log = logging.getLogger("gateway.sessions")
 
@@ -26,6 +29,9 @@ class CloseCode(IntEnum):
     GOING_AWAY = 1001
     POLICY = 1008
     TRY_AGAIN_LATER = 1013
+    PROTOCOL_ERROR = 1002
+    INVALID_DATA = 1007  # e.g. a text frame that is not UTF-8
+    MESSAGE_TOO_BIG = 1009  # beyond the protocol layer's hard frame limit
     REPLACED = 4001  # the same edge connected again; this session was superseded
     CREDENTIAL_ENDED = 4003  # the token expired or was revoked
 
@@ -33,9 +39,42 @@ class CloseCode(IntEnum):
 class Outbox:
     def __init__(self, ws: WebSocket, limit: int) -> None:
         self.ws = ws
+        self.limit = limit
         self._queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=limit)
         self.closing: tuple[int, str] | None = None
+        self.closed = asyncio.Event()  # set as soon as the session is asked to close
         self.overflowed = False
+        self._writer: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self.run(), name="outbox-writer")
+
+    async def serve(self, reading: Coroutine[Any, Any, None]) -> None:
+        """Run the session's reader until it ends or the outbox is closed, whichever first.
+
+        A slow reader that stopped reading (and sending) would otherwise keep its
+        session forever: its close frame cannot be written and its reader never wakes.
+        """
+        reader = asyncio.create_task(reading, name="session-reader")
+        closed = asyncio.create_task(self.closed.wait())
+        try:
+            await asyncio.wait({reader, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            if not reader.done():
+                reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            if not reader.cancelled() and reader.exception() is not None:
+                log.warning("gateway.session.reader_failed error=%r", reader.exception())
+
+    async def finish(self, flush_s: float = 5.0) -> None:
+        """Close (if nobody did) and give the writer `flush_s` to send the close frame."""
+        self.close(CloseCode.NORMAL, "bye")
+        if self._writer is None:
+            return
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(self._writer, flush_s)
 
     def put(self, frame: str) -> bool:
         if self.closing:
@@ -48,15 +87,24 @@ class Outbox:
             self.close(CloseCode.TRY_AGAIN_LATER, "client reads too slowly; reconnect")
             return False
 
-    def close(self, code: int, reason: str) -> None:
-        """Ask the writer to close the socket after what is already queued is dropped."""
+    def close(self, code: int, reason: str, *, flush: bool = False) -> None:
+        """Ask the writer to close the socket.
+
+        By default what is queued is dropped (a closing session must not wait on a dead
+        reader); `flush` sends what is queued first, e.g. the answer saying why.
+        """
         if self.closing:
             return
         self.closing = (code, reason)
-        # Drop what is queued: a closing session must not block on a dead reader.
-        while not self._queue.empty():
+        self.closed.set()
+        if not flush:
+            while not self._queue.empty():
+                self._queue.get_nowait()
+        try:
+            self._queue.put_nowait(None)
+        except asyncio.QueueFull:
             self._queue.get_nowait()
-        self._queue.put_nowait(None)
+            self._queue.put_nowait(None)
 
     async def run(self) -> None:
         """Writer: drains the queue onto the socket until closed."""
@@ -72,6 +120,16 @@ class Outbox:
             code, reason = self.closing
             with contextlib.suppress(Exception):
                 await self.ws.close(code=code, reason=reason)
+
+
+def ws_hard_limit_bytes(max_message_bytes: int) -> int:
+    """The protocol layer's frame ceiling (uvicorn `ws_max_size`).
+
+    Messages up to `max_message_bytes` are served; between that and this ceiling they
+    are answered `too_large` and the connection stays usable; beyond it the protocol
+    layer closes with 1009 without buffering the rest.
+    """
+    return max(256 * 1024, max_message_bytes * 2)
 
 
 def _session_id() -> str:
@@ -102,3 +160,33 @@ class EdgeSession:
     @property
     def edge_id(self) -> str:
         return self.identity.edge_id
+
+
+def protocol_refusal(message: Mapping[str, Any], hard_limit_bytes: int) -> ErrorObject | None:
+    """The cause, when the WebSocket layer (not the peer) ended the connection."""
+    code = message.get("code")
+    if code == CloseCode.INVALID_DATA:
+        return error(
+            ErrorCode.MALFORMED_JSON,
+            "a text frame was not valid UTF-8; the protocol layer closed the connection (1007)",
+        )
+    if code == CloseCode.MESSAGE_TOO_BIG:
+        return error(
+            ErrorCode.TOO_LARGE,
+            f"a frame exceeded the hard limit of {hard_limit_bytes} bytes; the protocol layer "
+            "closed the connection (1009)",
+        )
+    if code == CloseCode.PROTOCOL_ERROR:
+        return error(
+            ErrorCode.PROTOCOL_ERROR,
+            "the peer broke the WebSocket protocol; the connection was closed (1002)",
+        )
+    return None
+
+
+def slow_consumer(outbox: Outbox) -> ErrorObject:
+    return error(
+        ErrorCode.SLOW_CONSUMER,
+        f"more than {outbox.limit} messages waited for this client; it was disconnected "
+        "(1013): read faster or reconnect",
+    )

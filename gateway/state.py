@@ -13,10 +13,14 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.requests import HTTPConnection
 
 from dispatch.settings import Settings
-from gateway.auth import Authenticator, AuthError
+from gateway.auth import AuthConfig, Authenticator
 from gateway.grants import GrantCache
 from gateway.hub import Hub
 from gateway.intake import Intake
+from gateway.jwks import JwksSource
+from gateway.ratelimit import Rate, RateLimiter, RateLimits
+from gateway.revocations import Revocations
+from ledger.errors import translated
 from ledger.ids import new_event_id
 from ledger.store import Ledger
 from schemas.errors import ErrorObject
@@ -37,6 +41,8 @@ class GatewayState:
     hub: Hub
     intake: Intake
     pg: AsyncConnectionPool | None
+    revocations: Revocations
+    limiter: RateLimiter
     outbox_limit: int = 1000
 
     @classmethod
@@ -54,14 +60,20 @@ class GatewayState:
         ledger = Ledger(redis, settings.ledger(), url=settings.redis_url)
         await ledger.start()
         grants = GrantCache(redis, ledger.keys)
-        hub = Hub(ledger, grants, tail_redis, gateway_id)
+        revocations = Revocations(redis, ledger.keys)
+        async with translated("loading revoked tokens", settings.redis_url):
+            await revocations.poll()
+        hub = Hub(ledger, grants, tail_redis, gateway_id, revocations=revocations)
         await hub.start()
+        limiter = RateLimiter(ledger.batcher, ledger.keys, rate_limits(settings))
         intake = Intake(
             ledger,
             grants,
             gateway_id=gateway_id,
             max_message_bytes=settings.max_message_bytes,
             clock_skew_s=settings.clock_skew_s,
+            limiter=limiter,
+            revocations=revocations,
         )
         pg = AsyncConnectionPool(
             settings.database_url,
@@ -75,6 +87,9 @@ class GatewayState:
             await pg.open(wait=False)
         except Exception as exc:  # commands flow without PostgreSQL; /readyz reports it
             log.warning("gateway.postgres.unavailable error=%s", exc)
+        auth = auth_from(settings)
+        if auth.jwks is not None:
+            await auth.jwks.refresh()  # a bad key set shows in the log at start, not later
         log.info("gateway.started gateway_id=%s partitions=%d", gateway_id, settings.partitions)
         return cls(
             settings,
@@ -82,11 +97,14 @@ class GatewayState:
             redis,
             tail_redis,
             ledger,
-            auth_from(settings),
+            auth,
             grants,
             hub,
             intake,
             pg,
+            revocations,
+            limiter,
+            outbox_limit=settings.outbox_frames,
         )
 
     async def close(self) -> None:
@@ -100,28 +118,53 @@ class GatewayState:
         log.info("gateway.stopped gateway_id=%s", self.gateway_id)
 
     async def check_not_revoked(self, jti: str) -> None:
-        revoked = await self.ledger.batcher.call("ZSCORE", self.ledger.keys.revoked_tokens(), jti)
-        if revoked is not None:
-            raise AuthError("token refused: it has been revoked")
+        await self.revocations.check(jti)
 
-    async def audit_refusal(self, conn: HTTPConnection, edge_id: str, err: ErrorObject) -> None:
-        """Record a refused handshake or request: nobody authenticated, so the peer is named."""
+    async def audit_refusal(
+        self,
+        conn: HTTPConnection,
+        edge_id: str,
+        err: ErrorObject,
+        *,
+        actor: str = "",
+        detail: str = "",
+    ) -> None:
+        """Record a refused handshake or request; unauthenticated peers are named by address."""
         peer = f"{conn.client.host}:{conn.client.port}" if conn.client else "unknown"
         event = Rejected(
             event_id=new_event_id(),
             at=time.time_ns() // 1_000_000,
             command_id="",
             edge_id=edge_id,
-            actor=f"anonymous@{peer}",
+            actor=actor or f"anonymous@{peer}",
             error=err,
             stage="gateway",
-            input_excerpt=f"{conn.url.path}",
+            input_excerpt=f"{conn.url.path} from {peer}" + (f"; {detail}" if detail else ""),
         )
         with contextlib.suppress(Exception):
             await self.ledger.record_rejection(event)
 
 
 def auth_from(settings: Settings) -> Authenticator:
-    return Authenticator(
-        settings.jwt_secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience
+    jwks = None
+    if settings.jwks_file or settings.jwks_url:
+        jwks = JwksSource(file=settings.jwks_file, url=settings.jwks_url, ttl_s=settings.jwks_ttl_s)
+    config = AuthConfig(
+        secret=settings.jwt_secret,
+        edge_secret=settings.edge_secret,
+        algorithms=settings.jwt_algorithms,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        leeway_s=settings.jwt_leeway_s,
+        max_lifetime_s=settings.jwt_max_lifetime_s,
+        edge_max_lifetime_s=settings.edge_max_lifetime_s,
+    )
+    return Authenticator(config, jwks)
+
+
+def rate_limits(settings: Settings) -> RateLimits:
+    return RateLimits(
+        user=Rate(settings.rate_user_per_s, settings.rate_user_burst),
+        edge=Rate(settings.rate_edge_per_s, settings.rate_edge_burst),
+        global_=Rate(settings.rate_global_per_s, settings.rate_global_burst),
     )

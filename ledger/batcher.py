@@ -1,10 +1,11 @@
 """Pipelining across concurrent callers: one Redis round trip serves many commands.
 
-Every coroutine that needs Redis on the hot path calls `Batcher.call(...)`; a few
-flusher tasks send whatever has accumulated as one non-transactional pipeline. When
+Every coroutine that needs Redis on the hot path calls `Batcher.call(...)`; one
+flusher task sends whatever has accumulated as one non-transactional pipeline. When
 idle a call costs one round trip; under load a round trip carries hundreds of calls,
 which is what lets one gateway core keep up (see FACTS: ~11 µs per pipelined command
-against ~40 µs per sequential round trip).
+against ~40 µs per sequential round trip). With the single flusher, calls reach Redis
+in the order they were made, which ledger/ordering.py relies on.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ Call = tuple[Args, dict[str, Any]]
 
 class Batcher:
     def __init__(
-        self, redis: Redis, *, max_batch: int = 512, flushers: int = 2, url: str = ""
+        self, redis: Redis, *, max_batch: int = 512, flushers: int = 1, url: str = ""
     ) -> None:
         self._redis = redis
         self._max_batch = max_batch

@@ -117,24 +117,40 @@ class Keys:
         """SET of enrolled edge ids."""
         return f"{self.namespace}:edges"
 
+    # Access control state shares the `{auth}` hash tag: a change and its version bump
+    # are one MULTI, also on Redis Cluster.
     def grants(self, user: str) -> str:
         """HASH edge_id (or `*`) -> comma-separated permissions."""
-        return f"{self.namespace}:grants:{opaque_part(user)}"
+        return f"{self.namespace}:{{auth}}:grants:{opaque_part(user)}"
+
+    def group(self, name: str) -> str:
+        """SET of the edges in a site group (grants on `group:NAME` cover them)."""
+        return f"{self.namespace}:{{auth}}:group:{check_id(name)}"
 
     def grants_version(self) -> str:
         """Counter bumped by every grant/revoke: gateways poll it to drop cached grants."""
-        return f"{self.namespace}:grants-version"
+        return f"{self.namespace}:{{auth}}:grants-version"
 
     def revoked_tokens(self) -> str:
         """ZSET jti -> token expiry (s): revoked tokens until they would expire anyway."""
-        return f"{self.namespace}:revoked"
+        return f"{self.namespace}:{{auth}}:revoked"
+
+    def revoked_version(self) -> str:
+        """Counter bumped by every token revocation: gateways poll it to reload the list."""
+        return f"{self.namespace}:{{auth}}:revoked-version"
 
     def meta(self) -> str:
         """HASH deployment facts that must not change under a running system."""
         return f"{self.namespace}:meta"
 
     def ratelimit(self, scope: str, who: str) -> str:
-        return f"{self.namespace}:rl:{{{check_id(scope)}:{opaque_part(who)}}}"
+        """STRING: a GCRA theoretical arrival time (ms) for one scope (user, edge, global).
+
+        Every limiter key shares the `{rl}` hash tag so one script checks the user, the
+        edge and the global ceiling together and consumes all or nothing, also on Redis
+        Cluster; the price is that all limiter traffic lands on one shard.
+        """
+        return f"{self.namespace}:{{rl}}:{check_id(scope)}:{opaque_part(who)}"
 
     def edge_config(self, edge_id: str) -> str:
         """STRING: the versioned capability config the cloud serves to that edge."""

@@ -22,6 +22,7 @@ from ledger.batcher import Batcher
 from ledger.errors import LedgerError, translated
 from ledger.ids import new_event_id
 from ledger.keys import Keys
+from ledger.ordering import Turn
 from schemas.commands import Ack, Command, CommandType, EdgeCommand
 from schemas.errors import ErrorCode, ErrorObject, error
 from schemas.events import (
@@ -89,7 +90,10 @@ class Delivery:
 
     def frame(self) -> bytes:
         """The gateway -> edge message: the stored body with its delivery count."""
-        return b'{"delivery":%d,' % self.delivery + self.body[1:]
+        if self.delivery == 1:
+            return self.body  # stored with delivery 1
+        command = EDGE_COMMAND_DECODER.decode(self.body)
+        return _encode(msgspec.structs.replace(command, delivery=self.delivery))
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,9 +169,13 @@ class Ledger:
         return int(cmd.timestamp.timestamp() * 1000) + expiry_s * 1000
 
     async def submit(
-        self, cmd: Command, *, actor: str, grant: str, gateway_id: str
+        self, cmd: Command, *, actor: str, grant: str, gateway_id: str, turn: Turn | None = None
     ) -> SubmitResult:
-        """Record an authorized command and route it (edge online) or queue it."""
+        """Record an authorized command and route it (edge online) or queue it.
+
+        With a `turn`, the admission script is enqueued only after the connection's
+        earlier commands enqueued theirs (see ledger/ordering.py).
+        """
         edge_id = cmd.target.edge_id
         k = self.keys
         owner = await self.batcher.call(
@@ -220,7 +228,9 @@ class Ledger:
             else ""
         )
         p = k.partition(edge_id)
-        reply = await self.batcher.script(
+        if turn is not None:
+            await turn.wait()
+        pending = self.batcher.script(
             scripts.SUBMIT,
             [
                 k.command(edge_id, cmd.command_id),
@@ -248,6 +258,9 @@ class Ledger:
                 k.command_prefix(p),
             ],
         )
+        if turn is not None:
+            turn.passed()
+        reply = await pending
         outcome, status, gateway = (_text(x) for x in reply)
         return SubmitResult(SubmitOutcome(outcome), status, gateway)
 
@@ -300,13 +313,22 @@ class Ledger:
         ]
 
     async def transition(
-        self, edge_id: str, command_id: str, event: Event, *, settle: bool, check_edge: bool
+        self,
+        edge_id: str,
+        command_id: str,
+        event: Event,
+        *,
+        settle: bool,
+        check_edge: bool,
+        turn: Turn | None = None,
     ) -> TransitionResult:
         """Compare-and-set the command to the event's status and append the event."""
         to = status_of(event)
         k = self.keys
         p = k.partition(edge_id)
-        reply = await self.batcher.script(
+        if turn is not None:
+            await turn.wait()
+        pending = self.batcher.script(
             scripts.TRANSITION,
             [
                 k.command(edge_id, command_id),
@@ -328,16 +350,23 @@ class Ledger:
                 command_id,
             ],
         )
+        if turn is not None:
+            turn.passed()
+        reply = await pending
         verdict = _text(reply[0])
         previous = _text(reply[1])
         if verdict != "ok":
             return TransitionResult(False, previous)
         return TransitionResult(True, previous, _text(reply[2]) == "1", int(reply[3]))
 
-    async def acknowledge(self, edge_id: str, ack: Ack) -> TransitionResult:
+    async def acknowledge(
+        self, edge_id: str, ack: Ack, *, turn: Turn | None = None
+    ) -> TransitionResult:
         """Apply an edge's acknowledgment of one of its own commands."""
         event = ack_event(edge_id, ack)
-        return await self.transition(edge_id, ack.command_id, event, settle=True, check_edge=True)
+        return await self.transition(
+            edge_id, ack.command_id, event, settle=True, check_edge=True, turn=turn
+        )
 
     async def cancel(self, command_id: str, actor: str) -> TransitionResult:
         """Cancel a command that has not been delivered; a cancelled command is never sent."""

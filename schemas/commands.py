@@ -108,22 +108,23 @@ def command_shape_problem(cmd: Command) -> str | None:
     return None
 
 
-class EdgeCommand(Struct, frozen=True, kw_only=True, omit_defaults=True):
+class EdgeCommand(Struct, frozen=True, kw_only=True):
     """Gateway -> edge: the command as the edge executes it.
 
-    Fields without defaults are always sent (the specification's fields and `priority`);
-    `delivery` counts deliveries of the same command (n > 1 is a redelivery).
+    Every field is always sent (the specification's fields and `priority` included);
+    `delivery` counts deliveries of the same command (n > 1 is a redelivery). Decoding
+    is lenient so an edge accepts frames from older or newer gateways.
     """
 
     command_id: str
     command_type: CommandType
     target: Target
     value: bool | float | int | str
-    unit: str | None
+    unit: str | None = None
     expiry_sec: int
     source: str
     timestamp: datetime
-    priority: Priority
+    priority: Priority = "normal"
     duration_sec: int | None = None
     expires_at: datetime
     actor: str = ""

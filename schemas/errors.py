@@ -20,6 +20,8 @@ class ErrorCode(StrEnum):
     EXPIRED = "expired"
     CLOCK_SKEW = "clock_skew"
     UNKNOWN_COMMAND = "unknown_command"
+    SLOW_CONSUMER = "slow_consumer"  # the client read too slowly and was disconnected
+    PROTOCOL_ERROR = "protocol_error"  # the WebSocket layer closed the connection
     # Edge-side validation and execution.
     EDGE_BUSY = "edge_busy"
     SUPERSEDED = "superseded"

@@ -32,10 +32,10 @@ class CommandControl(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     command_id: CommandId
 
 
-class EdgeNotice(Struct, frozen=True, kw_only=True, omit_defaults=True):
+class EdgeNotice(Struct, frozen=True, kw_only=True):
     """Gateway -> edge: an acknowledgment the gateway could not apply."""
 
-    type: str = "ack_refused"
+    type: Literal["ack_refused"] = "ack_refused"
     command_id: str | None = None
     error: ErrorObject | None = None
 

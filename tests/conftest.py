@@ -73,6 +73,13 @@ def env(namespace: str, tmp_path: Path) -> dict[str, str]:
         "DISPATCH_PARTITIONS": "4",
         "XDG_STATE_HOME": str(tmp_path / "state"),
         "PYTHONUNBUFFERED": "1",
+        # Only tests/security meets rate limits (it sets its own); nothing else is throttled.
+        "DISPATCH_RATE_USER_PER_S": "100000",
+        "DISPATCH_RATE_USER_BURST": "100000",
+        "DISPATCH_RATE_EDGE_PER_S": "100000",
+        "DISPATCH_RATE_EDGE_BURST": "100000",
+        "DISPATCH_RATE_GLOBAL_PER_S": "100000",
+        "DISPATCH_RATE_GLOBAL_BURST": "100000",
     }
 
 

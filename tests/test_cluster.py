@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import shutil
+import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,7 +17,7 @@ from redis.asyncio.cluster import RedisCluster
 from ledger.store import Ledger, LedgerConfig, SubmitOutcome
 from schemas.commands import Ack, Command
 
-from support import command, free_port, wait_until
+from support import command, wait_until
 
 pytestmark = [
     pytest.mark.slow,
@@ -25,9 +27,27 @@ pytestmark = [
 ]
 
 
+def cluster_port(taken: list[int]) -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    for _ in range(200):
+        port = random.randint(20000, 30000)
+        if port in taken:
+            continue
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[int]]:
-    ports = [free_port() for _ in range(3)]
+    ports: list[int] = []
+    for _ in range(3):
+        ports.append(cluster_port(ports))
     procs = []
     for port in ports:
         data = tmp_path / str(port)

@@ -41,8 +41,12 @@ async def statuses_until(ws: Any, command_id: str, final: str, timeout_s: float 
 
 
 def dashboard(gw: Gateway, token: str) -> Any:
+    # Unbounded client queue: a test that ignores some updates must still close at once
+    # (with a full queue the client stops reading and never sees the close frame).
     return websockets.connect(
-        f"{gw.ws}/ws/dashboard", additional_headers={"Authorization": f"Bearer {token}"}
+        f"{gw.ws}/ws/dashboard",
+        additional_headers={"Authorization": f"Bearer {token}"},
+        max_queue=None,
     )
 
 
@@ -227,3 +231,23 @@ async def test_dashboards_only_see_edges_they_may_view(processes: Processes) -> 
         assert {m["command_id"] for m in seen} == {shown["command_id"]}
         with pytest.raises(TimeoutError):
             await recv_json(w, 0.5)
+
+
+async def test_one_connection_is_pipelined_but_admitted_in_arrival_order(gateway: Gateway) -> None:
+    token = user_token(control=[EDGE])
+    async with edge(gateway) as e, dashboard(gateway, token) as d:
+        await asyncio.sleep(0.2)
+        bodies = [command(edge_id=EDGE, channel=f"Ch{i % 3}", value=i) for i in range(60)]
+        for body in bodies:  # no waiting between frames: many are in flight at once
+            await d.send(json.dumps(body))
+        got = await run_edge(e, len(bodies))
+        assert [m["command_id"] for m in got] == [b["command_id"] for b in bodies]
+    async with dashboard(gateway, token) as d:
+        # Offline now: the last of the queued setpoints for one channel must win.
+        queued = [command(edge_id=EDGE, channel="Same", value=v) for v in range(30)]
+        for body in queued:
+            await d.send(json.dumps(body))
+        await statuses_until(d, queued[-1]["command_id"], "queued")
+    async with edge(gateway) as e:
+        [only] = await run_edge(e, 1)
+        assert only["command_id"] == queued[-1]["command_id"] and only["value"] == 29

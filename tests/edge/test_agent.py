@@ -140,7 +140,8 @@ async def test_a_half_open_connection_is_noticed_and_replaced(
     proxy.blackhole()  # packets vanish, nobody closes anything
     started = time.monotonic()
     await eventually(lambda: link.state is not LinkState.OPEN, within_s=5)
-    assert time.monotonic() - started < 0.3 + 0.3 + CLOSE_TIMEOUT_S + 0.5
+    # Generous slack for a loaded CI machine; the bound that matters (30 s) is far above.
+    assert time.monotonic() - started < 0.3 + 0.3 + CLOSE_TIMEOUT_S + 2.0
     proxy.restore()
     await cloud.wait_for(lambda: cloud.connections >= 2)
     await cloud.route(command("after", value=10))
