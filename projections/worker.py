@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection, sql
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -38,6 +39,8 @@ from projections.writer import Gap, Writer
 log = logging.getLogger("projections.worker")
 
 CONSUMER = "owner"  # one shared name: a partition's new lease holder inherits its pending
+RETRY_INITIAL_S = 0.5
+RETRY_MAX_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,19 +142,42 @@ class Projector:
         return self.storage
 
     async def run(self) -> None:
-        await self.migrate()
-        conn = await self.database.connect_writer(f"dispatch-projector:{self.schema}:{self.owner}")
-        reader = Redis(connection_pool=self.ledger.redis.connection_pool)
-        writer = Writer(conn, self.schema, self.storage)
+        """Project and reach verdicts until cancelled. The verdicts never wait for
+        PostgreSQL: while it is unreachable the audit side retries with backoff."""
         try:
-            log.info("projector.started owner=%s storage=%s", self.owner, self.storage)
-            await asyncio.gather(
-                self._project(writer, reader), self._reach_verdicts(), self._rebalance()
-            )
+            await asyncio.gather(self._audit(), self._reach_verdicts(), self._rebalance())
         finally:
             with contextlib.suppress(Exception):
                 await self.leases.release_all()
-            await conn.close()
+
+    async def _audit(self) -> None:
+        reader = Redis(connection_pool=self.ledger.redis.connection_pool)
+        delay_s = RETRY_INITIAL_S
+        while True:
+            conn: AsyncConnection | None = None
+            try:
+                if not self.storage:
+                    await self.migrate()
+                conn = await self.database.connect_writer(
+                    f"dispatch-projector:{self.schema}:{self.owner}"
+                )
+                log.info("projector.started owner=%s storage=%s", self.owner, self.storage)
+                delay_s = RETRY_INITIAL_S
+                await self._project(Writer(conn, self.schema, self.storage), reader)
+            except (psycopg.OperationalError, redis_errors.ConnectionError, OSError) as exc:
+                log.warning(
+                    "projector.unavailable error=%s retry_in_s=%.1f",
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                    delay_s,
+                )
+            except schema.SchemaError as exc:
+                log.error("projector.migration.failed error=%s retry_in_s=%.1f", exc, delay_s)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, RETRY_MAX_S)
 
     async def _rebalance(self) -> None:
         while True:

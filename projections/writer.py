@@ -142,20 +142,8 @@ class Writer:
     ) -> Applied:
         conn, s = self.conn, self.schema
         await self._prepare()
-        await conn.execute(
-            _q(
-                "INSERT INTO {s}.positions (stream, entry_id) VALUES (%s, %s)"
-                " ON CONFLICT DO NOTHING",
-                s,
-            ),
-            (stream, START),
-        )
         async with conn.transaction():
-            cur = await conn.execute(
-                _q("SELECT entry_id FROM {s}.positions WHERE stream = %s FOR UPDATE", s), (stream,)
-            )
-            row = await cur.fetchone()
-            done = row[0] if row else START
+            done = await self._lock_position(stream)
             fresh = sorted(
                 (e for e in entries if entry_key(e.entry_id) > entry_key(done)),
                 key=lambda e: entry_key(e.entry_id),
@@ -173,7 +161,7 @@ class Writer:
                     len(gap.entries),
                 )
             # A long gap is applied on its own; the rest follows in the next batch.
-            whole = gap.complete and fresh
+            whole = gap.complete and bool(fresh)
             last = fresh[-1].entry_id if whole else gap.reached
             batch = _unique([*gap.entries, *fresh] if whole else gap.entries)
             days = await self._ensure_days(batch)
@@ -189,6 +177,23 @@ class Writer:
             )
         self.days |= days  # only once the partitions are committed
         return Applied(len(stored), last, len(gap.entries))
+
+    async def _lock_position(self, stream: str) -> str:
+        """The stream's stored position, row-locked: one writer per stream at a time."""
+        select = _q("SELECT entry_id FROM {s}.positions WHERE stream = %s FOR UPDATE", self.schema)
+        row = await (await self.conn.execute(select, (stream,))).fetchone()
+        if row is None:
+            # First batch of this stream: a concurrent first writer makes this wait.
+            await self.conn.execute(
+                _q(
+                    "INSERT INTO {s}.positions (stream, entry_id) VALUES (%s, %s)"
+                    " ON CONFLICT DO NOTHING",
+                    self.schema,
+                ),
+                (stream, START),
+            )
+            row = await (await self.conn.execute(select, (stream,))).fetchone()
+        return str(row[0]) if row else START
 
     async def _prepare(self) -> None:
         if self.conn in _prepared:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from projection_support import log_ids, pg, positions, roles, scalar, wait_caught_up
+from redis.asyncio import Redis
 
 from dispatch.settings import Settings
 from ledger.store import Ledger
@@ -15,10 +17,10 @@ from projections import loadgen
 from projections.logs import LogReader, decode
 from projections.schema import migrate
 from projections.verify import verify
-from projections.worker import Database
+from projections.worker import Database, Projector, ProjectorConfig
 from projections.writer import Writer
 
-from support import Processes
+from support import Processes, free_port
 
 
 async def stored_ids(settings: Settings) -> list[tuple[str, str]]:
@@ -213,3 +215,58 @@ async def test_two_projector_processes_share_the_partitions(
     await wait_caught_up(settings, ledger.redis, ledger.keys, timeout_s=60)
     final = await stored_ids(settings)
     assert len(final) == len(expected) and set(final) == expected
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, asyncio.CancelledError):
+        pass
+    finally:
+        writer.close()
+
+
+async def test_verdicts_go_on_while_postgres_is_down_and_projection_resumes(
+    settings: Settings,
+) -> None:
+    """Timeouts are safety-relevant: they must not wait for the audit database."""
+    port = free_port()  # nothing listens here yet: PostgreSQL is "down"
+    url = f"postgresql://127.0.0.1:{port}/test"
+    client = Redis.from_url(settings.redis_url)
+    ledger = Ledger(client, replace(settings.ledger(), ack_timeout_ms=300))
+    await ledger.start()
+    server: asyncio.Server | None = None
+    projector = Projector(ledger, url, ProjectorConfig(rebalance_interval_s=0.2))
+    task = asyncio.create_task(projector.run())
+    try:
+        [planned] = await loadgen.generate(ledger, range(8, 9))  # stays `routed`
+        deadline = time.monotonic() + 20
+        while (await ledger.lookup(planned.command_id)).status != "timed_out":  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "no verdict while PostgreSQL was down"
+            await asyncio.sleep(0.05)
+        assert projector.storage == "" and projector.verdicts >= 1
+
+        async def forward(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            pr, pw = await asyncio.open_connection("127.0.0.1", 5432)
+            await asyncio.gather(_pipe(r, pw), _pipe(pr, w))
+
+        server = await asyncio.start_server(forward, "127.0.0.1", port)  # PostgreSQL is back
+        await wait_caught_up(settings, client, ledger.keys, timeout_s=30)
+        conn = await pg(settings)
+        try:
+            cur = await conn.execute(
+                f'SELECT status FROM "{settings.namespace}".commands WHERE command_id = %s',
+                (planned.command_id,),
+            )
+            assert await cur.fetchone() == ("timed_out",)
+        finally:
+            await conn.close()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if server is not None:
+            server.close()
+        await ledger.close()
+        await client.aclose()
