@@ -53,7 +53,7 @@ async def measure(b: Bench, commands: int, batch: int) -> tuple[int, float, floa
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         database = Database(b.database_url, Roles.for_prefix(b.namespace))
-        report = await rebuild.rebuild(ledger, database, batch=max(batch, 2000))
+        report = await rebuild.rebuild(ledger, database, batch=batch)
         return total, incremental, report.seconds
     finally:
         await ledger.close()
@@ -74,7 +74,7 @@ def _drop(b: Bench) -> None:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench projector")
     parser.add_argument("--commands", type=int, default=20_000)
-    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=2000)
     args, _ = parser.parse_known_args(argv)
     with bench() as b:
         try:

@@ -351,7 +351,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--redis-url", help="default: DISPATCH_REDIS_URL or redis://127.0.0.1:6379/0")
     _database_flag(p)
-    p.add_argument("--batch", type=int, default=500, help="events per transaction (500)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=2000,
+        help="most events per stream per transaction (2000); a backlog fills batches, a quiet log does not wait for them",
+    )
     p.add_argument(
         "--migrate",
         action="store_true",

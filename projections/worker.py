@@ -45,7 +45,7 @@ RETRY_MAX_S = 10.0
 
 @dataclass(frozen=True, slots=True)
 class ProjectorConfig:
-    batch: int = 500
+    batch: int = 2000  # per stream and transaction; only a backlog fills a batch
     block_ms: int = 500
     verdict_interval_s: float = 0.1
     rebalance_interval_s: float = 2.0
@@ -207,7 +207,9 @@ class Projector:
 
     async def _project(self, writer: Writer, redis: Redis) -> None:
         ready: set[str] = set()
-        reader = LogReader(redis, batch=self.config.batch)
+        reader = LogReader(
+            redis, batch=self.config.batch, gap_limit=max(5000, 2 * self.config.batch)
+        )
         quiet_check: dict[str, float] = {}
         while True:
             streams = self._streams()
