@@ -6,7 +6,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import PoolTimeout
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
@@ -190,16 +192,19 @@ async def _audit_listing(request: Request, *, refusals: bool) -> Response:
         return problem(400, "invalid_query", str(exc))
     visible = await _visible_edges(state, user)
     schema = state.settings.namespace
-    if fmt is not None:
-        return _export(state, schema, query, visible, fmt)
     try:
         async with state.pg.connection() as conn:
+            if fmt is not None:
+                await queries.check_projected(conn, schema)
+                return _export(state, schema, query, visible, fmt)
             if isinstance(query, queries.RefusalQuery):
                 page = await queries.list_refusals(conn, schema, query, visible)
             else:
                 page = await queries.list_commands(conn, schema, query, visible)
     except queries.QueryError as exc:
         return problem(503, "unavailable", str(exc))
+    except (PoolTimeout, psycopg.OperationalError) as exc:
+        return problem(503, "unavailable", f"the audit database does not answer ({exc})")
     key = "rejections" if refusals else "commands"
     return JSONResponse({key: page.rows, "count": len(page.rows), "next_cursor": page.next_cursor})
 

@@ -282,6 +282,14 @@ async def _fetch(conn: AsyncConnection, statement: sql.Composed, args: list[Any]
         ) from None
 
 
+async def check_projected(conn: AsyncConnection, schema: str) -> None:
+    """Raise NotProjected before a streamed export starts, rather than halfway through."""
+    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}".commands',))
+    row = await cur.fetchone()
+    if not (row and row[0]):
+        raise NotProjected("the audit tables do not exist yet: start `dispatch projector`")
+
+
 async def list_commands(
     conn: AsyncConnection, schema: str, query: AuditQuery, visible: frozenset[str] | None
 ) -> Page:

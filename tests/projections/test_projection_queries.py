@@ -132,3 +132,14 @@ async def test_audit_command_line(
     bad = processes.dispatch("bad", "audit", "list", "--since", "soon")
     assert bad.popen.wait(30) == 1
     assert "`since` must be an ISO 8601 time" in bad.log()
+
+
+def test_before_any_projection_the_api_says_so(processes: Processes) -> None:
+    gw = processes.gateway()
+    token = user_token("auditor", view=["edge_00"])
+    for query in ("", "?format=csv", "?format=json"):
+        code, _, body = http("GET", f"{gw.http}/api/commands{query}", token)
+        assert code == 503, body
+        assert "start `dispatch projector`" in body["error"]["message"]
+    code, _, body = http("GET", f"{gw.http}/api/rejections", token)
+    assert code == 503
