@@ -203,7 +203,7 @@ async def test_two_projector_processes_share_the_partitions(
     async def holders() -> set[str]:
         owners = set()
         for p in ledger.keys.all_partitions():
-            owner = await ledger.redis.get(f"{ledger.keys.tag(p)}:projector-lease")
+            owner = await ledger.redis.get(ledger.keys.projector_lease(p))
             if owner:
                 owners.add(owner.decode())
         return owners
