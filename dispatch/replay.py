@@ -59,6 +59,17 @@ LEAD_S = 1.0  # between the sandbox being ready and the first submission
 POLL_S = 0.1
 
 
+# Settings the sandbox shares with the live gateway so it behaves the same (limits,
+# timeouts); identities, secrets, addresses and edge settings are its own.
+_INHERITED = (
+    "DISPATCH_REDIS_URL",
+    "DISPATCH_RATE_",
+    "DISPATCH_MAX_MESSAGE_BYTES",
+    "DISPATCH_PRESENCE_TTL_MS",
+    "DISPATCH_STATE_TTL_S",
+)
+
+
 class ReplayError(RuntimeError):
     """The replay cannot run; the message says why and what to do."""
 
@@ -310,7 +321,7 @@ class Sandbox:
         env = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith("DISPATCH_") or k in ("DISPATCH_REDIS_URL", "DISPATCH_DATABASE_URL")
+            if not k.startswith("DISPATCH_") or k.startswith(_INHERITED)
         }
         env.update(
             DISPATCH_REDIS_URL=self.live.redis_url,
