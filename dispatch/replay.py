@@ -40,11 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
 
 from dispatch.settings import Settings, SettingsError
 from dispatch.tokens import edge_claims, sign, user_claims
 from ledger import lifecycle
+from ledger.connection import AnyRedis, connect
 from ledger.errors import LedgerError
 from ledger.keys import Keys, check_id
 from ledger.store import EVENT_DECODER, Ledger, LedgerConfig, to_utc
@@ -63,6 +63,7 @@ POLL_S = 0.1
 # timeouts); identities, secrets, addresses and edge settings are its own.
 _INHERITED = (
     "DISPATCH_REDIS_URL",
+    "DISPATCH_REDIS_CLUSTER",
     "DISPATCH_RATE_",
     "DISPATCH_MAX_MESSAGE_BYTES",
     "DISPATCH_PRESENCE_TTL_MS",
@@ -446,7 +447,7 @@ class Sandbox:
         except urllib.error.HTTPError as exc:
             return int(exc.code), json.loads(exc.read() or b"{}")
 
-    async def stop(self, redis: Redis, *, keep: bool) -> None:
+    async def stop(self, redis: AnyRedis, *, keep: bool) -> None:
         for proc in reversed(self.procs):
             if proc.popen.poll() is None:
                 proc.popen.send_signal(signal.SIGTERM)
@@ -489,7 +490,7 @@ class ReplayOptions:
 
 
 @contextlib.asynccontextmanager
-async def _ledger(redis: Redis, config: LedgerConfig, url: str) -> AsyncIterator[Ledger]:
+async def _ledger(redis: AnyRedis, config: LedgerConfig, url: str) -> AsyncIterator[Ledger]:
     ledger = Ledger(redis, config, url=url)
     await ledger.start()
     try:
@@ -499,7 +500,7 @@ async def _ledger(redis: Redis, config: LedgerConfig, url: str) -> AsyncIterator
 
 
 async def replay(live_settings: Settings, options: ReplayOptions) -> Report:
-    redis = Redis.from_url(live_settings.redis_url)
+    redis = connect(live_settings.redis_url, cluster=live_settings.redis_cluster)
     try:
         async with _ledger(redis, live_settings.ledger(), live_settings.redis_url) as live:
             recorded = await read_window(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ledger.retention import RetentionConfig
 from ledger.store import LedgerConfig
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -30,6 +31,7 @@ class SettingsError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Settings:
     redis_url: str = DEFAULT_REDIS_URL
+    redis_cluster: bool = False  # DISPATCH_REDIS_CLUSTER=1: the URL names a cluster node
     database_url: str = DEFAULT_DATABASE_URL
     jwt_secret: str = ""
     namespace: str = "dispatch"
@@ -71,6 +73,10 @@ class Settings:
     outbox_frames: int = 1000
     # Kernel send buffer per connection in bytes (0: the kernel autotunes, up to MiBs).
     socket_send_buffer_bytes: int = 0
+    # Retention (docs/operations.md): kept at least this long even when acknowledged.
+    retain_log_s: int = 86_400
+    retain_edge_s: int = 3_600
+    retention_interval_s: int = 60
     # Audit projection (docs/audit.md): the writer role's own login (else the admin URL
     # plus SET ROLE), the prefix of the roles, and how long events are kept.
     projector_database_url: str = ""
@@ -99,6 +105,7 @@ class Settings:
             "state_ttl_s",
             "presence_ttl_ms",
             "max_message_bytes",
+            "retention_interval_s",
             "audit_retention_days",
         )
         for name in positive:
@@ -177,6 +184,18 @@ class Settings:
             presence_ttl_ms=self.presence_ttl_ms,
         )
 
+    def retention(self) -> RetentionConfig:
+        for name in ("retain_log_s", "retain_edge_s"):
+            if getattr(self, name) < 0:
+                raise SettingsError(
+                    f"DISPATCH_{name.upper()} must be 0 or more, got {getattr(self, name)}"
+                )
+        return RetentionConfig(
+            log_retain_s=self.retain_log_s,
+            edge_retain_s=self.retain_edge_s,
+            interval_s=self.retention_interval_s,
+        )
+
     def with_overrides(self, **overrides: Any) -> Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -202,6 +221,12 @@ class Settings:
                     raise SettingsError(
                         f"DISPATCH_{f.name.upper()}={raw!r} is not a number"
                     ) from None
+            elif f.type == "bool":
+                if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                    raise SettingsError(
+                        f"DISPATCH_{f.name.upper()}={raw!r} is not a yes/no value (use 1 or 0)"
+                    )
+                values[f.name] = raw.lower() in ("1", "true", "yes")
             elif f.type == "tuple[str, ...]":
                 values[f.name] = tuple(part.strip() for part in raw.split(",") if part.strip())
             else:

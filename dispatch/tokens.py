@@ -11,12 +11,12 @@ import uuid
 from typing import Any
 
 from joserfc import jws, jwt
-from redis.asyncio import Redis
 
 from dispatch.settings import Settings
 from gateway import grants
 from gateway.auth import ACCESS_TOKEN_TYPE, EDGE_TOKEN_TYPE, SAFE_USER_ID, signing_key
 from gateway.revocations import revoke_token
+from ledger.connection import connect
 from ledger.errors import translated
 from ledger.keys import Keys, check_id
 
@@ -80,7 +80,7 @@ def _group_name(value: str) -> str:
 
 
 async def _change_group(settings: Settings, args: argparse.Namespace) -> None:
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url, cluster=settings.redis_cluster)
     keys = Keys(settings.namespace, settings.partitions)
     try:
         async with translated("changing the site group", settings.redis_url):
@@ -97,7 +97,7 @@ def cmd_group(args: argparse.Namespace) -> int:
 
 
 async def enroll(settings: Settings, edge_id: str) -> None:
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url, cluster=settings.redis_cluster)
     try:
         async with translated("enrolling the edge", settings.redis_url):
             await redis.sadd(Keys(settings.namespace, settings.partitions).edges(), edge_id)
@@ -171,7 +171,7 @@ def revocation_target(value: str, default_until_s: float) -> tuple[str, float]:
 
 
 async def _revoke_token(settings: Settings, jti: str, until_s: float) -> None:
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url, cluster=settings.redis_cluster)
     try:
         async with translated("revoking the token", settings.redis_url):
             await revoke_token(redis, Keys(settings.namespace, settings.partitions), jti, until_s)
@@ -196,7 +196,7 @@ def cmd_revoke_token(args: argparse.Namespace) -> int:
 
 
 async def _change_grant(settings: Settings, args: argparse.Namespace, add: bool) -> None:
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url, cluster=settings.redis_cluster)
     keys = Keys(settings.namespace, settings.partitions)
     try:
         async with translated("changing grants", settings.redis_url):

@@ -12,9 +12,9 @@ from psycopg_pool import PoolTimeout
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
-from gateway import metrics
+from gateway import cancels, metrics
 from gateway.auth import AuthError, User, bearer_token, claimed
-from gateway.grants import CAN_CONTROL, CAN_VIEW
+from gateway.grants import CAN_VIEW
 from gateway.state import GatewayState
 from ledger.keys import SAFE_ID
 from ledger.store import CommandRecord, to_utc
@@ -135,21 +135,10 @@ async def cancel_command(request: Request) -> Response:
         user = await authenticate(request)
     except AuthError as exc:
         return problem(401, ErrorCode.UNAUTHENTICATED, str(exc))
-    command_id = request.path_params["command_id"]
-    edge_id = await state.ledger.edge_of(command_id) if _safe(command_id) else None
-    if edge_id is None:
-        return problem(404, "not_found", f"no command {command_id!r} in the ledger")
-    if await state.grants.allows(user, edge_id, CAN_CONTROL) is None:
-        return problem(403, ErrorCode.FORBIDDEN, f"no can_control on edge {edge_id!r}")
-    result = await state.ledger.cancel(command_id, user.actor)
-    if not result.applied:
-        return problem(
-            409,
-            "not_cancellable",
-            f"command {command_id!r} is {result.previous or 'unknown'}; only commands not yet "
-            "sent to the edge can be cancelled",
-        )
-    return JSONResponse({"command_id": command_id, "status": "cancelled"})
+    outcome = await cancels.cancel(state, user, request.path_params["command_id"])
+    return Response(
+        _encode(outcome.reply), status_code=outcome.http_status, media_type="application/json"
+    )
 
 
 def _safe(command_id: str) -> bool:
@@ -275,13 +264,15 @@ async def readyz(request: Request) -> Response:
     checks: dict[str, Any] = {}
     try:
         await state.redis.ping()
-        info = await state.redis.info("persistence")
-        aof = bool(int(info.get("aof_enabled", 0)))
-        checks["redis"] = {"ok": True, "aof_enabled": aof}
-        if not aof:
-            checks["redis"]["warning"] = (
-                "AOF is off: a Redis restart loses queued commands; enable appendonly"
-            )
+        persistence = await state.ledger.persistence()
+        checks["redis"] = {
+            "ok": True,
+            "persistence": persistence.mode,
+            "aof_enabled": persistence.aof_enabled,
+            "appendfsync": persistence.appendfsync,
+        }
+        if persistence.warning:
+            checks["redis"]["warning"] = persistence.warning
     except Exception as exc:
         checks["redis"] = {"ok": False, "error": str(exc)}
     try:

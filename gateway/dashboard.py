@@ -14,6 +14,7 @@ import logging
 import msgspec
 from starlette.websockets import WebSocket
 
+from gateway import cancels
 from gateway.auth import AuthError, claimed
 from gateway.handshake import credentials, origin_allowed, refuse
 from gateway.sessions import (
@@ -72,6 +73,13 @@ async def _read_commands(state: GatewayState, dash: DashboardSession) -> None:
     in_order = InOrder()
 
     async def handle(raw: bytes, binary: bool, turn: Turn) -> None:
+        if not binary and cancels.is_control_frame(raw):  # {"type": "cancel", ...}
+            # Only once every earlier frame is admitted: a cancel sent right behind its
+            # command must find it.
+            await turn.wait()
+            answer = await cancels.answer_frame(state, user, raw)
+            dash.outbox.put(_encode(answer.reply).decode())
+            return
         outcome = await intake.submit(raw, user, binary=binary, turn=turn)
         if outcome.rejected or not outcome.admitted:
             # Admitted commands answer through the lifecycle events of the ledger.

@@ -13,10 +13,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from gateway.auth import User
+from ledger.connection import AnyRedis
 from ledger.keys import SAFE_ID, Keys
 
 log = logging.getLogger("gateway.grants")
@@ -52,16 +52,16 @@ def _permits(perms: frozenset[str], permission: str) -> bool:
     return permission in perms or (permission == CAN_VIEW and CAN_CONTROL in perms)
 
 
-async def grant(redis: Redis, keys: Keys, user: str, scope: str, permission: str) -> None:
+async def grant(redis: AnyRedis, keys: Keys, user: str, scope: str, permission: str) -> None:
     await _change(redis, keys, user, scope, permission, add=True)
 
 
-async def revoke(redis: Redis, keys: Keys, user: str, scope: str, permission: str) -> None:
+async def revoke(redis: AnyRedis, keys: Keys, user: str, scope: str, permission: str) -> None:
     await _change(redis, keys, user, scope, permission, add=False)
 
 
 async def _change(
-    redis: Redis, keys: Keys, user: str, scope: str, permission: str, *, add: bool
+    redis: AnyRedis, keys: Keys, user: str, scope: str, permission: str, *, add: bool
 ) -> None:
     """Add or remove one permission; optimistic (WATCH) so concurrent changes never clash."""
     check_permission(permission)
@@ -86,7 +86,7 @@ async def _change(
 
 
 async def change_group(
-    redis: Redis, keys: Keys, group: str, edges: list[str], *, add: bool
+    redis: AnyRedis, keys: Keys, group: str, edges: list[str], *, add: bool
 ) -> None:
     """Add edges to (or remove them from) a site group; grants on it follow at once."""
     check_scope(GROUP_PREFIX + group)
@@ -111,7 +111,7 @@ def _split(raw: bytes | str | None) -> list[str]:
 
 @dataclass
 class GrantCache:
-    redis: Redis
+    redis: AnyRedis
     keys: Keys
     version: Any = None
     users: dict[str, dict[str, frozenset[str]]] = field(default_factory=dict)

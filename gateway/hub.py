@@ -15,12 +15,12 @@ import time
 from collections.abc import Iterable
 
 import msgspec
-from redis.asyncio import Redis
 
 from gateway import metrics
 from gateway.grants import GrantCache
 from gateway.revocations import Revocations
 from gateway.sessions import CloseCode, DashboardSession, EdgeSession, Outbox
+from ledger.connection import AnyRedis, is_cluster
 from ledger.ids import new_event_id
 from ledger.store import EVENT_DECODER, Ledger
 from ledger.tail import StreamTail
@@ -50,7 +50,7 @@ class Hub:
         self,
         ledger: Ledger,
         grants: GrantCache,
-        tail_redis: Redis,
+        tail_redis: AnyRedis,
         gateway_id: str,
         *,
         revocations: Revocations | None = None,
@@ -66,6 +66,9 @@ class Hub:
         self._watch_all: set[DashboardSession] = set()
         self._tail_redis = tail_redis
         self._dirty: set[str] = set()
+        # Edges whose last delivery failed: the script may have run (entries now pending)
+        # with its reply lost, so the retry reclaims pending entries too.
+        self._reclaim: set[str] = set()
         self._dirty_signal = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -77,10 +80,16 @@ class Hub:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        tail = StreamTail(self._tail_redis, self._streams)
-        await tail.start_at_end()
+        if is_cluster(self._tail_redis):
+            keys = self.ledger.keys
+            groups = [[keys.log(p), keys.wake(p)] for p in keys.all_partitions()]
+        else:
+            groups = [self._streams]  # one XREAD for everything
+        tails = [StreamTail(self._tail_redis, streams) for streams in groups]
+        for tail in tails:
+            await tail.start_at_end()
         self._tasks = [
-            asyncio.create_task(self._follow(tail), name="hub-tail"),
+            *(asyncio.create_task(self._follow(t), name="hub-tail") for t in tails),
             asyncio.create_task(self._deliveries(), name="hub-deliveries"),
             asyncio.create_task(self._housekeeping(), name="hub-housekeeping"),
         ]
@@ -164,11 +173,17 @@ class Hub:
             dirty, self._dirty = self._dirty, set()
             sessions = [s for e in dirty if (s := self.edges.get(e)) is not None and s.ready]
             results = await asyncio.gather(
-                *(self._deliver(s, claim=False) for s in sessions), return_exceptions=True
+                *(self._deliver(s, claim=s.edge_id in self._reclaim) for s in sessions),
+                return_exceptions=True,
             )
             failed = [s for s, r in zip(sessions, results, strict=True) if isinstance(r, Exception)]
+            for session in sessions:
+                if session not in failed:
+                    self._reclaim.discard(session.edge_id)
             for session in failed:
                 log.warning("edge.delivery.failed edge_id=%s", session.edge_id)
+                # Its reply may have been lost after Redis handed entries out: reclaim them.
+                self._reclaim.add(session.edge_id)
             if failed:
                 await asyncio.sleep(0.2)  # Redis trouble: retry those shortly, not in a hot loop
                 for session in failed:

@@ -14,15 +14,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
-
 from gateway.auth import AuthError
+from ledger.connection import AnyRedis
 from ledger.keys import Keys
 
 log = logging.getLogger("gateway.revocations")
 
 
-async def revoke_token(redis: Redis, keys: Keys, jti: str, until_s: float) -> None:
+async def revoke_token(redis: AnyRedis, keys: Keys, jti: str, until_s: float) -> None:
     """Refuse the token with this `jti` until `until_s` (its expiry, Unix seconds)."""
     now = time.time()
     async with redis.pipeline(transaction=True) as pipe:
@@ -34,7 +33,7 @@ async def revoke_token(redis: Redis, keys: Keys, jti: str, until_s: float) -> No
 
 @dataclass
 class Revocations:
-    redis: Redis
+    redis: AnyRedis
     keys: Keys
     version: Any = None
     jtis: frozenset[str] = field(default_factory=frozenset)

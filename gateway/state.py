@@ -9,7 +9,6 @@ import uuid
 from dataclasses import dataclass
 
 from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.requests import HTTPConnection
 
 from dispatch.settings import Settings
@@ -20,6 +19,7 @@ from gateway.intake import Intake
 from gateway.jwks import JwksSource
 from gateway.ratelimit import Rate, RateLimiter, RateLimits
 from gateway.revocations import Revocations
+from ledger.connection import AnyRedis, connect
 from ledger.errors import translated
 from ledger.ids import new_event_id
 from ledger.store import Ledger
@@ -33,8 +33,8 @@ log = logging.getLogger("gateway.state")
 class GatewayState:
     settings: Settings
     gateway_id: str
-    redis: Redis
-    tail_redis: Redis
+    redis: AnyRedis
+    tail_redis: AnyRedis
     ledger: Ledger
     auth: Authenticator
     grants: GrantCache
@@ -50,13 +50,14 @@ class GatewayState:
         gateway_id = settings.gateway_id or f"gw-{uuid.uuid4().hex[:8]}"
         # Bursts of handshakes wait for a pooled connection instead of failing; the hot
         # path goes through the ledger's batcher and needs only one or two of them.
-        redis = Redis(
-            connection_pool=BlockingConnectionPool.from_url(
-                settings.redis_url, max_connections=32, timeout=10
-            )
+        redis = connect(settings.redis_url, cluster=settings.redis_cluster)
+        # The tail blocks in XREAD: it gets connections of its own (one; one per
+        # partition on a cluster, where a multi-stream XREAD must stay in one slot).
+        tail_redis = connect(
+            settings.redis_url,
+            cluster=settings.redis_cluster,
+            max_connections=settings.partitions if settings.redis_cluster else 1,
         )
-        # The tail blocks in XREAD: it gets a connection of its own, and only one.
-        tail_redis = Redis.from_url(settings.redis_url, max_connections=1)
         ledger = Ledger(redis, settings.ledger(), url=settings.redis_url)
         await ledger.start()
         grants = GrantCache(redis, ledger.keys)

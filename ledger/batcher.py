@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
+from ledger.connection import AnyRedis
 from ledger.errors import LedgerUnavailable
 from ledger.scripts import ALL, Script
 
@@ -29,7 +29,7 @@ Call = tuple[Args, dict[str, Any]]
 
 class Batcher:
     def __init__(
-        self, redis: Redis, *, max_batch: int = 512, flushers: int = 1, url: str = ""
+        self, redis: AnyRedis, *, max_batch: int = 512, flushers: int = 1, url: str = ""
     ) -> None:
         self._redis = redis
         self._max_batch = max_batch

@@ -76,8 +76,13 @@ class Keys:
         return f"{self.tag(partition)}:expiries"
 
     def inflight(self, partition: int) -> str:
-        """HASH edge-stream entry id -> command id, to name commands whose entry vanished."""
+        """HASH `edge_id|entry id` -> command id of unsettled delivery entries (names a
+        command whose entry vanished)."""
         return f"{self.tag(partition)}:inflight"
+
+    def edge_streams(self, partition: int) -> str:
+        """SET of the partition's edges that have a delivery stream (for retention)."""
+        return f"{self.tag(partition)}:streams"
 
     def projector_lease(self, partition: int) -> str:
         """STRING: the projector process holding this partition (expires unless renewed)."""

@@ -9,16 +9,17 @@ on Redis Cluster) and then runs the admission script in the edge's partition.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
 
 from ledger import lifecycle, scripts
 from ledger.batcher import Batcher
+from ledger.connection import AnyRedis
 from ledger.errors import LedgerError, translated
 from ledger.ids import new_event_id
 from ledger.keys import Keys
@@ -39,6 +40,8 @@ from schemas.events import (
     status_of,
 )
 
+log = logging.getLogger("ledger.store")
+
 EVENT_DECODER = msgspec.json.Decoder(AnyEvent)
 EDGE_COMMAND_DECODER = msgspec.json.Decoder(EdgeCommand)
 _encode = msgspec.json.Encoder().encode
@@ -53,7 +56,9 @@ class LedgerConfig:
     state_ttl_s: int = 7 * 86_400
     presence_ttl_ms: int = 30_000
     delivery_batch: int = 100
-    audit_maxlen: int = 1_000_000
+    # Tests only: shifts the scripts' clock (Redis TIME cannot be advanced). Every
+    # process of a namespace must use the same value; production leaves it at 0.
+    clock_offset_ms: int = 0
 
 
 class SubmitOutcome(StrEnum):
@@ -97,6 +102,39 @@ class Delivery:
 
 
 @dataclass(frozen=True, slots=True)
+class TrimResult:
+    trimmed: int  # entries removed
+    floor: str  # the MINID used ('' when the stream was left alone)
+    skipped: int = 0  # unread entries of unsendable commands the edge group skipped
+
+
+@dataclass(frozen=True, slots=True)
+class Persistence:
+    """How Redis keeps the ledger across restarts (what /readyz reports)."""
+
+    aof_enabled: bool
+    appendfsync: str  # always | everysec | no | unknown (CONFIG may be disabled)
+    rdb_snapshots: bool | None
+
+    @property
+    def mode(self) -> str:
+        if self.aof_enabled:
+            return f"aof-{self.appendfsync}"
+        return "rdb-only" if self.rdb_snapshots else "none"
+
+    @property
+    def warning(self) -> str | None:
+        if not self.aof_enabled:
+            return (
+                "AOF is off: a Redis restart loses queued commands and their streams; "
+                "set `appendonly yes` (appendfsync everysec, see docs/operations.md)"
+            )
+        if self.appendfsync == "no":
+            return "appendfsync is `no`: the OS decides when the AOF reaches the disk"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class CommandRecord:
     command_id: str
     edge_id: str
@@ -117,9 +155,8 @@ def _statuses(values: frozenset[Status]) -> str:
 
 _LATE_FROM = _statuses(lifecycle.VERDICTS)
 _DELIVERABLE = _statuses(lifecycle.DELIVERABLE)
-_FINAL = _statuses(lifecycle.FINAL)
-_UNDELIVERED = _statuses(lifecycle.UNDELIVERED)
 _ALLOWED_FROM = {s: _statuses(lifecycle.allowed_from(s)) for s in Status}
+_LOST_FROM = _ALLOWED_FROM[Status.LOST]
 _ACK_STATUS = {
     "accepted": Status.DELIVERED,
     "executed": Status.EXECUTED,
@@ -132,12 +169,21 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def log_lost(command_id: str, edge_id: str, reason: str) -> None:
+    """The alarm line of a `lost` verdict (alert on it, and on dispatch_events_total)."""
+    log.error(
+        "command.lost command_id=%s edge_id=%s status=lost reason=%r", command_id, edge_id, reason
+    )
+
+
 def to_utc(ms: int) -> datetime:
     return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
 
 
 class Ledger:
-    def __init__(self, redis: Redis, config: LedgerConfig | None = None, *, url: str = "") -> None:
+    def __init__(
+        self, redis: AnyRedis, config: LedgerConfig | None = None, *, url: str = ""
+    ) -> None:
         self.redis = redis
         self.config = config or LedgerConfig()
         self.keys = Keys(self.config.namespace, self.config.partitions)
@@ -151,6 +197,10 @@ class Ledger:
 
     async def close(self) -> None:
         await self.batcher.close()
+
+    def _script(self, script: scripts.Script, keys: list[str], argv: list[Any]) -> Any:
+        """Run one of the ledger's scripts; every one takes the clock offset last."""
+        return self.batcher.script(script, keys, [*argv, self.config.clock_offset_ms])
 
     async def _check_partitions(self) -> None:
         meta = self.keys.meta()
@@ -230,7 +280,7 @@ class Ledger:
         p = k.partition(edge_id)
         if turn is not None:
             await turn.wait()
-        pending = self.batcher.script(
+        pending = self._script(
             scripts.SUBMIT,
             [
                 k.command(edge_id, cmd.command_id),
@@ -241,6 +291,7 @@ class Ledger:
                 k.expiries(p),
                 k.latest(edge_id),
                 k.inflight(p),
+                k.edge_streams(p),
             ],
             [
                 cmd.command_id,
@@ -265,24 +316,45 @@ class Ledger:
         return SubmitResult(SubmitOutcome(outcome), status, gateway)
 
     async def record_rejection(self, event: Rejected) -> None:
-        """Keep a refused input in the audit stream: who, what, when, why."""
-        await self.batcher.call(
-            "XADD",
-            self.keys.audit(),
-            "MAXLEN",
-            "~",
-            self.config.audit_maxlen,
-            "*",
-            "e",
-            _encode(event),
-        )
+        """Keep a refused input in the audit stream: who, what, when, why.
+
+        No MAXLEN here: the retention worker trims it once the projector stored it.
+        """
+        await self.batcher.call("XADD", self.keys.audit(), "*", "e", _encode(event))
 
     # -- delivery --------------------------------------------------------------------------
     async def deliver(self, edge_id: str, owner: str, *, claim: bool) -> list[Delivery] | None:
-        """Deliverable commands for the session `owner` of `edge_id`; None if it lost the edge."""
+        """Deliverable commands for the session `owner` of `edge_id`; None if it lost the edge.
+
+        `claim=True` (a new session) first reclaims everything an earlier session left
+        unacknowledged, then hands over the backlog with setpoints coalesced. Rounds
+        repeat until the stream holds nothing more or a full batch is ready.
+        """
+        out: list[Delivery] = []
+        cursor = "0-0" if claim else ""
+        for _ in range(self._MAX_DELIVERY_ROUNDS):
+            reply = await self._deliver_round(edge_id, owner, cursor, coalesce=claim)
+            if _text(reply[0]) != "ok":
+                return None
+            next_cursor, fresh_full, lost = _text(reply[1]), _text(reply[2]), _text(reply[3])
+            for command_id in lost.split():
+                log_lost(command_id, edge_id, "its pending delivery entry was deleted")
+            out.extend(
+                Delivery(_text(reply[i]), int(reply[i + 1]), bytes(reply[i + 2]))
+                for i in range(4, len(reply), 3)
+            )
+            claiming = claim and next_cursor != "0-0"
+            cursor = next_cursor if claiming else ""
+            if not claiming and (fresh_full != "1" or len(out) >= self.config.delivery_batch):
+                break
+        return out
+
+    _MAX_DELIVERY_ROUNDS = 1000
+
+    def _deliver_round(self, edge_id: str, owner: str, cursor: str, *, coalesce: bool) -> Any:
         k = self.keys
         p = k.partition(edge_id)
-        reply = await self.batcher.script(
+        return self._script(
             scripts.DELIVER,
             [
                 k.edge_stream(edge_id),
@@ -291,26 +363,22 @@ class Ledger:
                 k.deadlines(p),
                 k.expiries(p),
                 k.inflight(p),
+                k.latest(edge_id),
             ],
             [
                 edge_id,
                 owner,
-                "1" if claim else "0",
+                cursor,
                 self.config.delivery_batch,
                 self.config.ack_timeout_ms,
                 k.command_prefix(p),
                 new_event_id(),
                 "gateway:" + owner.split("|", 1)[0],
                 _DELIVERABLE,
-                _FINAL,
+                _LOST_FROM,
+                "1" if coalesce else "0",
             ],
         )
-        if _text(reply[0]) != "ok":
-            return None
-        return [
-            Delivery(_text(reply[i]), int(reply[i + 1]), bytes(reply[i + 2]))
-            for i in range(1, len(reply), 3)
-        ]
 
     async def transition(
         self,
@@ -328,7 +396,7 @@ class Ledger:
         p = k.partition(edge_id)
         if turn is not None:
             await turn.wait()
-        pending = self.batcher.script(
+        pending = self._script(
             scripts.TRANSITION,
             [
                 k.command(edge_id, command_id),
@@ -403,27 +471,109 @@ class Ledger:
 
     # -- verdicts ----------------------------------------------------------------------------
     async def reach_verdicts(self, partition: int, *, actor: str, limit: int = 500) -> int:
-        """Time out unacknowledged and expire undelivered commands that are due."""
+        """Time out unacknowledged and expire undelivered commands that are due.
+
+        Atomic per call and safe to run from any number of workers at once: each command
+        gets exactly one verdict. Repeats while a call found a full batch due.
+        """
         k = self.keys
-        reply = await self.batcher.script(
-            scripts.VERDICTS,
+        reached = 0
+        while True:
+            reply = await self._script(
+                scripts.VERDICTS,
+                [
+                    k.deadlines(partition),
+                    k.expiries(partition),
+                    k.log(partition),
+                    k.inflight(partition),
+                ],
+                [
+                    k.command_prefix(partition),
+                    k.edge_stream_prefix(partition),
+                    limit,
+                    new_event_id(),
+                    actor,
+                    self.config.ack_timeout_ms,
+                    _ALLOWED_FROM[Status.TIMED_OUT],
+                    _ALLOWED_FROM[Status.EXPIRED],
+                ],
+            )
+            reached += int(reply[0])
+            if int(reply[1]) < limit:
+                return reached
+
+    # -- retention ---------------------------------------------------------------------------
+    async def sweep_vanished(self, partition: int, *, actor: str, chunk: int = 500) -> list[str]:
+        """Give `lost` to every command whose delivery entry vanished before it was settled."""
+        k = self.keys
+        cursor, lost = "0", []
+        while True:
+            reply = await self._script(
+                scripts.SWEEP,
+                [
+                    k.inflight(partition),
+                    k.log(partition),
+                    k.deadlines(partition),
+                    k.expiries(partition),
+                ],
+                [
+                    cursor,
+                    chunk,
+                    k.command_prefix(partition),
+                    k.edge_stream_prefix(partition),
+                    new_event_id(),
+                    actor,
+                    _LOST_FROM,
+                ],
+            )
+            cursor = _text(reply[0])
+            for i in range(2, len(reply), 2):
+                command_id, edge_id = _text(reply[i]), _text(reply[i + 1])
+                log_lost(command_id, edge_id, "its delivery entry vanished from the edge stream")
+                lost.append(command_id)
+            if cursor == "0":
+                return lost
+
+    async def trim(
+        self, stream: str, *, keep_from: str, retain_ms: int, edge_id: str = "", partition: int = 0
+    ) -> TrimResult:
+        """XTRIM MINID below every group's pending/delivered position and `keep_from`.
+
+        `keep_from` is the oldest id another reader still needs ('+' for none);
+        `edge_id` names the edge of a delivery stream (its group may skip dead entries).
+        """
+        k = self.keys
+        inflight = k.inflight(partition) if edge_id else stream
+        reply = await self._script(
+            scripts.TRIM,
+            [stream, inflight],
             [
-                k.deadlines(partition),
-                k.expiries(partition),
-                k.log(partition),
-                k.inflight(partition),
-            ],
-            [
+                keep_from,
+                retain_ms,
+                edge_id,
                 k.command_prefix(partition),
-                k.edge_stream_prefix(partition),
-                limit,
-                new_event_id(),
-                actor,
-                self.config.ack_timeout_ms,
-                _UNDELIVERED,
+                _DELIVERABLE,
+                self.config.delivery_batch * 10,
             ],
         )
-        return int(reply)
+        return TrimResult(int(reply[0]), _text(reply[1]), int(reply[2]))
+
+    async def edges_with_streams(self, partition: int) -> list[str]:
+        return sorted(
+            _text(e) for e in await self.batcher.call("SMEMBERS", self.keys.edge_streams(partition))
+        )
+
+    async def persistence(self) -> Persistence:
+        """AOF and snapshot settings of the Redis that holds the ledger."""
+        info = await self.redis.info("persistence")
+        appendfsync, rdb = "unknown", None
+        try:
+            config = await self.redis.config_get("appendfsync", "save")
+            appendfsync = str(config.get("appendfsync", "unknown"))
+            rdb = bool(str(config.get("save", "")).strip())
+        except Exception:  # CONFIG is often disabled on managed Redis; report what we know
+            pass
+        return Persistence(bool(int(info.get("aof_enabled", 0))), appendfsync, rdb)
 
     # -- reading -----------------------------------------------------------------------------
     async def edge_of(self, command_id: str) -> str | None:

@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+
+from ledger.connection import AnyRedis
 
 log = logging.getLogger("ledger.tail")
 
@@ -21,7 +22,7 @@ Entry = tuple[str, bytes, dict[bytes, bytes]]  # stream, entry id, fields
 
 class StreamTail:
     def __init__(
-        self, redis: Redis, streams: Sequence[str], *, block_ms: int = 1000, count: int = 1000
+        self, redis: AnyRedis, streams: Sequence[str], *, block_ms: int = 1000, count: int = 1000
     ) -> None:
         self._redis = redis
         self._streams = list(streams)

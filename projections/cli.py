@@ -11,9 +11,9 @@ from typing import Any, TextIO
 
 import msgspec
 from psycopg import AsyncConnection, sql
-from redis.asyncio import Redis
 
 from dispatch.settings import Settings
+from ledger.connection import connect
 from ledger.errors import LedgerError
 from ledger.store import Ledger
 from projections import queries, rebuild, verify
@@ -55,7 +55,7 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 # -- dispatch projector -------------------------------------------------------------------
 async def _projector(settings: Settings, args: argparse.Namespace) -> int:
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url, cluster=settings.redis_cluster)
     ledger = Ledger(redis, settings.ledger(), url=settings.redis_url)
     await ledger.start()
     try:
@@ -68,6 +68,7 @@ async def _projector(settings: Settings, args: argparse.Namespace) -> int:
             config,
             writer_url=settings.projector_database_url,
             roles=roles_of(settings),
+            retention=settings.retention(),
         )
         if args.migrate:
             kind = await projector.migrate()

@@ -6,8 +6,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from redis.asyncio import Redis
-
+from ledger.connection import AnyRedis
 from ledger.store import EVENT_DECODER
 from projections.writer import Entry, Gap
 
@@ -43,7 +42,7 @@ def decode(stream: str, rows: Iterable[Any]) -> tuple[list[Entry], list[str]]:
 class LogReader:
     """Range reads of the ledger's streams (XRANGE), bounded per call."""
 
-    def __init__(self, redis: Redis, *, batch: int = 500, gap_limit: int = 5000) -> None:
+    def __init__(self, redis: AnyRedis, *, batch: int = 500, gap_limit: int = 5000) -> None:
         self.redis = redis
         self.batch = batch
         self.gap_limit = gap_limit

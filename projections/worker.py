@@ -4,8 +4,10 @@ For every partition it holds a lease on, it reads the lifecycle log with the
 `projector` consumer group (pending entries first, after a crash), writes each batch in
 one PostgreSQL transaction from the stored position on, then acknowledges it. The audit
 stream (refused inputs) is projected by whichever process holds partition 0, which also
-runs the retention sweep. Verdicts (`timed_out`, `expired`) are reached for held
-partitions by atomic ledger scripts, so each command gets exactly one.
+runs the audit tables' retention sweep. Verdicts (`timed_out`, `expired`) are reached
+for every partition by atomic ledger scripts (projections/verdicts.py), so each command
+gets exactly one; they need Redis only and go on while PostgreSQL is away. The Redis
+streams are trimmed below what is stored (projections/retention.py) for held partitions.
 
 It connects twice: once as the admin (DISPATCH_DATABASE_URL) to apply migrations, then
 as the writer role for everything else: DISPATCH_PROJECTOR_DATABASE_URL when set,
@@ -28,12 +30,16 @@ from psycopg import AsyncConnection, sql
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from ledger.connection import is_cluster
 from ledger.keys import PROJECTOR_GROUP
+from ledger.retention import RetentionConfig
 from ledger.store import Ledger
 from projections import schema
 from projections.leases import Leases
 from projections.logs import LogReader, decode
+from projections.retention import RetentionLoop
 from projections.schema import Roles
+from projections.verdicts import VerdictConfig, VerdictLoop
 from projections.writer import Gap, Writer
 
 log = logging.getLogger("projections.worker")
@@ -79,7 +85,6 @@ class _Upkeep:
 @dataclass
 class Progress:
     projected: int = 0
-    verdicts: int = 0
     batches: int = 0
     positions: dict[str, str] = field(default_factory=dict)
 
@@ -94,6 +99,7 @@ class Projector:
         owner: str = "",
         writer_url: str = "",
         roles: Roles | None = None,
+        retention: RetentionConfig | None = None,
     ) -> None:
         self.ledger = ledger
         self.config = config or ProjectorConfig()
@@ -102,18 +108,25 @@ class Projector:
         self.database = Database(
             database_url, roles or Roles.for_prefix(self.schema), writer_url=writer_url
         )
-        self.leases = Leases(ledger.redis, ledger.keys, self.owner)
+        self.leases = Leases(ledger.redis, ledger.keys, self.owner)  # type: ignore[arg-type]
         self.progress = Progress()
         self.storage = ""
         self._upkeep = _Upkeep()
+        actor = f"projector:{self.owner}"
+        self.verdicts = VerdictLoop(
+            ledger, actor, VerdictConfig(interval_s=self.config.verdict_interval_s)
+        )
+        self.retention = RetentionLoop(
+            ledger,
+            database_url,
+            lambda: set(self.leases.held),
+            retention or RetentionConfig(),
+            actor=actor,
+        )
 
     @property
     def projected(self) -> int:
         return self.progress.projected
-
-    @property
-    def verdicts(self) -> int:
-        return self.progress.verdicts
 
     async def migrate(self) -> str:
         """Apply migrations with the admin URL; with a writer login and a current schema,
@@ -145,13 +158,18 @@ class Projector:
         """Project and reach verdicts until cancelled. The verdicts never wait for
         PostgreSQL: while it is unreachable the audit side retries with backoff."""
         try:
-            await asyncio.gather(self._audit(), self._reach_verdicts(), self._rebalance())
+            await asyncio.gather(
+                self.verdicts.run(), self._audit(), self._rebalance(), self.retention.run()
+            )
         finally:
             with contextlib.suppress(Exception):
                 await self.leases.release_all()
 
     async def _audit(self) -> None:
-        reader = Redis(connection_pool=self.ledger.redis.connection_pool)
+        redis: Any = self.ledger.redis
+        # A blocking read gets a connection of its own (standalone); a cluster client
+        # routes each per-stream read to its node.
+        reader = redis if is_cluster(redis) else Redis(connection_pool=redis.connection_pool)
         delay_s = RETRY_INITIAL_S
         while True:
             conn: AsyncConnection | None = None
@@ -164,10 +182,16 @@ class Projector:
                 log.info("projector.started owner=%s storage=%s", self.owner, self.storage)
                 delay_s = RETRY_INITIAL_S
                 await self._project(Writer(conn, self.schema, self.storage), reader)
-            except (psycopg.OperationalError, redis_errors.ConnectionError, OSError) as exc:
+            except (psycopg.OperationalError, OSError) as exc:
                 log.warning(
-                    "projector.unavailable error=%s retry_in_s=%.1f",
-                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                    "projector.postgres.unavailable error=%s retry_in_s=%.1f; verdicts go on",
+                    _first_line(exc),
+                    delay_s,
+                )
+            except redis_errors.ConnectionError as exc:
+                log.warning(
+                    "projector.redis.unavailable error=%s retry_in_s=%.1f",
+                    _first_line(exc),
                     delay_s,
                 )
             except schema.SchemaError as exc:
@@ -226,13 +250,7 @@ class Projector:
                 ready.update(new)
             await self._maintain(writer)
             try:
-                reply: Any = await redis.xreadgroup(
-                    PROJECTOR_GROUP,
-                    CONSUMER,
-                    dict.fromkeys(streams, ">"),
-                    count=self.config.batch,
-                    block=self.config.block_ms,
-                )
+                reply = await self._read(redis, streams)
             except redis_errors.ResponseError as exc:
                 if "NOGROUP" in str(exc):
                     ready.clear()  # the stream was deleted; recreate its group
@@ -252,6 +270,29 @@ class Projector:
                     # another holder, or a swapped-in rebuild that is behind).
                     quiet_check[stream] = now + self.config.rebalance_interval_s
                     await self._catch_up(writer, redis, reader, stream)
+
+    async def _read(self, redis: Any, streams: list[str]) -> list[Any]:
+        """New entries of `streams`: one blocking read, or per stream on a Redis Cluster
+        (a multi-key read must stay within one hash slot)."""
+        if not is_cluster(redis):
+            reply: Any = await redis.xreadgroup(
+                PROJECTOR_GROUP,
+                CONSUMER,
+                dict.fromkeys(streams, ">"),
+                count=self.config.batch,
+                block=self.config.block_ms,
+            )
+            return list(reply or [])
+        replies = await asyncio.gather(
+            *(
+                redis.xreadgroup(PROJECTOR_GROUP, CONSUMER, {s: ">"}, count=self.config.batch)
+                for s in streams
+            )
+        )
+        found = [r[0] for r in replies if r]
+        if not found:
+            await asyncio.sleep(min(self.config.block_ms, 200) / 1000)
+        return found
 
     async def _drain_pending(
         self, writer: Writer, redis: Redis, reader: LogReader, stream: str
@@ -325,13 +366,7 @@ class Projector:
         except Exception as exc:
             log.warning("projector.upkeep.failed schema=%s error=%s", self.schema, exc)
 
-    async def _reach_verdicts(self) -> None:
-        while True:
-            for p in sorted(self.leases.held):
-                try:
-                    self.progress.verdicts += await self.ledger.reach_verdicts(
-                        p, actor=f"projector:{self.owner}"
-                    )
-                except Exception as exc:
-                    log.warning("projector.verdicts.failed partition=%d error=%s", p, exc)
-            await asyncio.sleep(self.config.verdict_interval_s)
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -22,6 +22,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_COMMAND = "unknown_command"
     SLOW_CONSUMER = "slow_consumer"  # the client read too slowly and was disconnected
     PROTOCOL_ERROR = "protocol_error"  # the WebSocket layer closed the connection
+    NOT_CANCELLABLE = "not_cancellable"  # a cancel that came after the command was sent
     # Edge-side validation and execution.
     EDGE_BUSY = "edge_busy"
     SUPERSEDED = "superseded"

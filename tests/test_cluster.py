@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import shutil
 import socket
@@ -12,12 +13,13 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import websockets
 from redis.asyncio.cluster import RedisCluster
 
 from ledger.store import Ledger, LedgerConfig, SubmitOutcome
 from schemas.commands import Ack, Command
 
-from support import command, wait_until
+from support import Processes, command, edge_token, user_token, wait_until
 
 pytestmark = [
     pytest.mark.slow,
@@ -150,3 +152,44 @@ async def test_transitions_are_single_slot_scripts_on_a_cluster(cluster_ledger: 
     for i in range(12):
         record = await cluster_ledger.lookup(f"c{i}")
         assert record is not None and record.status == ("executed" if i % 2 == 0 else "timed_out")
+
+
+async def test_gateways_serve_a_full_lifecycle_on_a_cluster(
+    cluster: list[int], processes: Processes
+) -> None:
+    processes.env["DISPATCH_REDIS_URL"] = f"redis://127.0.0.1:{cluster[0]}/0"
+    processes.env["DISPATCH_REDIS_CLUSTER"] = "1"
+    edge_id = "cluster_edge"
+    assert processes.dispatch("token", "token", "--edge", edge_id).popen.wait(20) == 0
+    gw_a, gw_b = processes.gateway(gateway_id="gw-a"), processes.gateway(gateway_id="gw-b")
+    token = user_token(control=[edge_id])
+    async with (
+        websockets.connect(
+            f"{gw_b.ws}/ws/edge/{edge_id}",
+            additional_headers={"Authorization": f"Bearer {edge_token(edge_id)}"},
+        ) as edge,
+        websockets.connect(
+            f"{gw_a.ws}/ws/dashboard", additional_headers={"Authorization": f"Bearer {token}"}
+        ) as dash,
+    ):
+        await asyncio.sleep(0.3)
+        body = command(edge_id=edge_id)
+        await dash.send(json.dumps(body))
+        msg = json.loads(await asyncio.wait_for(edge.recv(), 10))
+        assert msg["command_id"] == body["command_id"]
+        await edge.send(json.dumps({"command_id": msg["command_id"], "status": "accepted"}))
+        await edge.send(
+            json.dumps(
+                {
+                    "command_id": msg["command_id"],
+                    "status": "executed",
+                    "executed_at": None,
+                    "error": None,
+                }
+            )
+        )
+        seen: list[str] = []
+        while "executed" not in seen:
+            update = json.loads(await asyncio.wait_for(dash.recv(), 10))
+            seen.append(update["status"])
+        assert seen == ["issued", "authorized", "routed", "delivered", "executed"]

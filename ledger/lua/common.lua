@@ -1,8 +1,13 @@
 -- Prepended to every script. Every key a script touches shares the partition's hash
 -- tag, so each script is one atomic step even on Redis Cluster.
+
+-- Scripts of the ledger take a clock offset (ms) as their last ARGV and set this. It
+-- is 0 in production; tests shift time with it because Redis TIME cannot be advanced.
+local clock_offset_ms = 0
+
 local function now_ms()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + clock_offset_ms
 end
 
 -- Insert the Redis server time right after the event's tag field.
@@ -39,6 +44,25 @@ local function ensure_group(stream)
   end
 end
 
+-- `list` is a space-delimited set with spaces at both ends: ' queued routed '.
 local function member(list, value)
-  return value ~= nil and string.find(list, ' ' .. value .. ' ', 1, true) ~= nil
+  return value ~= nil and value ~= false and string.find(list, ' ' .. value .. ' ', 1, true) ~= nil
+end
+
+-- Field of the partition's inflight hash: entry ids are unique per stream only, and
+-- several edges' streams share one partition.
+local function inflight_field(edge, entry)
+  return edge .. '|' .. entry
+end
+
+-- Stream ids compare as (ms, seq) pairs.
+local function id_parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+
+local function id_less(a, b)
+  local am, as = id_parts(a)
+  local bm, bs = id_parts(b)
+  return am < bm or (am == bm and as < bs)
 end

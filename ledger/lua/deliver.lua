@@ -1,23 +1,34 @@
--- Hand an edge's deliverable commands to the gateway session that owns the edge:
--- with claim=1 (a new session) first reclaim what an earlier session left
--- unacknowledged (XAUTOCLAIM), then read new entries (XREADGROUP). Commands that are
--- no longer deliverable are settled (XACK), expired ones get their verdict, entries
--- that vanished (trimmed while pending) get a `lost` verdict.
--- KEYS: edge stream, log, presence, deadlines, expiries, inflight
--- ARGV: edge_id, owner, claim, count, ack timeout ms, command key prefix,
---       event id base, actor, deliverable statuses, final statuses
-local stream, log, presence, deadlines, expiries, inflight =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local edge, owner, count = ARGV[1], ARGV[2], tonumber(ARGV[4])
+-- Hand an edge's deliverable commands to the gateway session that owns the edge, in
+-- stream order. A new session first reclaims what an earlier one left unacknowledged
+-- (XAUTOCLAIM from the `claim` cursor; the caller repeats until the cursor is 0-0),
+-- then reads new entries (XREADGROUP). Along the way:
+--   * entries whose command is no longer deliverable are settled (XACK), never sent;
+--   * undelivered commands past their expiry get the `expired` verdict, never sent;
+--     a routed one past its expiry is not resent and keeps its ack deadline;
+--   * with coalesce=1 (a new session's backlog) a setpoint never handed to any session
+--     is superseded when a newer one for the same device/channel is pending or done;
+--   * entries deleted while pending (XAUTOCLAIM lists them) give the command `lost`.
+-- KEYS: edge stream, log, presence, deadlines, expiries, inflight, latest
+-- ARGV: edge_id, owner, claim cursor ('' = no reclaim), count, ack timeout ms,
+--       command key prefix, event id base, actor, deliverable statuses,
+--       lost-from statuses, coalesce (1/0), clock offset ms
+-- Returns: {'ok', next claim cursor, fresh batch full (1/0), lost ids (space separated),
+--           command_id, delivery count, body, ...} or {'not_owner'}
+local stream, log, presence, deadlines, expiries, inflight, latest =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local edge, owner, cursor, count = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local prefix, base, actor = ARGV[6], ARGV[7], ARGV[8]
-local deliverable, final = ARGV[9], ARGV[10]
+local deliverable, lost_from, coalesce = ARGV[9], ARGV[10], ARGV[11] == '1'
+clock_offset_ms = tonumber(ARGV[12])
+-- Statuses of a newer setpoint that make an older, never-sent one pointless.
+local supersedes = ' authorized queued routed delivered executed '
 
 if redis.call('GET', presence) ~= owner then return {'not_owner'} end
 ensure_group(stream)
 local now = now_ms()
 local entries, vanished = {}, {}
-if ARGV[3] == '1' then
-  local cursor = '0-0'
+local next_cursor = '0-0'
+if cursor ~= '' then
   repeat
     local res = redis.call('XAUTOCLAIM', stream, 'edge', edge, 0, cursor, 'COUNT', count)
     cursor = res[1]
@@ -26,31 +37,59 @@ if ARGV[3] == '1' then
     end
     for _, id in ipairs(res[3] or {}) do vanished[#vanished + 1] = id end
   until cursor == '0-0' or #entries >= count
+  next_cursor = cursor
 end
-local fresh = redis.call('XREADGROUP', 'GROUP', 'edge', edge, 'COUNT', count,
-  'STREAMS', stream, '>')
-if fresh then
-  for _, e in ipairs(fresh[1][2]) do entries[#entries + 1] = e end
+local fresh_full = '0'
+if next_cursor == '0-0' then
+  local fresh = redis.call('XREADGROUP', 'GROUP', 'edge', edge, 'COUNT', count,
+    'STREAMS', stream, '>')
+  if fresh then
+    for _, e in ipairs(fresh[1][2]) do entries[#entries + 1] = e end
+    if #fresh[1][2] >= count then fresh_full = '1' end
+  end
 end
 
-local out = {'ok'}
+local out = {'ok', next_cursor, fresh_full, ''}
+local lost = {}
 local function settle(id)
   redis.call('XACK', stream, 'edge', id)
-  redis.call('HDEL', inflight, id)
+  redis.call('HDEL', inflight, inflight_field(edge, id))
 end
+local function drop_timers(cid)
+  redis.call('ZREM', expiries, cid)
+  redis.call('ZREM', deadlines, cid)
+end
+local function superseded_by(s)
+  if not coalesce or s[3] ~= '0' or not s[4] or s[4] == '' then return nil end
+  local newest = redis.call('HGET', latest, s[4])
+  if not newest or newest == s[5] then return nil end
+  if member(supersedes, redis.call('HGET', prefix .. newest, 'status')) then return newest end
+  return nil
+end
+
 for i, e in ipairs(entries) do
   local id, fields = e[1], e[2]
   local cid, body = fields[2], fields[4]
   local state = prefix .. cid
-  local s = redis.call('HMGET', state, 'status', 'expires_at')
+  local s = redis.call('HMGET', state, 'status', 'expires_at', 'deliveries', 'coalesce')
+  s[5] = cid
+  local newest = member(deliverable, s[1]) and superseded_by(s)
   if not member(deliverable, s[1]) then
     settle(id)
   elseif now >= tonumber(s[2]) then
-    append(state, log, event('expired', now, base .. '-x' .. i, cid, edge, actor,
-      error_field('expired', 'not delivered before its expiry') .. ',"expires_at":' .. s[2]))
-    redis.call('HSET', state, 'status', 'expired')
-    redis.call('ZREM', expiries, cid)
-    redis.call('ZREM', deadlines, cid)
+    if s[1] ~= 'routed' then
+      append(state, log, event('expired', now, base .. '-x' .. i, cid, edge, actor,
+        error_field('expired', 'not delivered before its expiry') .. ',"expires_at":' .. s[2]))
+      redis.call('HSET', state, 'status', 'expired', 'expired_at', now)
+      drop_timers(cid)
+    end
+    settle(id)
+  elseif newest then
+    append(state, log, event('failed', now, base .. '-s' .. i, cid, edge, actor,
+      error_field('superseded', 'a newer setpoint for the same channel (' .. newest ..
+        ') replaced this one before the edge received it')))
+    redis.call('HSET', state, 'status', 'failed', 'failed_at', now)
+    drop_timers(cid)
     settle(id)
   else
     local n = redis.call('HINCRBY', state, 'deliveries', 1)
@@ -67,18 +106,19 @@ for i, e in ipairs(entries) do
   end
 end
 for i, id in ipairs(vanished) do
-  local cid = redis.call('HGET', inflight, id)
+  local cid = redis.call('HGET', inflight, inflight_field(edge, id))
   if cid then
     local state = prefix .. cid
-    local status = redis.call('HGET', state, 'status')
-    if status and not member(final, status) then
+    if member(lost_from, redis.call('HGET', state, 'status')) then
       append(state, log, event('lost', now, base .. '-l' .. i, cid, edge, actor,
-        error_field('lost', 'its delivery entry was deleted from the stream before the edge acknowledged it')))
-      redis.call('HSET', state, 'status', 'lost')
-      redis.call('ZREM', deadlines, cid)
-      redis.call('ZREM', expiries, cid)
+        error_field('lost', 'its delivery entry ' .. id .. ' was deleted from the stream ' ..
+          'before the edge acknowledged it')))
+      redis.call('HSET', state, 'status', 'lost', 'lost_at', now)
+      drop_timers(cid)
+      lost[#lost + 1] = cid
     end
   end
   settle(id)
 end
+out[4] = table.concat(lost, ' ')
 return out

@@ -1,14 +1,17 @@
 -- Admit an authorized command: record issued + authorized, put it on its edge's
 -- delivery stream, and mark it routed (edge online) or queued (offline).
--- KEYS: state, log, edge stream, presence, deadlines, expiries, latest, inflight
+-- KEYS: state, log, edge stream, presence, deadlines, expiries, latest, inflight,
+--       edge streams set
 -- ARGV: command_id, edge_id, digest, issued json, authorized json, edge body,
 --       expires_at ms, ack timeout ms, coalesce field, state ttl ms, event id base,
---       actor, command key prefix
+--       actor, command key prefix, clock offset ms
 local state, log, stream, presence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local deadlines, expiries, latest, inflight = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local deadlines, expiries, latest, inflight, streams = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local cid, edge, digest = ARGV[1], ARGV[2], ARGV[3]
 local expires_at = tonumber(ARGV[7])
+local field = ARGV[9]
 local base, actor = ARGV[11], ARGV[12]
+clock_offset_ms = tonumber(ARGV[14])
 
 local prior = redis.call('HMGET', state, 'digest', 'status')
 if prior[1] then
@@ -19,10 +22,11 @@ local now = now_ms()
 if now >= expires_at then return {'stale', tostring(now), ''} end
 
 ensure_group(stream)
+redis.call('SADD', streams, edge)
 local entry = redis.call('XADD', stream, '*', 'id', cid, 'c', ARGV[6])
 redis.call('HSET', state, 'digest', digest, 'edge', edge, 'body', ARGV[6], 'entry', entry,
-  'deliveries', 0, 'expires_at', expires_at, 'issued_at', now)
-redis.call('HSET', inflight, entry, cid)
+  'deliveries', 0, 'expires_at', expires_at, 'issued_at', now, 'coalesce', field)
+redis.call('HSET', inflight, inflight_field(edge, entry), cid)
 append(state, log, stamp(ARGV[4], now))
 append(state, log, stamp(ARGV[5], now))
 
@@ -39,22 +43,23 @@ else
   append(state, log, event('queued', now, base .. '-q', cid, edge, actor,
     ',"expires_at":' .. expires_at))
   redis.call('ZADD', expiries, expires_at, cid)
-  local field = ARGV[9]
-  if field ~= '' then
-    -- Coalesce: a newer setpoint for the same channel supersedes an older queued one.
-    local older = redis.call('HGET', latest, field)
-    if older then
-      local older_key = ARGV[13] .. older
-      if redis.call('HGET', older_key, 'status') == 'queued' then
-        append(older_key, log, event('failed', now, base .. '-s', older, edge, actor,
-          error_field('superseded', 'a newer setpoint for the same channel (' .. cid ..
-            ') replaced this one while the edge was offline')))
-        redis.call('HSET', older_key, 'status', 'failed')
-        redis.call('ZREM', expiries, older)
-      end
+end
+if field ~= '' then
+  -- Coalesce: a newer setpoint for the same channel supersedes an older one still
+  -- waiting for the edge to come back (routed ones are superseded at delivery, see
+  -- deliver.lua, unless they may already have reached the edge).
+  local older = redis.call('HGET', latest, field)
+  if older and status == 'queued' then
+    local older_key = ARGV[13] .. older
+    if redis.call('HGET', older_key, 'status') == 'queued' then
+      append(older_key, log, event('failed', now, base .. '-s', older, edge, actor,
+        error_field('superseded', 'a newer setpoint for the same channel (' .. cid ..
+          ') replaced this one while the edge was offline')))
+      redis.call('HSET', older_key, 'status', 'failed', 'failed_at', now)
+      redis.call('ZREM', expiries, older)
     end
-    redis.call('HSET', latest, field, cid)
   end
+  redis.call('HSET', latest, field, cid)
 end
 redis.call('HSET', state, 'status', status)
 redis.call('PEXPIRE', state, ARGV[10])

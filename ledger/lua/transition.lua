@@ -3,10 +3,11 @@
 -- KEYS: state, log, edge stream, deadlines, expiries, inflight
 -- ARGV: to status, allowed-from set, event json, edge_id ('' = any), settle (1 = XACK
 --       the delivery entry), terminal (1 = drop deadlines), late-from set, state ttl ms,
---       command_id
+--       command_id, clock offset ms
 local state, log, stream, deadlines, expiries, inflight =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local to, cid = ARGV[1], ARGV[9]
+clock_offset_ms = tonumber(ARGV[10])
 local cur = redis.call('HMGET', state, 'status', 'edge', 'entry')
 if not cur[1] then return {'unknown', ''} end
 if ARGV[4] ~= '' and cur[2] ~= ARGV[4] then return {'unknown', ''} end
@@ -23,7 +24,7 @@ append(state, log, json)
 redis.call('HSET', state, 'status', to, to .. '_at', now)
 if ARGV[5] == '1' and cur[3] then
   redis.call('XACK', stream, 'edge', cur[3])
-  redis.call('HDEL', inflight, cur[3])
+  redis.call('HDEL', inflight, inflight_field(cur[2], cur[3]))
 end
 redis.call('ZREM', expiries, cid)
 if ARGV[6] == '1' then redis.call('ZREM', deadlines, cid) end

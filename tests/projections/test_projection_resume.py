@@ -246,7 +246,7 @@ async def test_verdicts_go_on_while_postgres_is_down_and_projection_resumes(
         while (await ledger.lookup(planned.command_id)).status != "timed_out":  # type: ignore[union-attr]
             assert time.monotonic() < deadline, "no verdict while PostgreSQL was down"
             await asyncio.sleep(0.05)
-        assert projector.storage == "" and projector.verdicts >= 1
+        assert projector.storage == "" and projector.verdicts.reached >= 1
 
         async def forward(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             pr, pw = await asyncio.open_connection("127.0.0.1", 5432)
