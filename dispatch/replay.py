@@ -1,7 +1,8 @@
 """`dispatch replay`: re-run a window of an edge's recorded commands against a simulated edge.
 
 The window's commands are read from the ledger (the edge's partition log, outcomes from
-each command's state). A sandbox is started that shares nothing with the live system
+each command's state), or from the projected audit tables when retention has trimmed
+the log past the window's start. A sandbox is started that shares nothing with the live system
 but the Redis server: a fresh namespace `replay-<random>` (its own streams and keys), a
 private gateway process with its own signing secret, one `dispatch simulate-device` per
 Modbus device of the edge's capability config, a `dispatch edge` agent with an empty
@@ -40,6 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import psycopg
+from psycopg import sql
+from redis import exceptions as redis_errors
 
 from dispatch.settings import Settings, SettingsError
 from dispatch.tokens import edge_claims, sign, user_claims
@@ -156,6 +160,56 @@ async def _outcomes_from_log(
     return out
 
 
+async def log_covers(ledger: Ledger, edge_id: str, start_ms: int) -> bool:
+    """Whether the edge's partition log still holds everything from `start_ms` on.
+
+    Retention trims from the head: the window is intact when nothing was ever removed,
+    or when the first entry left is no later than the window's start.
+    """
+    stream = ledger.keys.log(ledger.keys.partition(edge_id))
+    try:
+        info: Any = await ledger.redis.xinfo_stream(stream)
+    except redis_errors.ResponseError:
+        return False  # no such stream (never written, or deleted)
+    if int(info.get("entries-added", 0)) == int(info.get("length", 0)):
+        return True
+    first = info.get("first-entry")
+    if not first:
+        return False
+    entry = first[0].decode() if isinstance(first[0], bytes) else str(first[0])
+    return int(entry.partition("-")[0]) <= start_ms
+
+
+async def read_window_from_audit(
+    settings: Settings, edge_id: str, start: datetime, end: datetime
+) -> list[Recorded]:
+    """The window from the projected history: `issued` payloads and command outcomes."""
+    statement = sql.SQL(
+        "SELECT e.payload, e.entry_id, c.status, c.error_code FROM {s}.events e"
+        " JOIN {s}.commands c USING (command_id)"
+        " WHERE e.chain = %s AND e.status = 'issued' AND e.at >= %s AND e.at <= %s"
+        " ORDER BY e.seq"
+    ).format(s=sql.Identifier(settings.namespace))
+    try:
+        async with await psycopg.AsyncConnection.connect(
+            settings.database_url, autocommit=True
+        ) as conn:
+            cur = await conn.execute(statement, (edge_id, start, end))
+            rows = await cur.fetchall()
+    except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+        return []  # nothing was ever projected
+    except psycopg.Error as exc:
+        raise ReplayError(
+            f"the ledger's log no longer reaches back to {_iso(start)} and the audit tables "
+            f"cannot be read ({str(exc).strip()}); check DISPATCH_DATABASE_URL"
+        ) from None
+    out = []
+    for payload, entry_id, status, error_code in rows:
+        event = msgspec.json.decode(payload.encode(), type=Issued)
+        out.append(Recorded(event.command, event.at, entry_id, Outcome(status, error_code)))
+    return out
+
+
 # -- the schedule (pure) -----------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Planned:
@@ -214,6 +268,7 @@ class Report:
     speed: float
     sandbox: str
     rows: list[tuple[Recorded, Outcome]] = field(default_factory=list)
+    source: str = "ledger"  # where the recorded window was read
 
     @property
     def different(self) -> int:
@@ -222,7 +277,8 @@ class Report:
     def lines(self) -> list[str]:
         head = (
             f"replay of edge {self.edge_id} from {_iso(self.start)} to {_iso(self.end)}: "
-            f"{len(self.rows)} commands at speed {self.speed:g} in sandbox {self.sandbox}"
+            f"{len(self.rows)} commands (recorded in the {self.source}) at speed "
+            f"{self.speed:g} in sandbox {self.sandbox}"
         )
         widths = (24, 24, 40, 28, 28)
         titles = ("COMMAND", "ISSUED (RECORDED)", "REQUEST", "RECORDED", "REPLAYED")
@@ -253,6 +309,7 @@ class Report:
             "to": _iso(self.end),
             "speed": self.speed,
             "sandbox": self.sandbox,
+            "source": self.source,
             "same": len(self.rows) - self.different,
             "different": self.different,
             "commands": [
@@ -503,23 +560,33 @@ async def replay(live_settings: Settings, options: ReplayOptions) -> Report:
     redis = connect(live_settings.redis_url, cluster=live_settings.redis_cluster)
     try:
         async with _ledger(redis, live_settings.ledger(), live_settings.redis_url) as live:
-            recorded = await read_window(
-                live,
-                options.edge_id,
-                int(options.start.timestamp() * 1000),
-                int(options.end.timestamp() * 1000),
-            )
+            start_ms = int(options.start.timestamp() * 1000)
+            end_ms = int(options.end.timestamp() * 1000)
+            source = "ledger"
+            if await log_covers(live, options.edge_id, start_ms):
+                recorded = await read_window(live, options.edge_id, start_ms, end_ms)
+            else:
+                # Retention trimmed the log past the window: the audit tables hold it.
+                source = "audit tables"
+                recorded = await read_window_from_audit(
+                    live_settings, options.edge_id, options.start, options.end
+                )
             if not recorded:
                 raise ReplayError(
                     f"no commands for edge {options.edge_id!r} were issued between "
                     f"{_iso(options.start)} and {_iso(options.end)} in namespace "
-                    f"{live_settings.namespace!r}"
+                    f"{live_settings.namespace!r} (read from the {source})"
                 )
             sandbox = Sandbox(
                 live_settings, options.edge_id, list(options.modbus), options.cycle_period_ms
             )
             report = Report(
-                options.edge_id, options.start, options.end, options.speed, sandbox.namespace
+                options.edge_id,
+                options.start,
+                options.end,
+                options.speed,
+                sandbox.namespace,
+                source=source,
             )
             config = replace(live_settings.ledger(), namespace=sandbox.namespace)
             try:

@@ -9,14 +9,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import redis
 import websockets
+from psycopg import sql
 
 from dispatch.replay import Outcome, Recorded, schedule
+from ledger.keys import Keys
 from schemas.commands import CommandType, EdgeCommand, Target
 
 from support import (
+    DATABASE_URL,
     DEMO_EDGE,
     REDIS_URL,
     Gateway,
@@ -78,6 +82,20 @@ def live_site(processes: Processes, tmp_path: Path) -> Gateway:
     return gw
 
 
+def projected(namespace: str, command_id: str) -> str | None:
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        try:
+            row = conn.execute(
+                sql.SQL("SELECT status FROM {}.commands WHERE command_id = %s").format(
+                    sql.Identifier(namespace)
+                ),
+                (command_id,),
+            ).fetchone()
+        except psycopg.errors.UndefinedTable:
+            return None
+    return row[0] if row else None
+
+
 def run_replay(processes: Processes, *args: str) -> tuple[int, dict[str, Any], str]:
     proc = processes.dispatch("replay", "replay", "--json", *args)
     code = proc.popen.wait(120)
@@ -128,6 +146,22 @@ async def test_replay_reproduces_a_rejected_then_corrected_setpoint(
     assert again["sandbox"] != report["sandbox"] and not leftover(again["sandbox"])
     # The live streams were only read.
     assert log_lengths(namespace) == before
+
+    assert report["source"] == "ledger"
+
+    # Weeks later retention has trimmed the ledger's log: the audit tables hold the window.
+    processes.dispatch("projector", "projector")
+    wait_until(lambda: projected(namespace, corrected) == "executed", 30, what="the projection")
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = Keys(namespace, 4)
+    log_key = keys.log(keys.partition(DEMO_EDGE))
+    client.xtrim(log_key, minid=f"{int(time.time() * 1000)}-0")
+    assert client.xlen(log_key) == 0
+    code3, late, out3 = run_replay(processes, *window)
+    assert code3 == 0, out3
+    assert late["source"] == "audit tables"
+    assert [c["recorded"] for c in late["commands"]] == [c["recorded"] for c in report["commands"]]
+    assert [c["replayed"] for c in late["commands"]] == [c["replayed"] for c in report["commands"]]
 
     # The human-readable form: side by side, one line per command.
     text = processes.dispatch("replay-text", "replay", *window)
