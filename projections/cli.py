@@ -109,6 +109,15 @@ async def _rebuild(ledger: Ledger, settings: Settings, args: argparse.Namespace)
                 if comparison.equal
                 else "differs from the live tables"
             )
+        lost = comparison.missing_events if comparison is not None else 0
+        if args.swap and lost and not args.force:
+            print(
+                f"not swapped: the live tables hold {lost} events the retained log no longer "
+                "has (trimmed by retention); swapping would drop them from the audit history. "
+                "Add --force to swap anyway.",
+                file=sys.stderr,
+            )
+            return 1
         if args.swap:
             previous = await rebuild.swap(conn, live, report.schema)
             note = f"; the previous tables are in schema {previous!r}" if previous else ""
@@ -374,6 +383,11 @@ def register(sub: Any) -> None:
         action="store_true",
         help="with --rebuild: replace the live tables with the rebuilt ones "
         "(the old ones stay in <namespace>_old_<time>)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --swap: swap even when the live tables hold events the log no longer has",
     )
     p.set_defaults(func=cmd_projector)
 

@@ -48,6 +48,7 @@ class Comparison:
     only_live: dict[str, int] = field(default_factory=dict)
     only_rebuilt: dict[str, int] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
+    missing_events: int = 0  # live events (by id) that the rebuilt tables do not have
 
     @property
     def equal(self) -> bool:
@@ -159,6 +160,14 @@ async def compare(conn: AsyncConnection, live: str, rebuilt: str) -> Comparison:
         )
         row = await cur.fetchone()
         result.rows[table] = int(row[0]) if row else 0
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT count(*) FROM {a}.events l WHERE NOT EXISTS"
+            " (SELECT 1 FROM {b}.events r WHERE r.event_id = l.event_id AND r.at = l.at)"
+        ).format(a=sql.Identifier(live), b=sql.Identifier(rebuilt))
+    )
+    row = await cur.fetchone()
+    result.missing_events = int(row[0]) if row else 0
     return result
 
 

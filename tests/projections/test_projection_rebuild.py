@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from projection_support import pg, roles, running, scalar, wait_caught_up
@@ -71,6 +72,23 @@ async def test_rebuild_equals_incremental_projection(
             target,
         )
         assert owner == roles(settings).owner
+    finally:
+        await conn.close()
+
+    # Retention trimmed the log: a swap would drop history, so it is refused.
+    stream = ledger.keys.log(0)
+    rows: Any = await ledger.redis.xrange(stream, "-", "+", count=50)
+    trimmed = await ledger.redis.xtrim(stream, minid=rows[-1][0].decode(), approximate=False)
+    assert trimmed == 49
+    refused = processes.dispatch("rebuild-swap", "projector", "--rebuild", "--swap")
+    assert refused.popen.wait(120) == 1, refused.log()
+    assert "not swapped: the live tables hold 49 events the retained log" in refused.log()
+    conn = await pg(settings)
+    try:
+        assert (
+            await scalar(conn, "SELECT count(*) FROM {s}.commands", schema=settings.namespace)
+            == 1600
+        )
     finally:
         await conn.close()
 
