@@ -1,11 +1,13 @@
 """Pipelining across concurrent callers: one Redis round trip serves many commands.
 
-Every coroutine that needs Redis on the hot path calls `Batcher.call(...)`; one
-flusher task sends whatever has accumulated as one non-transactional pipeline. When
-idle a call costs one round trip; under load a round trip carries hundreds of calls,
-which is what lets one gateway core keep up (see FACTS: ~11 µs per pipelined command
-against ~40 µs per sequential round trip). With the single flusher, calls reach Redis
-in the order they were made, which ledger/ordering.py relies on.
+Every coroutine that needs Redis on the hot path calls `Batcher.call(...)` or
+`Batcher.script(...)`; a flusher task per lane sends whatever has accumulated as one
+non-transactional pipeline. When idle a call costs one round trip; under load a round
+trip carries hundreds of calls, which is what lets one gateway core keep up (see FACTS:
+~11 µs per pipelined command against ~40 µs per sequential round trip). Two lanes let
+Redis execute one pipeline while Python parses the other. Scripts go to the lane of
+their hash slot, so transitions of one partition reach Redis in the order they were
+made, which ledger/ordering.py relies on.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis import exceptions as redis_errors
+from redis.crc import key_slot
 
 from ledger.connection import AnyRedis
 from ledger.errors import LedgerUnavailable
@@ -27,23 +30,29 @@ Args = tuple[Any, ...]
 Call = tuple[Args, dict[str, Any]]
 
 
+class _Lane:
+    """One flusher: its calls reach Redis in the order they were made."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Call, asyncio.Future[Any]]] = []
+        self.wakeup = asyncio.Event()
+
+
 class Batcher:
     def __init__(
-        self, redis: AnyRedis, *, max_batch: int = 512, flushers: int = 1, url: str = ""
+        self, redis: AnyRedis, *, max_batch: int = 512, lanes: int = 2, url: str = ""
     ) -> None:
         self._redis = redis
         self._max_batch = max_batch
-        self._flushers = flushers
+        self._lanes = [_Lane() for _ in range(lanes)]
         self._url = url
-        self._pending: list[tuple[Call, asyncio.Future[Any]]] = []
-        self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         await self.load_scripts()
         self._tasks = [
-            asyncio.create_task(self._run(), name=f"ledger-batcher-{i}")
-            for i in range(self._flushers)
+            asyncio.create_task(self._run(lane), name=f"ledger-batcher-{i}")
+            for i, lane in enumerate(self._lanes)
         ]
 
     async def close(self) -> None:
@@ -51,10 +60,11 @@ class Batcher:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        for _, fut in self._pending:
-            if not fut.done():
-                fut.set_exception(LedgerUnavailable("the ledger is shutting down"))
-        self._pending.clear()
+        for lane in self._lanes:
+            for _, fut in lane.pending:
+                if not fut.done():
+                    fut.set_exception(LedgerUnavailable("the ledger is shutting down"))
+            lane.pending.clear()
 
     async def load_scripts(self) -> None:
         try:
@@ -68,32 +78,41 @@ class Batcher:
             ) from exc
 
     def call(self, *args: Any, **options: Any) -> asyncio.Future[Any]:
-        """Queue one Redis command; the future resolves with its reply or raises.
+        """Queue one Redis command whose order against others does not matter.
 
         `options` reach redis-py's reply parser (e.g. `get=True` for SET ... GET).
         """
-        if not self._tasks:
-            raise LedgerUnavailable("the ledger batcher is not running (call start() first)")
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(((args, options), fut))
-        self._wakeup.set()
-        return fut
+        return self._enqueue(min(self._lanes, key=lambda lane: len(lane.pending)), args, options)
 
     def script(
         self, script: Script, keys: Sequence[str], argv: Sequence[Any]
     ) -> asyncio.Future[Any]:
-        return self.call("EVALSHA", script.sha, len(keys), *keys, *argv)
+        """Queue a ledger script; scripts on the same hash slot run in call order.
 
-    async def _run(self) -> None:
+        Every key of a transition shares its partition's slot, so a partition's
+        transitions stay in order while other partitions' pipelines overlap with them.
+        """
+        lane = self._lanes[key_slot(keys[0].encode()) % len(self._lanes)]
+        return self._enqueue(lane, ("EVALSHA", script.sha, len(keys), *keys, *argv), {})
+
+    def _enqueue(self, lane: _Lane, args: Args, options: dict[str, Any]) -> asyncio.Future[Any]:
+        if not self._tasks:
+            raise LedgerUnavailable("the ledger batcher is not running (call start() first)")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        lane.pending.append(((args, options), fut))
+        lane.wakeup.set()
+        return fut
+
+    async def _run(self, lane: _Lane) -> None:
         while True:
-            await self._wakeup.wait()
-            if not self._pending:
-                self._wakeup.clear()
+            await lane.wakeup.wait()
+            if not lane.pending:
+                lane.wakeup.clear()
                 continue
-            batch = self._pending[: self._max_batch]
-            del self._pending[: self._max_batch]
-            if not self._pending:
-                self._wakeup.clear()
+            batch = lane.pending[: self._max_batch]
+            del lane.pending[: self._max_batch]
+            if not lane.pending:
+                lane.wakeup.clear()
             await self._flush(batch)
 
     async def _flush(self, batch: list[tuple[Call, asyncio.Future[Any]]]) -> None:

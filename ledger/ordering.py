@@ -3,9 +3,10 @@
 A dashboard or edge connection may have many frames in flight: their checks (rate
 limits, grants, the command-id claim) run concurrently, but each frame's ledger write
 waits for its `Turn`, which opens once every earlier frame of that connection has
-*enqueued* its write (or finished). The batcher sends calls to Redis in the order they
-were made, so the writes reach Redis in arrival order: setpoint A then B for the same
-channel can never be admitted as B then A.
+*enqueued* its write (or finished). The batcher sends the scripts of one hash slot
+(one partition, hence one edge) in the order they were made, so each edge's writes
+reach Redis in arrival order: setpoint A then B for the same channel can never be
+admitted as B then A.
 """
 
 from __future__ import annotations
