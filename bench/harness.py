@@ -139,6 +139,12 @@ class Bench:
             psycopg.connect(self.database_url, autocommit=True) as conn,
         ):
             conn.execute(f'DROP SCHEMA IF EXISTS "{self.namespace}" CASCADE')
+            # The projector's roles (`<namespace>_owner|_projector|_reader`) are cluster-wide.
+            for (role,) in conn.execute(
+                "SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (self.namespace + "\\_%",)
+            ).fetchall():
+                conn.execute(f'DROP OWNED BY "{role}" CASCADE')
+                conn.execute(f'DROP ROLE "{role}"')
 
 
 @contextlib.contextmanager

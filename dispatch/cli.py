@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from dispatch import demo, tokens
+from dispatch import demo, replay, tokens
 from dispatch.settings import SettingsError
 from edge import cli as edge_cli
 from gateway import cli as gateway_cli
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     projections_cli.register(sub)
     tokens.register(sub)
     demo.register(sub)
+    replay.register(sub)
     return parser
 
 

@@ -77,13 +77,21 @@ class Settings:
     retain_log_s: int = 86_400
     retain_edge_s: int = 3_600
     retention_interval_s: int = 60
+    # Audit projection (docs/audit.md): the writer role's own login (else the admin URL
+    # plus SET ROLE), the prefix of the roles, and how long events are kept.
+    projector_database_url: str = ""
+    db_role_prefix: str = ""
+    audit_retention_days: int = 400
 
     def __post_init__(self) -> None:
         for name, scheme in (
             ("redis_url", ("redis", "rediss", "unix")),
             ("database_url", ("postgresql", "postgres")),
+            ("projector_database_url", ("postgresql", "postgres")),
         ):
             value = getattr(self, name)
+            if name == "projector_database_url" and not value:
+                continue
             if urlsplit(value).scheme not in scheme:
                 raise SettingsError(
                     f"DISPATCH_{name.upper()}={value!r} is not a {scheme[0]}:// URL; "
@@ -98,6 +106,7 @@ class Settings:
             "presence_ttl_ms",
             "max_message_bytes",
             "retention_interval_s",
+            "audit_retention_days",
         )
         for name in positive:
             if getattr(self, name) <= 0:

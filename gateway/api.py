@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import PoolTimeout
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from gateway import cancels, metrics
 from gateway.auth import AuthError, User, bearer_token, claimed
@@ -143,6 +146,16 @@ def _safe(command_id: str) -> bool:
 
 
 async def list_commands(request: Request) -> Response:
+    """Audit history from the projection: a page, or (`format=csv|json`) every match."""
+    return await _audit_listing(request, refusals=False)
+
+
+async def list_rejections(request: Request) -> Response:
+    """Inputs the gateway refused before admission (they never became commands)."""
+    return await _audit_listing(request, refusals=True)
+
+
+async def _audit_listing(request: Request, *, refusals: bool) -> Response:
     state = _state(request)
     try:
         user = await authenticate(request)
@@ -150,21 +163,73 @@ async def list_commands(request: Request) -> Response:
         return problem(401, ErrorCode.UNAUTHENTICATED, str(exc))
     if state.pg is None:
         return problem(503, "unavailable", "the audit database is not configured")
+    params = request.query_params
+    fmt = params.get("format") or None
+    if fmt is not None and fmt not in queries.FORMATS:
+        return problem(
+            400,
+            "invalid_query",
+            f"`format` must be one of {list(queries.FORMATS)}, got {fmt[:16]!r}",
+        )
     try:
-        query = queries.AuditQuery.from_params(request.query_params)
+        query: queries.AuditQuery | queries.RefusalQuery = (
+            queries.RefusalQuery.from_params(params, export=fmt is not None)
+            if refusals
+            else queries.AuditQuery.from_params(params, export=fmt is not None)
+        )
     except queries.QueryError as exc:
         return problem(400, "invalid_query", str(exc))
     visible = await _visible_edges(state, user)
+    schema = state.settings.namespace
     try:
         async with state.pg.connection() as conn:
-            rows = await queries.list_commands(conn, state.settings.namespace, query, visible)
+            if fmt is not None:
+                await queries.check_projected(conn, schema)
+                return _export(state, schema, query, visible, fmt)
+            if isinstance(query, queries.RefusalQuery):
+                page = await queries.list_refusals(conn, schema, query, visible)
+            else:
+                page = await queries.list_commands(conn, schema, query, visible)
     except queries.QueryError as exc:
         return problem(503, "unavailable", str(exc))
-    return JSONResponse({"commands": rows, "count": len(rows)})
+    except (PoolTimeout, psycopg.OperationalError) as exc:
+        return problem(503, "unavailable", f"the audit database does not answer ({exc})")
+    key = "rejections" if refusals else "commands"
+    return JSONResponse({key: page.rows, "count": len(page.rows), "next_cursor": page.next_cursor})
+
+
+def _export(
+    state: GatewayState,
+    schema: str,
+    query: queries.AuditQuery | queries.RefusalQuery,
+    visible: frozenset[str] | None,
+    fmt: str,
+) -> Response:
+    pool = state.pg
+    assert pool is not None
+
+    async def body() -> AsyncIterator[bytes]:
+        async with pool.connection() as conn:
+            if isinstance(query, queries.RefusalQuery):
+                rows = queries.export_refusals(conn, schema, query, visible)
+                columns = queries.REFUSAL_COLUMNS
+            else:
+                rows = queries.export_commands(conn, schema, query, visible)
+                columns = queries.COLUMNS
+            async for chunk in queries.encode_export(rows, columns, fmt):
+                yield chunk
+
+    name = "rejections" if isinstance(query, queries.RefusalQuery) else "commands"
+    media = "text/csv; charset=utf-8" if fmt == "csv" else "application/json"
+    return StreamingResponse(
+        body(),
+        media_type=media,
+        headers={"Content-Disposition": f'attachment; filename="{name}.{fmt}"'},
+    )
 
 
 async def _visible_edges(state: GatewayState, user: User) -> frozenset[str] | None:
-    """Edges the user may view; None means all of them."""
+    """Edges the user may view; None means all of them (an auditor: `*` in a grant/claim)."""
     return await state.grants.visible_edges(user)
 
 

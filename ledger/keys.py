@@ -84,6 +84,10 @@ class Keys:
         """SET of the partition's edges that have a delivery stream (for retention)."""
         return f"{self.tag(partition)}:streams"
 
+    def projector_lease(self, partition: int) -> str:
+        """STRING: the projector process holding this partition (expires unless renewed)."""
+        return f"{self.tag(partition)}:projector-lease"
+
     # -- per edge / per command (partition derived from the edge) ------------------------
     def partition(self, edge_id: str) -> int:
         return partition_of(edge_id, self.partitions)
@@ -143,6 +147,10 @@ class Keys:
     def revoked_version(self) -> str:
         """Counter bumped by every token revocation: gateways poll it to reload the list."""
         return f"{self.namespace}:{{auth}}:revoked-version"
+
+    def projectors(self) -> str:
+        """ZSET projector process -> last heartbeat (ms): who shares the partitions."""
+        return f"{self.namespace}:projectors"
 
     def meta(self) -> str:
         """HASH deployment facts that must not change under a running system."""

@@ -42,10 +42,10 @@ class Leases:
         self._release = redis.register_script(RELEASE)
 
     def _lease(self, partition: int) -> str:
-        return f"{self.keys.tag(partition)}:projector-lease"
+        return self.keys.projector_lease(partition)
 
     def _members(self) -> str:
-        return f"{self.keys.namespace}:projectors"
+        return self.keys.projectors()
 
     async def rebalance(self) -> set[int]:
         """Renew held leases, take free ones up to the fair share, shed any excess."""

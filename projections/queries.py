@@ -1,24 +1,43 @@
-"""Auditor queries over the projected history (`GET /api/commands`, `dispatch audit`)."""
+"""Auditor queries over the projected history (`GET /api/commands`, `dispatch audit`).
+
+Pages are newest first and use keyset pagination: the opaque cursor names the last row
+of a page by (issued_at, command_id), so pages stay stable while new commands arrive.
+Exports stream every matching row in chunks (CSV or a JSON array) without one large
+transaction.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import base64
+import csv
+import io
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+import msgspec
 from psycopg import AsyncConnection, sql
-from psycopg.errors import UndefinedTable
+from psycopg.errors import InvalidSchemaName, UndefinedFunction, UndefinedTable
 from psycopg.rows import dict_row
 
 from ledger.keys import SAFE_ID
+from projections.schema import REFUSALS_CHAIN
+from schemas.commands import CommandType
 from schemas.events import Status
 
 MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+EXPORT_CHUNK = 1000
+FORMATS = ("csv", "json")
 
 
 class QueryError(ValueError):
     """A filter that cannot be applied; the message names it."""
+
+
+class NotProjected(QueryError):
+    """The audit tables do not exist (yet)."""
 
 
 def _time(name: str, raw: str | None) -> datetime | None:
@@ -27,59 +46,206 @@ def _time(name: str, raw: str | None) -> datetime | None:
     try:
         value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
-        raise QueryError(f"`{name}` must be an ISO 8601 time, got {raw!r}") from None
+        raise QueryError(f"`{name}` must be an ISO 8601 time, got {raw[:64]!r}") from None
     if value.tzinfo is None:
-        raise QueryError(f"`{name}` needs a timezone (e.g. 2026-02-15T14:30:00Z), got {raw!r}")
+        raise QueryError(f"`{name}` needs a timezone (e.g. 2026-02-15T14:30:00Z), got {raw[:64]!r}")
     return value
+
+
+def _choice(name: str, raw: str | None, allowed: list[str]) -> str | None:
+    if not raw:
+        return None
+    if raw not in allowed:
+        raise QueryError(f"`{name}` must be one of {allowed}, got {raw[:64]!r}")
+    return raw
+
+
+def _limit(raw: str | None, default: int | None) -> int | None:
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise QueryError(f"`limit` must be a whole number from 1 to {MAX_LIMIT}, got {raw[:16]!r}")
+    return int(raw)
+
+
+def _text_filter(name: str, raw: str | None) -> str | None:
+    if not raw:
+        return None
+    if len(raw) > 128:
+        raise QueryError(f"`{name}` is longer than 128 characters")
+    return raw
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where a page ended: the sort key of its last row."""
+
+    at: datetime
+    key: str
+
+    def encode(self) -> str:
+        raw = msgspec.json.encode([self.at.isoformat(), self.key])
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, raw: str) -> Cursor:
+        try:
+            padded = raw + "=" * (-len(raw) % 4)
+            at, key = msgspec.json.decode(base64.urlsafe_b64decode(padded), type=tuple[str, str])
+            moment = datetime.fromisoformat(at)
+        except Exception:
+            raise QueryError(
+                f"`cursor` {raw[:64]!r} is not a cursor from a previous page; "
+                "pass `next_cursor` unchanged"
+            ) from None
+        if moment.tzinfo is None:
+            raise QueryError("`cursor` is damaged (time without zone)")
+        return cls(moment, key)
 
 
 @dataclass(frozen=True, slots=True)
 class AuditQuery:
+    """Filters of `GET /api/commands` and `dispatch audit list|export`."""
+
     edge_id: str | None = None
-    source: str | None = None
+    source: str | None = None  # as claimed in the command
+    user: str | None = None  # who was authenticated (the actor `user:<id>`)
     status: str | None = None
     command_type: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-    limit: int = 100
+    since: datetime | None = None  # issued at or after
+    until: datetime | None = None  # issued before
+    limit: int | None = DEFAULT_LIMIT
+    cursor: Cursor | None = None
 
     @classmethod
-    def from_params(cls, params: Mapping[str, str]) -> AuditQuery:
+    def from_params(cls, params: Mapping[str, str], *, export: bool = False) -> AuditQuery:
         edge_id = params.get("edge_id") or None
         if edge_id is not None and not SAFE_ID.match(edge_id):
             raise QueryError(f"`edge_id` {edge_id[:64]!r} is not a valid edge id")
-        status = params.get("status") or None
-        if status is not None and status not in {s.value for s in Status}:
-            raise QueryError(f"`status` must be one of {sorted(s.value for s in Status)}")
-        raw_limit = params.get("limit") or "100"
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
-            raise QueryError(f"`limit` must be a whole number from 1 to {MAX_LIMIT}")
-        return cls(
+        raw_cursor = params.get("cursor") or None
+        query = cls(
             edge_id=edge_id,
-            source=params.get("source") or None,
-            status=status,
-            command_type=params.get("command_type") or None,
+            source=_text_filter("source", params.get("source")),
+            user=_text_filter("user", params.get("user")),
+            status=_choice("status", params.get("status"), sorted(s.value for s in Status)),
+            command_type=_choice(
+                "command_type", params.get("command_type"), sorted(t.value for t in CommandType)
+            ),
             since=_time("since", params.get("since")),
             until=_time("until", params.get("until")),
-            limit=int(raw_limit),
+            limit=_limit(params.get("limit"), None if export else DEFAULT_LIMIT),
+            cursor=Cursor.decode(raw_cursor) if raw_cursor else None,
         )
+        if query.since and query.until and query.since >= query.until:
+            raise QueryError("`since` must be earlier than `until`")
+        return query
 
 
-COLUMNS = (
-    "command_id, edge_id, command_type, device_id, channel, value, unit, priority, source,"
-    " actor, status, error_code, error_message, late, deliveries, issued_at, routed_at,"
-    " delivered_at, finished_at, expires_at"
+@dataclass(frozen=True, slots=True)
+class RefusalQuery:
+    """Filters of `GET /api/rejections` and `dispatch audit refusals`."""
+
+    edge_id: str | None = None
+    user: str | None = None
+    code: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int | None = DEFAULT_LIMIT
+    cursor: Cursor | None = None
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str], *, export: bool = False) -> RefusalQuery:
+        raw_cursor = params.get("cursor") or None
+        query = cls(
+            edge_id=_text_filter("edge_id", params.get("edge_id")),
+            user=_text_filter("user", params.get("user")),
+            code=_text_filter("code", params.get("code")),
+            since=_time("since", params.get("since")),
+            until=_time("until", params.get("until")),
+            limit=_limit(params.get("limit"), None if export else DEFAULT_LIMIT),
+            cursor=Cursor.decode(raw_cursor) if raw_cursor else None,
+        )
+        if query.since and query.until and query.since >= query.until:
+            raise QueryError("`since` must be earlier than `until`")
+        return query
+
+
+COLUMNS: tuple[str, ...] = (
+    "command_id",
+    "edge_id",
+    "command_type",
+    "device_id",
+    "channel",
+    "value",
+    "unit",
+    "priority",
+    "source",
+    "actor",
+    "grant_basis",
+    "status",
+    "final",
+    "error_code",
+    "error_message",
+    "late",
+    "deliveries",
+    "client_timestamp",
+    "issued_at",
+    "routed_at",
+    "delivered_at",
+    "finished_at",
+    "executed_at",
+    "expires_at",
+    "route_ms",
+    "deliver_ms",
+    "execute_ms",
+    "total_ms",
+)
+REFUSAL_COLUMNS: tuple[str, ...] = (
+    "event_id",
+    "at",
+    "edge_id",
+    "command_id",
+    "actor",
+    "error_code",
+    "error_message",
+    "input_digest",
+    "input_excerpt",
+)
+EVENT_COLUMNS: tuple[str, ...] = (
+    "event_id",
+    "status",
+    "at",
+    "actor",
+    "error_code",
+    "chain",
+    "seq",
+    "stream",
+    "entry_id",
+    "prev_hash",
+    "hash",
+    "payload",
 )
 
 
-async def list_commands(
-    conn: AsyncConnection, schema: str, query: AuditQuery, visible: frozenset[str] | None
-) -> list[dict[str, Any]]:
+@dataclass(frozen=True, slots=True)
+class Page:
+    rows: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+def _user_actor(user: str) -> str:
+    return user if user.startswith("user:") else f"user:{user}"
+
+
+def _command_filters(
+    query: AuditQuery, visible: frozenset[str] | None
+) -> tuple[list[sql.Composable], list[Any]]:
     where: list[sql.Composable] = []
     args: list[Any] = []
     for column, value in (
         ("edge_id", query.edge_id),
         ("source", query.source),
+        ("actor", _user_actor(query.user) if query.user else None),
         ("status", query.status),
         ("command_type", query.command_type),
     ):
@@ -95,24 +261,192 @@ async def list_commands(
     if visible is not None:
         where.append(sql.SQL("edge_id = ANY(%s)"))
         args.append(sorted(visible))
-    statement = sql.SQL(
-        "SELECT {cols} FROM {s}.commands {where} ORDER BY issued_at DESC, command_id LIMIT %s"
-    ).format(
-        cols=sql.SQL(COLUMNS),
-        s=sql.Identifier(schema),
-        where=sql.SQL("WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""),
-    )
-    args.append(query.limit)
+    if query.cursor is not None:
+        where.append(sql.SQL("(issued_at, command_id) < (%s, %s)"))
+        args.extend([query.cursor.at, query.cursor.key])
+    return where, args
+
+
+def _where(parts: list[sql.Composable]) -> sql.Composable:
+    return sql.SQL("WHERE ") + sql.SQL(" AND ").join(parts) if parts else sql.SQL("")
+
+
+async def _fetch(conn: AsyncConnection, statement: sql.Composed, args: list[Any]) -> list[Any]:
     try:
         async with conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(statement, args)
-            rows = await cur.fetchall()
-    except UndefinedTable:
-        raise QueryError("the audit tables do not exist yet: start `dispatch projector`") from None
-    return [{k: _json(v) for k, v in row.items()} for row in rows]
+            return await cur.fetchall()
+    except (UndefinedTable, InvalidSchemaName, UndefinedFunction):
+        raise NotProjected(
+            "the audit tables do not exist yet: start `dispatch projector`"
+        ) from None
 
 
-def _json(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return value
+async def check_projected(conn: AsyncConnection, schema: str) -> None:
+    """Raise NotProjected before a streamed export starts, rather than halfway through."""
+    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}".commands',))
+    row = await cur.fetchone()
+    if not (row and row[0]):
+        raise NotProjected("the audit tables do not exist yet: start `dispatch projector`")
+
+
+async def list_commands(
+    conn: AsyncConnection, schema: str, query: AuditQuery, visible: frozenset[str] | None
+) -> Page:
+    """One page of commands, newest first; `visible` None means every edge."""
+    where, args = _command_filters(query, visible)
+    limit = query.limit or DEFAULT_LIMIT
+    statement = sql.SQL(
+        "SELECT {cols} FROM {s}.commands {where} ORDER BY issued_at DESC, command_id DESC LIMIT %s"
+    ).format(
+        cols=sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
+        s=sql.Identifier(schema),
+        where=_where(where),
+    )
+    rows = await _fetch(conn, statement, [*args, limit + 1])
+    more = len(rows) > limit
+    rows = rows[:limit]
+    cursor = (
+        Cursor(rows[-1]["issued_at"], rows[-1]["command_id"]).encode() if more and rows else None
+    )
+    return Page([view(r) for r in rows], cursor)
+
+
+async def export_commands(
+    conn: AsyncConnection, schema: str, query: AuditQuery, visible: frozenset[str] | None
+) -> AsyncIterator[dict[str, Any]]:
+    """Every matching command (up to `query.limit` when set), in chunks."""
+    left = query.limit
+    current = query
+    while left is None or left > 0:
+        chunk = EXPORT_CHUNK if left is None else min(EXPORT_CHUNK, left)
+        page = await list_commands(conn, schema, replace(current, limit=chunk), visible)
+        for row in page.rows:
+            yield row
+        if left is not None:
+            left -= len(page.rows)
+        if page.next_cursor is None:
+            return
+        current = replace(current, cursor=Cursor.decode(page.next_cursor))
+
+
+async def show_command(
+    conn: AsyncConnection, schema: str, command_id: str
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The command's row and every stored event of it, in chain order."""
+    s = sql.Identifier(schema)
+    rows = await _fetch(
+        conn,
+        sql.SQL("SELECT {cols} FROM {s}.commands WHERE command_id = %s").format(
+            cols=sql.SQL(", ").join(map(sql.Identifier, COLUMNS)), s=s
+        ),
+        [command_id],
+    )
+    events = await _fetch(
+        conn,
+        sql.SQL(
+            "SELECT {cols} FROM {s}.events WHERE command_id = %s AND chain <> %s ORDER BY seq"
+        ).format(cols=sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS)), s=s),
+        [command_id, REFUSALS_CHAIN],
+    )
+    return (view(rows[0]) if rows else None), [view(e) for e in events]
+
+
+async def list_refusals(
+    conn: AsyncConnection, schema: str, query: RefusalQuery, visible: frozenset[str] | None
+) -> Page:
+    """Inputs the gateway refused before admission (no command row exists for them)."""
+    where: list[sql.Composable] = [sql.SQL("chain = %s")]
+    args: list[Any] = [REFUSALS_CHAIN]
+    for column, value in (
+        ("edge_id", query.edge_id),
+        ("actor", _user_actor(query.user) if query.user else None),
+        ("error_code", query.code),
+    ):
+        if value is not None:
+            where.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
+            args.append(value)
+    if query.since is not None:
+        where.append(sql.SQL("at >= %s"))
+        args.append(query.since)
+    if query.until is not None:
+        where.append(sql.SQL("at < %s"))
+        args.append(query.until)
+    if visible is not None:
+        # Refusals naming no visible edge (bad JSON, failed logins) are for auditors only.
+        where.append(sql.SQL("edge_id = ANY(%s)"))
+        args.append(sorted(visible))
+    if query.cursor is not None:
+        where.append(sql.SQL("(at, event_id) < (%s, %s)"))
+        args.extend([query.cursor.at, query.cursor.key])
+    limit = query.limit or DEFAULT_LIMIT
+    statement = sql.SQL(
+        "SELECT event_id, at, edge_id, command_id, actor, error_code,"
+        " payload::jsonb -> 'error' ->> 'message' AS error_message,"
+        " payload::jsonb ->> 'input_digest' AS input_digest,"
+        " payload::jsonb ->> 'input_excerpt' AS input_excerpt"
+        " FROM {s}.events {where} ORDER BY at DESC, event_id DESC LIMIT %s"
+    ).format(s=sql.Identifier(schema), where=_where(where))
+    rows = await _fetch(conn, statement, [*args, limit + 1])
+    more = len(rows) > limit
+    rows = rows[:limit]
+    cursor = Cursor(rows[-1]["at"], rows[-1]["event_id"]).encode() if more and rows else None
+    return Page([view(r) for r in rows], cursor)
+
+
+async def export_refusals(
+    conn: AsyncConnection, schema: str, query: RefusalQuery, visible: frozenset[str] | None
+) -> AsyncIterator[dict[str, Any]]:
+    left = query.limit
+    current = query
+    while left is None or left > 0:
+        chunk = EXPORT_CHUNK if left is None else min(EXPORT_CHUNK, left)
+        page = await list_refusals(conn, schema, replace(current, limit=chunk), visible)
+        for row in page.rows:
+            yield row
+        if left is not None:
+            left -= len(page.rows)
+        if page.next_cursor is None:
+            return
+        current = replace(current, cursor=Cursor.decode(page.next_cursor))
+
+
+def iso(value: datetime) -> str:
+    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def view(row: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON-ready values: times as ISO 8601 UTC with milliseconds."""
+    return {k: iso(v) if isinstance(v, datetime) else v for k, v in row.items()}
+
+
+# -- export encodings --------------------------------------------------------------------
+_encode = msgspec.json.Encoder().encode
+
+
+def csv_line(values: list[Any]) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\r\n").writerow(
+        [
+            "" if v is None else _encode(v).decode() if isinstance(v, dict | list) else v
+            for v in values
+        ]
+    )
+    return out.getvalue()
+
+
+async def encode_export(
+    rows: AsyncIterator[dict[str, Any]], columns: tuple[str, ...], fmt: str
+) -> AsyncIterator[bytes]:
+    """Stream rows as CSV (header first) or as one JSON array."""
+    if fmt == "csv":
+        yield csv_line(list(columns)).encode()
+        async for row in rows:
+            yield csv_line([row.get(c) for c in columns]).encode()
+        return
+    yield b"["
+    first = True
+    async for row in rows:
+        yield (b"" if first else b",\n") + _encode(row)
+        first = False
+    yield b"]\n"

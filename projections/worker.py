@@ -2,10 +2,16 @@
 
 For every partition it holds a lease on, it reads the lifecycle log with the
 `projector` consumer group (pending entries first, after a crash), writes each batch in
-one PostgreSQL transaction, then acknowledges it. The audit stream (refused inputs) is
-projected by whichever process holds partition 0. Verdicts (`timed_out`, `expired`) are
-reached for every partition by atomic ledger scripts (projections/verdicts.py), so each
-command gets exactly one; retention (projections/retention.py) runs for held partitions.
+one PostgreSQL transaction from the stored position on, then acknowledges it. The audit
+stream (refused inputs) is projected by whichever process holds partition 0, which also
+runs the audit tables' retention sweep. Verdicts (`timed_out`, `expired`) are reached
+for every partition by atomic ledger scripts (projections/verdicts.py), so each command
+gets exactly one; they need Redis only and go on while PostgreSQL is away. The Redis
+streams are trimmed below what is stored (projections/retention.py) for held partitions.
+
+It connects twice: once as the admin (DISPATCH_DATABASE_URL) to apply migrations, then
+as the writer role for everything else: DISPATCH_PROJECTOR_DATABASE_URL when set,
+otherwise the admin URL followed by `SET ROLE <prefix>_projector`.
 """
 
 from __future__ import annotations
@@ -13,34 +19,74 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from psycopg import AsyncConnection, OperationalError
+import psycopg
+from psycopg import AsyncConnection, sql
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from ledger.connection import is_cluster
 from ledger.keys import PROJECTOR_GROUP
 from ledger.retention import RetentionConfig
-from ledger.store import EVENT_DECODER, Ledger
+from ledger.store import Ledger
 from projections import schema
 from projections.leases import Leases
+from projections.logs import LogReader, decode
 from projections.retention import RetentionLoop
+from projections.schema import Roles
 from projections.verdicts import VerdictConfig, VerdictLoop
-from projections.writer import Entry, apply_batch
+from projections.writer import Gap, Writer
 
 log = logging.getLogger("projections.worker")
 
 CONSUMER = "owner"  # one shared name: a partition's new lease holder inherits its pending
+RETRY_INITIAL_S = 0.5
+RETRY_MAX_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
 class ProjectorConfig:
-    batch: int = 500
+    batch: int = 2000  # per stream and transaction; only a backlog fills a batch
     block_ms: int = 500
     verdict_interval_s: float = 0.1
     rebalance_interval_s: float = 2.0
+    retention_days: int = schema.DEFAULT_RETENTION_DAYS
+    retention_interval_s: float = 3600.0
+    partition_days_ahead: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Database:
+    """Where the audit tables live and who writes them."""
+
+    admin_url: str
+    roles: Roles
+    writer_url: str = ""  # a login of the writer role; else admin_url + SET ROLE
+
+    async def connect_writer(self, application: str) -> AsyncConnection:
+        url = self.writer_url or self.admin_url
+        conn = await AsyncConnection.connect(url, autocommit=True, application_name=application)
+        if not self.writer_url:
+            await conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(self.roles.writer)))
+        return conn
+
+
+@dataclass
+class _Upkeep:
+    partitions_due: float = 0.0
+    retention_due: float = 0.0
+
+
+@dataclass
+class Progress:
+    projected: int = 0
+    batches: int = 0
+    positions: dict[str, str] = field(default_factory=dict)
 
 
 class Projector:
@@ -51,16 +97,21 @@ class Projector:
         config: ProjectorConfig | None = None,
         *,
         owner: str = "",
+        writer_url: str = "",
+        roles: Roles | None = None,
         retention: RetentionConfig | None = None,
     ) -> None:
         self.ledger = ledger
-        self.database_url = database_url
         self.config = config or ProjectorConfig()
         self.owner = owner or f"projector-{uuid.uuid4().hex[:8]}"
         self.schema = ledger.config.namespace
+        self.database = Database(
+            database_url, roles or Roles.for_prefix(self.schema), writer_url=writer_url
+        )
         self.leases = Leases(ledger.redis, ledger.keys, self.owner)  # type: ignore[arg-type]
-        self.projected = 0
+        self.progress = Progress()
         self.storage = ""
+        self._upkeep = _Upkeep()
         actor = f"projector:{self.owner}"
         self.verdicts = VerdictLoop(
             ledger, actor, VerdictConfig(interval_s=self.config.verdict_interval_s)
@@ -73,48 +124,89 @@ class Projector:
             actor=actor,
         )
 
-    async def run(self) -> None:
-        # Verdicts need Redis only: they start at once and go on while PostgreSQL is away.
-        verdicts = asyncio.create_task(self.verdicts.run(), name="projector-verdicts")
-        try:
-            await self._run_projection()
-        finally:
-            verdicts.cancel()
-            await asyncio.gather(verdicts, return_exceptions=True)
+    @property
+    def projected(self) -> int:
+        return self.progress.projected
 
-    async def _run_projection(self) -> None:
-        conn = await self._connect()
-        reader = Redis(connection_pool=self.ledger.redis.connection_pool)  # type: ignore[union-attr]
+    async def migrate(self) -> str:
+        """Apply migrations with the admin URL; with a writer login and a current schema,
+        the admin URL is not used at all (the least-privilege deployment)."""
+        if self.database.writer_url:
+            conn = await self.database.connect_writer(
+                f"dispatch-projector:{self.schema}:{self.owner}"
+            )
+            try:
+                kind = await schema.storage_of(conn, self.schema)
+                if kind is not None and await schema.is_current(conn, self.schema):
+                    self.storage = kind
+                    return kind
+            finally:
+                await conn.close()
+        admin = await AsyncConnection.connect(self.database.admin_url, autocommit=True)
         try:
-            self.storage = await schema.migrate(conn, self.schema)
-            await schema.ensure_partitions(conn, self.schema, self.storage)
-            log.info("projector.started owner=%s storage=%s", self.owner, self.storage)
+            self.storage = await schema.migrate(
+                admin,
+                self.schema,
+                self.database.roles,
+                retention_days=self.config.retention_days,
+            )
+        finally:
+            await admin.close()
+        return self.storage
+
+    async def run(self) -> None:
+        """Project and reach verdicts until cancelled. The verdicts never wait for
+        PostgreSQL: while it is unreachable the audit side retries with backoff."""
+        try:
             await asyncio.gather(
-                self._project(conn, reader),
-                self.retention.run(),
-                self._rebalance(conn),
+                self.verdicts.run(), self._audit(), self._rebalance(), self.retention.run()
             )
         finally:
             with contextlib.suppress(Exception):
                 await self.leases.release_all()
-            await conn.close()
 
-    async def _connect(self) -> AsyncConnection:
+    async def _audit(self) -> None:
+        redis: Any = self.ledger.redis
+        # A blocking read gets a connection of its own (standalone); a cluster client
+        # routes each per-stream read to its node.
+        reader = redis if is_cluster(redis) else Redis(connection_pool=redis.connection_pool)
+        delay_s = RETRY_INITIAL_S
         while True:
+            conn: AsyncConnection | None = None
             try:
-                return await AsyncConnection.connect(self.database_url, autocommit=True)
-            except OperationalError as exc:
-                log.warning(
-                    "projector.postgres.unavailable error=%s; verdicts go on, retrying in 2 s",
-                    str(exc).strip(),
+                if not self.storage:
+                    await self.migrate()
+                conn = await self.database.connect_writer(
+                    f"dispatch-projector:{self.schema}:{self.owner}"
                 )
-                await asyncio.sleep(2)
+                log.info("projector.started owner=%s storage=%s", self.owner, self.storage)
+                delay_s = RETRY_INITIAL_S
+                await self._project(Writer(conn, self.schema, self.storage), reader)
+            except (psycopg.OperationalError, OSError) as exc:
+                log.warning(
+                    "projector.postgres.unavailable error=%s retry_in_s=%.1f; verdicts go on",
+                    _first_line(exc),
+                    delay_s,
+                )
+            except redis_errors.ConnectionError as exc:
+                log.warning(
+                    "projector.redis.unavailable error=%s retry_in_s=%.1f",
+                    _first_line(exc),
+                    delay_s,
+                )
+            except schema.SchemaError as exc:
+                log.error("projector.migration.failed error=%s retry_in_s=%.1f", exc, delay_s)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, RETRY_MAX_S)
 
-    async def _rebalance(self, conn: AsyncConnection) -> None:
+    async def _rebalance(self) -> None:
         while True:
             try:
                 await self.leases.rebalance()
-                await schema.ensure_partitions(conn, self.schema, self.storage)
             except Exception as exc:
                 log.warning("projector.rebalance.failed error=%s", exc)
             await asyncio.sleep(self.config.rebalance_interval_s)
@@ -126,6 +218,9 @@ class Projector:
             streams.append(keys.audit())
         return streams
 
+    def _is_refusals(self, stream: str) -> bool:
+        return stream == self.ledger.keys.audit()
+
     async def _ensure_groups(self, redis: Redis, streams: list[str]) -> None:
         for stream in streams:
             try:
@@ -134,64 +229,144 @@ class Projector:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    async def _project(self, conn: AsyncConnection, redis: Redis) -> None:
-        grouped: set[str] = set()
+    async def _project(self, writer: Writer, redis: Redis) -> None:
+        ready: set[str] = set()
+        reader = LogReader(
+            redis, batch=self.config.batch, gap_limit=max(5000, 2 * self.config.batch)
+        )
+        quiet_check: dict[str, float] = {}
         while True:
             streams = self._streams()
+            ready &= set(streams)  # a lost lease is re-synchronised when regained
             if not streams:
                 await asyncio.sleep(0.2)
                 continue
-            new = [s for s in streams if s not in grouped]
+            new = [s for s in streams if s not in ready]
             if new:
                 await self._ensure_groups(redis, new)
-                # Pending entries first: a crash may have left read-but-unstored ones.
                 for stream in new:
-                    await self._drain_pending(conn, redis, stream)
-                grouped.update(new)
+                    # Pending entries first: a crash may have left read-but-unstored ones.
+                    await self._drain_pending(writer, redis, reader, stream)
+                ready.update(new)
+            await self._maintain(writer)
             try:
-                reply: Any = await redis.xreadgroup(
-                    PROJECTOR_GROUP,
-                    CONSUMER,
-                    dict.fromkeys(streams, ">"),
-                    count=self.config.batch,
-                    block=self.config.block_ms,
-                )
+                reply = await self._read(redis, streams)
             except redis_errors.ResponseError as exc:
                 if "NOGROUP" in str(exc):
-                    grouped.clear()  # the stream was deleted; recreate its group
+                    ready.clear()  # the stream was deleted; recreate its group
                     continue
                 raise
-            for stream_raw, entries in reply or []:
-                await self._store(conn, redis, stream_raw.decode(), entries)
+            seen: set[str] = set()
+            for stream_raw, rows in reply or []:
+                seen.add(stream_raw.decode())
+                await self._store(writer, redis, reader, stream_raw.decode(), rows)
+            now = time.monotonic()
+            for stream in streams:
+                if stream in seen:
+                    quiet_check[stream] = now + self.config.rebalance_interval_s
+                elif now >= quiet_check.get(stream, 0.0):
+                    # Quiet stream: project what lies between the stored position and the
+                    # log's end that the group will not hand out again (acknowledged by
+                    # another holder, or a swapped-in rebuild that is behind).
+                    quiet_check[stream] = now + self.config.rebalance_interval_s
+                    await self._catch_up(writer, redis, reader, stream)
 
-    async def _drain_pending(self, conn: AsyncConnection, redis: Redis, stream: str) -> None:
+    async def _read(self, redis: Any, streams: list[str]) -> list[Any]:
+        """New entries of `streams`: one blocking read, or per stream on a Redis Cluster
+        (a multi-key read must stay within one hash slot)."""
+        if not is_cluster(redis):
+            reply: Any = await redis.xreadgroup(
+                PROJECTOR_GROUP,
+                CONSUMER,
+                dict.fromkeys(streams, ">"),
+                count=self.config.batch,
+                block=self.config.block_ms,
+            )
+            return list(reply or [])
+        replies = await asyncio.gather(
+            *(
+                redis.xreadgroup(PROJECTOR_GROUP, CONSUMER, {s: ">"}, count=self.config.batch)
+                for s in streams
+            )
+        )
+        found = [r[0] for r in replies if r]
+        if not found:
+            await asyncio.sleep(min(self.config.block_ms, 200) / 1000)
+        return found
+
+    async def _drain_pending(
+        self, writer: Writer, redis: Redis, reader: LogReader, stream: str
+    ) -> None:
         start = "0"
         while True:
             pending: Any = await redis.xreadgroup(
                 PROJECTOR_GROUP, CONSUMER, {stream: start}, count=self.config.batch
             )
-            entries = pending[0][1] if pending else []
-            if not entries:
+            rows = pending[0][1] if pending else []
+            if not rows:
                 return
-            await self._store(conn, redis, stream, entries)
-            start = entries[-1][0]
+            await self._store(writer, redis, reader, stream, rows)
+            start = rows[-1][0]
+
+    async def _catch_up(self, writer: Writer, redis: Redis, reader: LogReader, stream: str) -> None:
+        while True:
+            fetched: list[str] = []
+            before = self.progress.positions.get(stream)
+            applied = await writer.catch_up(
+                stream, self._fetcher(reader, fetched), refusals=self._is_refusals(stream)
+            )
+            await self._settle(redis, stream, fetched, applied.new, applied.position)
+            if not fetched or applied.position == before:
+                return
+
+    def _fetcher(self, reader: LogReader, fetched: list[str]) -> Any:
+        async def fetch(stream: str, after: str, before: str) -> Gap:
+            gap = await reader.fetch(stream, after, before)
+            fetched.extend(gap.ids)
+            return gap
+
+        return fetch
 
     async def _store(
-        self, conn: AsyncConnection, redis: Redis, stream: str, entries: list[Any]
+        self, writer: Writer, redis: Redis, reader: LogReader, stream: str, rows: list[Any]
     ) -> None:
-        batch: list[Entry] = []
-        ids: list[bytes] = []
-        for entry_id, fields in entries:
-            ids.append(entry_id)
-            raw = fields.get(b"e") if fields else None
-            if raw is None:
-                continue  # deleted while pending (trimmed); nothing left to project
-            try:
-                event = EVENT_DECODER.decode(raw)
-            except Exception:
-                log.exception("projector.entry.undecodable stream=%s entry=%s", stream, entry_id)
-                continue
-            batch.append(Entry(stream, entry_id.decode(), event, raw))
-        self.projected += await apply_batch(conn, self.schema, stream, batch)
+        batch, ids = decode(stream, rows)
+        fetched: list[str] = []
+        applied = await writer.apply(
+            stream, batch, self._fetcher(reader, fetched), refusals=self._is_refusals(stream)
+        )
+        await self._settle(redis, stream, [*fetched, *ids], applied.new, applied.position)
+
+    async def _settle(
+        self, redis: Redis, stream: str, ids: list[str], new: int, position: str
+    ) -> None:
+        self.progress.projected += new
+        self.progress.batches += 1 if new else 0
+        self.progress.positions[stream] = position
         if ids:
+            # After the commit: a crash before this line re-reads, the position skips.
             await redis.xack(stream, PROJECTOR_GROUP, *ids)
+
+    async def _maintain(self, writer: Writer) -> None:
+        """Partitions for the coming days, and (holder of partition 0) the retention sweep."""
+        now = time.monotonic()
+        up = self._upkeep
+        try:
+            if now >= up.partitions_due:
+                up.partitions_due = now + self.config.rebalance_interval_s * 30
+                today = datetime.now(UTC).date()
+                for offset in range(-1, self.config.partition_days_ahead + 1):
+                    day = today + timedelta(days=offset)
+                    if day not in writer.days:
+                        await schema.ensure_day(writer.conn, self.schema, self.storage, day)
+                        writer.days.add(day)
+            if now >= up.retention_due and 0 in self.leases.held:
+                up.retention_due = now + self.config.retention_interval_s
+                await schema.sweep_retention(writer.conn, self.schema, self.storage)
+        except Exception as exc:
+            log.warning("projector.upkeep.failed schema=%s error=%s", self.schema, exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,27 +1,47 @@
 """Write a batch of ledger events into the audit tables in one transaction.
 
-The batch, the per-command rows it changes and the stream position it reaches commit
-together, so each event applies once however often the projector crashes and re-reads
-(see eventsourcing's projections). Events go in with COPY; commands are re-folded with
-the same pure state machine the gateway uses, so a rebuild equals the incremental result.
+The batch, the command rows it changes, the hash-chain heads it extends and the stream
+position it reaches commit together, so each event applies once however often the
+projector crashes and re-reads (see eventsourcing's projections). The position in
+PostgreSQL is the truth: a batch is applied from the stored position on, and entries the
+consumer group handed to someone else in between are fetched from the log first, so a
+lease that changed hands mid-read can neither skip nor repeat an entry.
+
+Events go in with COPY; commands are re-folded with the same pure state machine the
+gateway uses, and the chain is computed in log order, so a rebuild equals the
+incremental result byte for byte.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import functools
+import hashlib
+import logging
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import date
 from typing import Any
 
 import msgspec
+from msgspec import structs
 from psycopg import AsyncConnection, sql
-from psycopg.types.json import Jsonb
+from psycopg.errors import UniqueViolation
 
 from ledger import lifecycle
-from ledger.store import EVENT_DECODER, to_utc
-from schemas.events import Event, Rejected, Status, status_of
+from ledger.store import to_utc as _to_utc
+from projections import schema as schema_mod
+from projections.schema import GENESIS, REFUSALS_CHAIN
+from schemas.events import EVENT_TYPES, AnyEvent, Event, Status
+
+log = logging.getLogger("projections.writer")
 
 _encode = msgspec.json.Encoder().encode
-_to_builtins = msgspec.to_builtins
+# Hot path (several calls per event): the tag of each event type, and times by the ms.
+_STATUS = {cls: status.value for status, cls in EVENT_TYPES.items()}
+to_utc = functools.lru_cache(maxsize=8192)(_to_utc)
+STATE_DECODER = msgspec.json.Decoder(dict[Status, AnyEvent])
+START = "0-0"  # position before the first entry of any stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,171 +52,353 @@ class Entry:
     raw: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Log entries read to close a gap; `reached` is the last entry id examined."""
+
+    entries: list[Entry]
+    complete: bool
+    reached: str
+    ids: list[str] = field(default_factory=list)  # every entry examined, decodable or not
+
+
+# Entries of `stream` strictly after `after` and strictly before `before` ('+': the end).
+Fetch = Callable[[str, str, str], Awaitable[Gap]]
+
+
 def entry_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
 
 
-class StreamMoved(RuntimeError):
-    """Another projector advanced this stream's position first (lease lost)."""
+def chain_of(event: Event, refusals: bool) -> str:
+    """An edge's events form one chain; gateway refusals (any or no edge) form another."""
+    return REFUSALS_CHAIN if refusals else event.edge_id
+
+
+def link_hash(
+    prev: str, chain: str, seq: int, *, stream: str, entry_id: str, payload: bytes
+) -> str:
+    """The hash of one chain link: the previous hash, the event's place and its bytes."""
+    head = f"{prev}\n{chain}\n{seq}\n{stream}\n{entry_id}\n".encode()
+    return hashlib.sha256(head + payload).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    new: int  # events stored by this batch
+    position: str  # the stream position now stored
+    filled: int = 0  # entries fetched from the log to close a gap
 
 
 def _q(statement: str, schema: str) -> sql.Composed:
     return sql.SQL(statement).format(s=sql.Identifier(schema))
 
 
-async def apply_batch(
-    conn: AsyncConnection, schema: str, stream: str, entries: Sequence[Entry]
-) -> int:
-    """Project `entries` (one stream, in order); returns how many were new."""
-    if not entries:
-        return 0
-    async with conn.transaction():
-        cur = await conn.execute(
-            _q("SELECT entry_id FROM {s}.positions WHERE stream = %s FOR UPDATE", schema), (stream,)
-        )
-        row = await cur.fetchone()
-        done = entry_key(row[0]) if row else (-1, -1)
-        fresh = [e for e in entries if entry_key(e.entry_id) > done]
-        if not fresh:
-            return 0
-        await _copy_events(conn, schema, fresh)
-        commands = [
-            e for e in fresh if not (isinstance(e.event, Rejected) and e.event.stage == "gateway")
-        ]
-        if commands:
-            await _fold_commands(conn, schema, commands)
-        last = fresh[-1].entry_id
-        if row is None:
-            await conn.execute(
-                _q("INSERT INTO {s}.positions (stream, entry_id) VALUES (%s, %s)", schema),
-                (stream, last),
+EVENT_FIELDS = (
+    "event_id, at, chain, seq, command_id, edge_id, status, actor, error_code, stream,"
+    " entry_id, payload, prev_hash, hash"
+)
+COMMAND_FIELDS = (
+    "command_id, edge_id, command_type, device_id, channel, value, unit, priority,"
+    " duration_sec, expiry_sec, client_timestamp, source, actor, grant_basis, status, final,"
+    " error_code, error_message, late, deliveries, issued_at, routed_at, delivered_at,"
+    " finished_at, executed_at, expires_at, state"
+)
+_UPDATE_COMMAND = ", ".join(
+    f"{c.strip()} = EXCLUDED.{c.strip()}" for c in COMMAND_FIELDS.split(",")[1:]
+)
+
+_prepared: weakref.WeakSet[AsyncConnection] = weakref.WeakSet()
+
+
+@dataclass
+class Writer:
+    """Applies batches for one schema over one connection (the projector's writer role)."""
+
+    conn: AsyncConnection
+    schema: str
+    storage: str
+    days: set[date] = field(default_factory=set)
+
+    async def apply(
+        self, stream: str, entries: Sequence[Entry], fetch: Fetch, *, refusals: bool = False
+    ) -> Applied:
+        """Project `entries` of `stream` (in any order) from the stored position on."""
+        return await self._apply(stream, entries, fetch, refusals)
+
+    async def catch_up(self, stream: str, fetch: Fetch, *, refusals: bool = False) -> Applied:
+        """Project what the log holds after the stored position (one bounded step)."""
+        return await self._apply(stream, (), fetch, refusals, to_end=True)
+
+    async def _apply(
+        self,
+        stream: str,
+        entries: Sequence[Entry],
+        fetch: Fetch,
+        refusals: bool,
+        *,
+        to_end: bool = False,
+    ) -> Applied:
+        conn, s = self.conn, self.schema
+        await self._prepare()
+        async with conn.transaction():
+            done = await self._lock_position(stream)
+            fresh = sorted(
+                (e for e in entries if entry_key(e.entry_id) > entry_key(done)),
+                key=lambda e: entry_key(e.entry_id),
             )
-        else:
+            if not fresh and not to_end:
+                return Applied(0, done)
+            gap = await fetch(stream, done, fresh[0].entry_id if fresh else "+")
+            if gap.reached == done and not fresh:
+                return Applied(0, done)
+            if gap.entries and fresh:
+                log.info(
+                    "projector.gap.filled stream=%s after=%s count=%d",
+                    stream,
+                    done,
+                    len(gap.entries),
+                )
+            # A long gap is applied on its own; the rest follows in the next batch.
+            whole = gap.complete and bool(fresh)
+            last = fresh[-1].entry_id if whole else gap.reached
+            batch = _unique([*gap.entries, *fresh] if whole else gap.entries)
+            days = await self._ensure_days(batch)
+            stored = await self._store_events(stream, batch, refusals)
+            if not refusals:
+                await self._fold_commands(stored)
             await conn.execute(
                 _q(
                     "UPDATE {s}.positions SET entry_id = %s, updated_at = now() WHERE stream = %s",
-                    schema,
+                    s,
                 ),
                 (last, stream),
             )
-    return len(fresh)
+        self.days |= days  # only once the partitions are committed
+        return Applied(len(stored), last, len(gap.entries))
 
-
-async def _copy_events(conn: AsyncConnection, schema: str, entries: Sequence[Entry]) -> None:
-    await conn.execute(
-        _q(
-            "CREATE TEMP TABLE IF NOT EXISTS incoming_events (LIKE {s}.events_template) "
-            "ON COMMIT DELETE ROWS",
-            schema,
-        )
-    )
-    async with conn.cursor().copy(
-        "COPY incoming_events (event_id, at, command_id, edge_id, status, actor, stream,"
-        " entry_id, error_code, payload) FROM STDIN"
-    ) as copy:
-        for e in entries:
-            ev = e.event
-            err = getattr(ev, "error", None)
-            await copy.write_row(
-                (
-                    ev.event_id,
-                    to_utc(ev.at),
-                    ev.command_id,
-                    ev.edge_id,
-                    status_of(ev).value,
-                    ev.actor,
-                    e.stream,
-                    e.entry_id,
-                    err.code if err is not None else None,
-                    e.raw.decode(),
-                )
+    async def _lock_position(self, stream: str) -> str:
+        """The stream's stored position, row-locked: one writer per stream at a time."""
+        select = _q("SELECT entry_id FROM {s}.positions WHERE stream = %s FOR UPDATE", self.schema)
+        row = await (await self.conn.execute(select, (stream,))).fetchone()
+        if row is None:
+            # First batch of this stream: a concurrent first writer makes this wait.
+            await self.conn.execute(
+                _q(
+                    "INSERT INTO {s}.positions (stream, entry_id) VALUES (%s, %s)"
+                    " ON CONFLICT DO NOTHING",
+                    self.schema,
+                ),
+                (stream, START),
             )
-    await conn.execute(
-        _q(
-            "INSERT INTO {s}.events SELECT * FROM incoming_events ORDER BY at "
-            "ON CONFLICT DO NOTHING",
-            schema,
+            row = await (await self.conn.execute(select, (stream,))).fetchone()
+        return str(row[0]) if row else START
+
+    async def _prepare(self) -> None:
+        if self.conn in _prepared:
+            return
+        # Session-private staging table for the commands upsert (emptied at each commit).
+        await self.conn.execute(
+            _q(
+                "CREATE TEMP TABLE IF NOT EXISTS incoming_commands"
+                " (LIKE {s}.commands INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
+                self.schema,
+            )
         )
-    )
+        _prepared.add(self.conn)
+
+    async def _ensure_days(self, batch: Sequence[Entry]) -> set[date]:
+        days = {schema_mod.utc_day(to_utc(e.event.at)) for e in batch} - self.days
+        for day in sorted(days):
+            # Inside the batch's transaction: a new partition commits with its rows.
+            await schema_mod.ensure_day(self.conn, self.schema, self.storage, day)
+        return days
+
+    async def _store_events(self, stream: str, batch: list[Entry], refusals: bool) -> list[Entry]:
+        """COPY the batch, extending each chain; returns the entries actually stored."""
+        conn, s = self.conn, self.schema
+        chains = sorted({chain_of(e.event, refusals) for e in batch})
+        cur = await conn.execute(
+            _q("SELECT chain, seq, hash FROM {s}.chains WHERE chain = ANY(%s) FOR UPDATE", s),
+            (chains,),
+        )
+        heads: dict[str, tuple[int, str]] = {c: (int(n), h) for c, n, h in await cur.fetchall()}
+        while True:
+            links = dict(heads)
+            try:
+                # Straight into the partitioned table; a savepoint undoes the lot if an
+                # event id is stored already (then those events are dropped and it retries).
+                async with (
+                    conn.transaction(),
+                    conn.cursor().copy(
+                        _q("COPY {s}.events (" + EVENT_FIELDS + ") FROM STDIN", s)
+                    ) as copy,
+                ):
+                    for e in batch:
+                        await copy.write_row(_event_row(e, refusals, links))
+            except UniqueViolation:
+                batch = await self._without_stored(batch)
+                continue
+            break
+        if links:
+            names = sorted(links)
+            await conn.execute(
+                _q(
+                    "INSERT INTO {s}.chains (chain, seq, hash)"
+                    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[])"
+                    " ON CONFLICT (chain) DO UPDATE SET seq = EXCLUDED.seq,"
+                    " hash = EXCLUDED.hash, updated_at = now()",
+                    s,
+                ),
+                (names, [links[c][0] for c in names], [links[c][1] for c in names]),
+            )
+        return batch
+
+    async def _without_stored(self, batch: list[Entry]) -> list[Entry]:
+        """Drop events whose id is stored already: idempotent by event id, chain intact."""
+        ats = [to_utc(e.event.at) for e in batch]
+        cur = await self.conn.execute(
+            _q(
+                "SELECT event_id FROM {s}.events WHERE event_id = ANY(%s) AND at BETWEEN %s AND %s",
+                self.schema,
+            ),
+            ([e.event.event_id for e in batch], min(ats), max(ats)),
+        )
+        known = {r[0] for r in await cur.fetchall()}
+        log.warning("projector.events.already_stored count=%d", len(known))
+        return [e for e in batch if e.event.event_id not in known]
+
+    async def _fold_commands(self, batch: Sequence[Entry]) -> None:
+        conn, s = self.conn, self.schema
+        ids = sorted({e.event.command_id for e in batch if e.event.command_id})
+        if not ids:
+            return
+        cur = await conn.execute(
+            _q(
+                "SELECT command_id, state::text, deliveries FROM {s}.commands"
+                " WHERE command_id = ANY(%s)",
+                s,
+            ),
+            (ids,),
+        )
+        states: dict[str, lifecycle.CommandState] = {}
+        for command_id, stored, deliveries in await cur.fetchall():
+            folded = lifecycle.replay(STATE_DECODER.decode(stored).values())
+            if folded is not None:
+                # `firsts` keeps one event per status: the redelivery count lives apart.
+                states[command_id] = structs.replace(
+                    folded, deliveries=max(folded.deliveries, int(deliveries))
+                )
+        for e in batch:
+            ev = e.event
+            if not ev.command_id:
+                continue
+            state = states.get(ev.command_id) or lifecycle.CommandState(
+                command_id=ev.command_id, edge_id=ev.edge_id
+            )
+            states[ev.command_id] = lifecycle.fold(state, ev)
+        async with conn.cursor().copy(
+            "COPY incoming_commands (" + COMMAND_FIELDS + ") FROM STDIN"
+        ) as copy:
+            for state in states.values():
+                if state.status is not None:
+                    await copy.write_row(command_row(state))
+        await conn.execute(
+            _q(
+                "INSERT INTO {s}.commands ("
+                + COMMAND_FIELDS
+                + ") SELECT "
+                + COMMAND_FIELDS
+                + " FROM incoming_commands ON CONFLICT (command_id) DO UPDATE SET "
+                + _UPDATE_COMMAND
+                + ", updated_at = now()",
+                s,
+            )
+        )
 
 
-async def _fold_commands(conn: AsyncConnection, schema: str, entries: Sequence[Entry]) -> None:
-    ids = sorted({e.event.command_id for e in entries})
-    cur = await conn.execute(
-        _q(
-            "SELECT command_id, state FROM {s}.commands WHERE command_id = ANY(%s) FOR UPDATE",
-            schema,
-        ),
-        (ids,),
-    )
-    states: dict[str, lifecycle.CommandState] = {}
-    for command_id, stored in await cur.fetchall():
-        events = [EVENT_DECODER.decode(_encode(v)) for v in stored.values()]
-        folded = lifecycle.replay(events)
-        if folded is not None:
-            states[command_id] = folded
+def _unique(entries: list[Entry]) -> list[Entry]:
+    seen: set[str] = set()
+    out: list[Entry] = []
     for e in entries:
-        ev = e.event
-        state = states.get(ev.command_id) or lifecycle.CommandState(
-            command_id=ev.command_id, edge_id=ev.edge_id
-        )
-        states[ev.command_id] = lifecycle.fold(state, ev)
-    rows = [_row(s) for s in states.values() if s.status is not None]
-    async with conn.cursor() as cur2:
-        await cur2.executemany(_q(UPSERT, schema), rows)
+        if e.event.event_id in seen:
+            log.warning(
+                "projector.event.repeated event_id=%s entry=%s", e.event.event_id, e.entry_id
+            )
+            continue
+        seen.add(e.event.event_id)
+        out.append(e)
+    return out
 
 
-UPSERT = (
-    "INSERT INTO {s}.commands (command_id, edge_id, command_type, device_id, channel, value,"
-    " unit, priority, source, actor, status, error_code, error_message, late, deliveries,"
-    " issued_at, routed_at, delivered_at, finished_at, expires_at, state, updated_at)"
-    " VALUES (%(command_id)s, %(edge_id)s, %(command_type)s, %(device_id)s, %(channel)s,"
-    " %(value)s, %(unit)s, %(priority)s, %(source)s, %(actor)s, %(status)s, %(error_code)s,"
-    " %(error_message)s, %(late)s, %(deliveries)s, %(issued_at)s, %(routed_at)s,"
-    " %(delivered_at)s, %(finished_at)s, %(expires_at)s, %(state)s, now())"
-    " ON CONFLICT (command_id) DO UPDATE SET"
-    " edge_id = EXCLUDED.edge_id, command_type = EXCLUDED.command_type,"
-    " device_id = EXCLUDED.device_id, channel = EXCLUDED.channel, value = EXCLUDED.value,"
-    " unit = EXCLUDED.unit, priority = EXCLUDED.priority, source = EXCLUDED.source,"
-    " actor = EXCLUDED.actor, status = EXCLUDED.status, error_code = EXCLUDED.error_code,"
-    " error_message = EXCLUDED.error_message, late = EXCLUDED.late,"
-    " deliveries = EXCLUDED.deliveries, issued_at = EXCLUDED.issued_at,"
-    " routed_at = EXCLUDED.routed_at, delivered_at = EXCLUDED.delivered_at,"
-    " finished_at = EXCLUDED.finished_at, expires_at = EXCLUDED.expires_at,"
-    " state = EXCLUDED.state, updated_at = now()"
-)
+def _event_row(e: Entry, refusals: bool, links: dict[str, tuple[int, str]]) -> tuple[Any, ...]:
+    ev = e.event
+    chain = chain_of(ev, refusals)
+    seq, prev = links.get(chain, (0, GENESIS))
+    seq += 1
+    digest = link_hash(prev, chain, seq, stream=e.stream, entry_id=e.entry_id, payload=e.raw)
+    links[chain] = (seq, digest)
+    err = getattr(ev, "error", None)
+    return (
+        ev.event_id,
+        to_utc(ev.at),
+        chain,
+        seq,
+        ev.command_id,
+        ev.edge_id,
+        _STATUS[type(ev)],
+        ev.actor,
+        err.code if err is not None else None,
+        e.stream,
+        e.entry_id,
+        e.raw.decode(),
+        prev,
+        digest,
+    )
 
 
-def _ts(state: lifecycle.CommandState, status: Status) -> Any:
-    at = state.at(status)
+def _ts(state: lifecycle.CommandState, status: Status | None) -> Any:
+    at = state.at(status) if status is not None else None
     return to_utc(at) if at is not None else None
 
 
-def _row(state: lifecycle.CommandState) -> dict[str, Any]:
+def command_row(state: lifecycle.CommandState) -> tuple[Any, ...]:
+    """One `commands` row (COMMAND_FIELDS order) from the folded state."""
     cmd = state.command
     err = state.error
-    final = state.status if state.status in lifecycle.TERMINAL else None
-    return {
-        "command_id": state.command_id,
-        "edge_id": state.edge_id,
-        "command_type": cmd.command_type.value if cmd else None,
-        "device_id": cmd.target.device_id if cmd else None,
-        "channel": cmd.target.channel if cmd else None,
-        "value": Jsonb(cmd.value) if cmd else None,
-        "unit": cmd.unit if cmd else None,
-        "priority": cmd.priority if cmd else None,
-        "source": cmd.source if cmd else None,
-        "actor": cmd.actor if cmd else None,
-        "status": state.status.value if state.status else None,
-        "error_code": err.code if err else None,
-        "error_message": err.message if err else None,
-        "late": state.late,
-        "deliveries": state.deliveries,
-        "issued_at": _ts(state, Status.ISSUED),
-        "routed_at": _ts(state, Status.ROUTED),
-        "delivered_at": _ts(state, Status.DELIVERED),
-        "finished_at": _ts(state, final) if final else None,
-        "expires_at": cmd.expires_at if cmd else None,
-        "state": Jsonb({s.value: _to_builtins(ev) for s, ev in state.firsts.items()}),
-    }
+    status = state.status
+    final = status if status in lifecycle.TERMINAL else None
+    authorized = state.firsts.get(Status.AUTHORIZED)
+    outcome = state.firsts.get(status) if status is not None else None
+    # Without its `issued` event (a log trimmed before a rebuild) the earliest event stands in.
+    issued_ms = state.at(Status.ISSUED) or min(e.at for e in state.firsts.values())
+    return (
+        state.command_id,
+        state.edge_id,
+        cmd.command_type.value if cmd else None,
+        cmd.target.device_id if cmd else None,
+        cmd.target.channel if cmd else None,
+        _encode(cmd.value).decode() if cmd else None,
+        cmd.unit if cmd else None,
+        cmd.priority if cmd else None,
+        cmd.duration_sec if cmd else None,
+        cmd.expiry_sec if cmd else None,
+        cmd.timestamp if cmd else None,
+        cmd.source if cmd else None,
+        cmd.actor if cmd else None,
+        getattr(authorized, "grant", None),
+        status.value if status else None,
+        final is not None,
+        err.code if err else None,
+        err.message if err else None,
+        state.late,
+        state.deliveries,
+        to_utc(issued_ms),
+        _ts(state, Status.ROUTED),
+        _ts(state, Status.DELIVERED),
+        _ts(state, final),
+        getattr(outcome, "executed_at", None),
+        cmd.expires_at if cmd else None,
+        _encode({k.value: v for k, v in sorted(state.firsts.items())}).decode(),
+    )

@@ -46,7 +46,20 @@ def namespace() -> Iterator[str]:
         client.delete(*batch[i : i + 500])
     client.close()
     with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(ns)))
+        # The namespace's schema plus any rebuilt/swapped copy (`<ns>_rebuild`, `<ns>_old_*`),
+        # then its roles (cluster-wide, so they must not outlive the test).
+        schemas = conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname = %s OR nspname LIKE %s",
+            (ns, ns + "\\_%"),
+        ).fetchall()
+        for (name,) in schemas:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+        roles = conn.execute(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (ns + "\\_%",)
+        ).fetchall()
+        for (role,) in roles:
+            conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
 @pytest.fixture

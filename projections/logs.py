@@ -1,0 +1,70 @@
+"""Reading the ledger's logs for projection: decode entries, fetch ranges by position."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from ledger.connection import AnyRedis
+from ledger.store import EVENT_DECODER
+from projections.writer import Entry, Gap
+
+log = logging.getLogger("projections.logs")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def decode(stream: str, rows: Iterable[Any]) -> tuple[list[Entry], list[str]]:
+    """Decoded entries and the ids of every row (undecodable ones are logged, not lost)."""
+    entries: list[Entry] = []
+    ids: list[str] = []
+    for entry_id_raw, fields in rows:
+        entry_id = _text(entry_id_raw)
+        ids.append(entry_id)
+        raw = fields.get(b"e") if fields else None
+        if raw is None:
+            continue  # deleted while pending (trimmed): nothing left to project
+        try:
+            raw.decode()  # stored as text: must be UTF-8
+            event = EVENT_DECODER.decode(raw)
+        except Exception as exc:
+            log.error(
+                "projector.entry.undecodable stream=%s entry=%s error=%s", stream, entry_id, exc
+            )
+            continue
+        entries.append(Entry(stream, entry_id, event, bytes(raw)))
+    return entries, ids
+
+
+class LogReader:
+    """Range reads of the ledger's streams (XRANGE), bounded per call."""
+
+    def __init__(self, redis: AnyRedis, *, batch: int = 500, gap_limit: int = 5000) -> None:
+        self.redis = redis
+        self.batch = batch
+        self.gap_limit = gap_limit
+
+    async def fetch(self, stream: str, after: str, before: str, *, upto: str = "+") -> Gap:
+        """Entries after `after` and before `before` ('+': up to `upto`, inclusive), bounded."""
+        end = upto if before == "+" else f"({before}"
+        entries: list[Entry] = []
+        examined: list[str] = []
+        reached = after
+        while len(examined) < self.gap_limit:
+            rows: Any = await self.redis.xrange(
+                stream, f"({reached}", end, count=min(self.batch, self.gap_limit - len(examined))
+            )
+            if not rows:
+                return Gap(entries, True, reached, examined)
+            got, ids = decode(stream, rows)
+            entries.extend(got)
+            examined.extend(ids)
+            reached = ids[-1]
+        return Gap(entries, False, reached, examined)
+
+    async def last_id(self, stream: str) -> str | None:
+        rows: Any = await self.redis.xrevrange(stream, "+", "-", count=1)
+        return _text(rows[0][0]) if rows else None
