@@ -4,10 +4,11 @@ Every coroutine that needs Redis on the hot path calls `Batcher.call(...)` or
 `Batcher.script(...)`; a flusher task per lane sends whatever has accumulated as one
 non-transactional pipeline. When idle a call costs one round trip; under load a round
 trip carries hundreds of calls, which is what lets one gateway core keep up (see FACTS:
-~11 µs per pipelined command against ~40 µs per sequential round trip). Two lanes let
-Redis execute one pipeline while Python parses the other. Scripts go to the lane of
-their hash slot, so transitions of one partition reach Redis in the order they were
-made, which ledger/ordering.py relies on.
+~11 µs per pipelined command against ~40 µs per sequential round trip). Scripts go to
+the lane of their hash slot, so transitions of one partition reach Redis in the order
+they were made, which ledger/ordering.py relies on. More lanes overlap pipelines where
+Redis latency dominates; on two cores one lane measured faster (the gateway is
+CPU-bound there), so one is the default.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class _Lane:
 
 class Batcher:
     def __init__(
-        self, redis: AnyRedis, *, max_batch: int = 512, lanes: int = 2, url: str = ""
+        self, redis: AnyRedis, *, max_batch: int = 512, lanes: int = 1, url: str = ""
     ) -> None:
         self._redis = redis
         self._max_batch = max_batch

@@ -9,6 +9,7 @@ before they reach this module; `check_id` guards against anything that slipped p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import zlib
@@ -25,6 +26,7 @@ class UnsafeKeyPart(ValueError):
     """A value that is not a safe identifier was about to become part of a Redis key."""
 
 
+@functools.lru_cache(maxsize=65_536)
 def check_id(value: str) -> str:
     if not SAFE_ID.match(value):
         raise UnsafeKeyPart(f"refusing to build a Redis key from {value[:80]!r}")
@@ -38,6 +40,7 @@ def opaque_part(value: str) -> str:
     return "h-" + hashlib.sha256(value.encode()).hexdigest()[:32]
 
 
+@functools.lru_cache(maxsize=65_536)
 def partition_of(edge_id: str, partitions: int) -> int:
     """Stable edge -> partition mapping (CRC-32, like Redis Cluster's own hashing spirit)."""
     return zlib.crc32(edge_id.encode()) % partitions

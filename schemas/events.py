@@ -138,5 +138,8 @@ EVENT_TYPES: dict[Status, type[Event]] = {
 }
 
 
+_STATUS_OF: dict[type[Event], Status] = {cls: status for status, cls in EVENT_TYPES.items()}
+
+
 def status_of(event: Event) -> Status:
-    return Status(str(type(event).__struct_config__.tag))
+    return _STATUS_OF[type(event)]
