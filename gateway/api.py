@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -55,6 +56,23 @@ async def authenticate(request: Request) -> User:
     return user
 
 
+UserHandler = Callable[[Request, User], Awaitable[Response]]
+
+
+def user_route(handler: UserHandler) -> Callable[[Request], Awaitable[Response]]:
+    """Authenticate the caller before `handler`; a refusal is answered 401 (and audited)."""
+
+    @functools.wraps(handler)
+    async def route(request: Request) -> Response:
+        try:
+            user = await authenticate(request)
+        except AuthError as exc:
+            return problem(401, ErrorCode.UNAUTHENTICATED, str(exc))
+        return await handler(request, user)
+
+    return route
+
+
 async def read_body(request: Request, limit: int) -> bytes | None:
     """The body, or None as soon as it exceeds `limit` (nothing more is buffered)."""
     declared = request.headers.get("content-length")
@@ -70,12 +88,9 @@ async def read_body(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-async def post_command(request: Request) -> Response:
+@user_route
+async def post_command(request: Request, user: User) -> Response:
     state = _state(request)
-    try:
-        user = await authenticate(request)
-    except AuthError as exc:
-        return problem(401, ErrorCode.UNAUTHENTICATED, str(exc))
     limit = state.settings.max_message_bytes
     raw = await read_body(request, limit)
     if raw is None:
@@ -114,12 +129,9 @@ def command_view(record: CommandRecord) -> dict[str, Any]:
     }
 
 
-async def get_command(request: Request) -> Response:
+@user_route
+async def get_command(request: Request, user: User) -> Response:
     state = _state(request)
-    try:
-        user = await authenticate(request)
-    except AuthError as exc:
-        return problem(401, ErrorCode.UNAUTHENTICATED, str(exc))
     command_id = request.path_params["command_id"]
     record = await state.ledger.lookup(command_id) if _safe(command_id) else None
     if record is None:
@@ -129,12 +141,9 @@ async def get_command(request: Request) -> Response:
     return JSONResponse(command_view(record))
 
 
-async def cancel_command(request: Request) -> Response:
+@user_route
+async def cancel_command(request: Request, user: User) -> Response:
     state = _state(request)
-    try:
-        user = await authenticate(request)
-    except AuthError as exc:
-        return problem(401, ErrorCode.UNAUTHENTICATED, str(exc))
     outcome = await cancels.cancel(state, user, request.path_params["command_id"])
     return Response(
         _encode(outcome.reply), status_code=outcome.http_status, media_type="application/json"
@@ -145,22 +154,20 @@ def _safe(command_id: str) -> bool:
     return bool(SAFE_ID.match(command_id))
 
 
-async def list_commands(request: Request) -> Response:
+@user_route
+async def list_commands(request: Request, user: User) -> Response:
     """Audit history from the projection: a page, or (`format=csv|json`) every match."""
-    return await _audit_listing(request, refusals=False)
+    return await _audit_listing(request, user, refusals=False)
 
 
-async def list_rejections(request: Request) -> Response:
+@user_route
+async def list_rejections(request: Request, user: User) -> Response:
     """Inputs the gateway refused before admission (they never became commands)."""
-    return await _audit_listing(request, refusals=True)
+    return await _audit_listing(request, user, refusals=True)
 
 
-async def _audit_listing(request: Request, *, refusals: bool) -> Response:
+async def _audit_listing(request: Request, user: User, *, refusals: bool) -> Response:
     state = _state(request)
-    try:
-        user = await authenticate(request)
-    except AuthError as exc:
-        return problem(401, ErrorCode.UNAUTHENTICATED, str(exc))
     if state.pg is None:
         return problem(503, "unavailable", "the audit database is not configured")
     params = request.query_params

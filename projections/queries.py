@@ -11,10 +11,10 @@ from __future__ import annotations
 import base64
 import csv
 import io
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from psycopg import AsyncConnection, sql
@@ -316,18 +316,8 @@ async def export_commands(
     conn: AsyncConnection, schema: str, query: AuditQuery, visible: frozenset[str] | None
 ) -> AsyncIterator[dict[str, Any]]:
     """Every matching command (up to `query.limit` when set), in chunks."""
-    left = query.limit
-    current = query
-    while left is None or left > 0:
-        chunk = EXPORT_CHUNK if left is None else min(EXPORT_CHUNK, left)
-        page = await list_commands(conn, schema, replace(current, limit=chunk), visible)
-        for row in page.rows:
-            yield row
-        if left is not None:
-            left -= len(page.rows)
-        if page.next_cursor is None:
-            return
-        current = replace(current, cursor=Cursor.decode(page.next_cursor))
+    async for row in _export(list_commands, conn, schema, query, visible):
+        yield row
 
 
 async def show_command(
@@ -397,11 +387,27 @@ async def list_refusals(
 async def export_refusals(
     conn: AsyncConnection, schema: str, query: RefusalQuery, visible: frozenset[str] | None
 ) -> AsyncIterator[dict[str, Any]]:
+    """Every matching refusal (up to `query.limit` when set), in chunks."""
+    async for row in _export(list_refusals, conn, schema, query, visible):
+        yield row
+
+
+Q = TypeVar("Q", AuditQuery, RefusalQuery)
+
+
+async def _export(
+    lister: Callable[[AsyncConnection, str, Q, frozenset[str] | None], Awaitable[Page]],
+    conn: AsyncConnection,
+    schema: str,
+    query: Q,
+    visible: frozenset[str] | None,
+) -> AsyncIterator[dict[str, Any]]:
+    """Page through `lister` by cursor, EXPORT_CHUNK rows at a time."""
     left = query.limit
     current = query
     while left is None or left > 0:
         chunk = EXPORT_CHUNK if left is None else min(EXPORT_CHUNK, left)
-        page = await list_refusals(conn, schema, replace(current, limit=chunk), visible)
+        page = await lister(conn, schema, replace(current, limit=chunk), visible)
         for row in page.rows:
             yield row
         if left is not None:
