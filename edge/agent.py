@@ -353,12 +353,7 @@ class Agent:
                 log.warning("edge.config.cache_unusable error=%s", exc)
         cloud_problem = ""
         try:
-            raw = await fetch_config(
-                settings.gateway_url,
-                settings.edge_id,
-                settings.token,
-                settings.config_fetch_timeout_s,
-            )
+            raw = await self._fetch_cloud_config()
         except ConfigError as exc:
             cloud_problem = str(exc)
             log.warning("edge.config.fetch_failed error=%s", exc)
@@ -395,16 +390,16 @@ class Agent:
         )
         return site
 
+    async def _fetch_cloud_config(self) -> bytes | None:
+        settings = self.settings
+        return await fetch_config(
+            settings.gateway_url, settings.edge_id, settings.token, settings.config_fetch_timeout_s
+        )
+
     async def _refresh_config(self) -> None:
         """At connect: take the cloud's config if its version differs."""
-        settings = self.settings
         try:
-            raw = await fetch_config(
-                settings.gateway_url,
-                settings.edge_id,
-                settings.token,
-                settings.config_fetch_timeout_s,
-            )
+            raw = await self._fetch_cloud_config()
             if raw is None:
                 return
             fresh = decode_config(raw)
@@ -419,14 +414,8 @@ class Agent:
             self.exit_code = EXIT_RESTART
             self._stop.set()
             return None
-        settings = self.settings
         try:
-            raw = await fetch_config(
-                settings.gateway_url,
-                settings.edge_id,
-                settings.token,
-                settings.config_fetch_timeout_s,
-            )
+            raw = await self._fetch_cloud_config()
             if raw is None:
                 return Rejection(
                     code=ErrorCode.CONFIG_SYNC_FAILED,

@@ -240,30 +240,55 @@ def _user_actor(user: str) -> str:
 def _command_filters(
     query: AuditQuery, visible: frozenset[str] | None
 ) -> tuple[list[sql.Composable], list[Any]]:
-    where: list[sql.Composable] = []
-    args: list[Any] = []
-    for column, value in (
-        ("edge_id", query.edge_id),
-        ("source", query.source),
-        ("actor", _user_actor(query.user) if query.user else None),
-        ("status", query.status),
-        ("command_type", query.command_type),
-    ):
+    return _filters(
+        [
+            ("edge_id", query.edge_id),
+            ("source", query.source),
+            ("actor", _user_actor(query.user) if query.user else None),
+            ("status", query.status),
+            ("command_type", query.command_type),
+        ],
+        time_column="issued_at",
+        key_column="command_id",
+        since=query.since,
+        until=query.until,
+        cursor=query.cursor,
+        visible=visible,
+    )
+
+
+def _filters(
+    equal: list[tuple[str, str | None]],
+    *,
+    time_column: str,
+    key_column: str,
+    since: datetime | None,
+    until: datetime | None,
+    cursor: Cursor | None,
+    visible: frozenset[str] | None,
+    where: list[sql.Composable] | None = None,
+    args: list[Any] | None = None,
+) -> tuple[list[sql.Composable], list[Any]]:
+    """WHERE parts and arguments: equalities, a time range, visible edges, the cursor."""
+    where = list(where or [])
+    args = list(args or [])
+    for column, value in equal:
         if value is not None:
             where.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
             args.append(value)
-    if query.since is not None:
-        where.append(sql.SQL("issued_at >= %s"))
-        args.append(query.since)
-    if query.until is not None:
-        where.append(sql.SQL("issued_at < %s"))
-        args.append(query.until)
+    t = sql.Identifier(time_column)
+    if since is not None:
+        where.append(sql.SQL("{} >= %s").format(t))
+        args.append(since)
+    if until is not None:
+        where.append(sql.SQL("{} < %s").format(t))
+        args.append(until)
     if visible is not None:
         where.append(sql.SQL("edge_id = ANY(%s)"))
         args.append(sorted(visible))
-    if query.cursor is not None:
-        where.append(sql.SQL("(issued_at, command_id) < (%s, %s)"))
-        args.extend([query.cursor.at, query.cursor.key])
+    if cursor is not None:
+        where.append(sql.SQL("({}, {}) < (%s, %s)").format(t, sql.Identifier(key_column)))
+        args.extend([cursor.at, cursor.key])
     return where, args
 
 
@@ -346,29 +371,22 @@ async def list_refusals(
     conn: AsyncConnection, schema: str, query: RefusalQuery, visible: frozenset[str] | None
 ) -> Page:
     """Inputs the gateway refused before admission (no command row exists for them)."""
-    where: list[sql.Composable] = [sql.SQL("chain = %s")]
-    args: list[Any] = [REFUSALS_CHAIN]
-    for column, value in (
-        ("edge_id", query.edge_id),
-        ("actor", _user_actor(query.user) if query.user else None),
-        ("error_code", query.code),
-    ):
-        if value is not None:
-            where.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
-            args.append(value)
-    if query.since is not None:
-        where.append(sql.SQL("at >= %s"))
-        args.append(query.since)
-    if query.until is not None:
-        where.append(sql.SQL("at < %s"))
-        args.append(query.until)
-    if visible is not None:
-        # Refusals naming no visible edge (bad JSON, failed logins) are for auditors only.
-        where.append(sql.SQL("edge_id = ANY(%s)"))
-        args.append(sorted(visible))
-    if query.cursor is not None:
-        where.append(sql.SQL("(at, event_id) < (%s, %s)"))
-        args.extend([query.cursor.at, query.cursor.key])
+    # Refusals naming no visible edge (bad JSON, failed logins) are for auditors only.
+    where, args = _filters(
+        [
+            ("edge_id", query.edge_id),
+            ("actor", _user_actor(query.user) if query.user else None),
+            ("error_code", query.code),
+        ],
+        time_column="at",
+        key_column="event_id",
+        since=query.since,
+        until=query.until,
+        cursor=query.cursor,
+        visible=visible,
+        where=[sql.SQL("chain = %s")],
+        args=[REFUSALS_CHAIN],
+    )
     limit = query.limit or DEFAULT_LIMIT
     statement = sql.SQL(
         "SELECT event_id, at, edge_id, command_id, actor, error_code,"
