@@ -176,7 +176,7 @@ class Hub:
                 *(self._deliver(s, claim=s.edge_id in self._reclaim) for s in sessions),
                 return_exceptions=True,
             )
-            failed = [s for s, r in zip(sessions, results, strict=True) if isinstance(r, Exception)]
+            failed = {s for s, r in zip(sessions, results, strict=True) if isinstance(r, Exception)}
             for session in sessions:
                 if session not in failed:
                     self._reclaim.discard(session.edge_id)
