@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -207,26 +207,9 @@ class Settings:
             raw = env.get(f"DISPATCH_{f.name.upper()}")
             if raw is None or raw == "":
                 continue
-            if f.type == "int":
-                try:
-                    values[f.name] = int(raw)
-                except ValueError:
-                    raise SettingsError(
-                        f"DISPATCH_{f.name.upper()}={raw!r} is not a whole number"
-                    ) from None
-            elif f.type == "float":
-                try:
-                    values[f.name] = float(raw)
-                except ValueError:
-                    raise SettingsError(
-                        f"DISPATCH_{f.name.upper()}={raw!r} is not a number"
-                    ) from None
-            elif f.type == "bool":
-                if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
-                    raise SettingsError(
-                        f"DISPATCH_{f.name.upper()}={raw!r} is not a yes/no value (use 1 or 0)"
-                    )
-                values[f.name] = raw.lower() in ("1", "true", "yes")
+            parse = _PARSERS.get(str(f.type))
+            if parse is not None:
+                values[f.name] = parse(f"DISPATCH_{f.name.upper()}", raw)
             elif f.type == "tuple[str, ...]":
                 values[f.name] = tuple(part.strip() for part in raw.split(",") if part.strip())
             else:
@@ -246,6 +229,29 @@ class Settings:
                 "use a long random secret"
             )
         return cls(**values)
+
+
+def _number(kind: type[int] | type[float], what: str) -> Callable[[str, str], Any]:
+    def parse(name: str, raw: str) -> Any:
+        try:
+            return kind(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is not {what}") from None
+
+    return parse
+
+
+def _flag(name: str, raw: str) -> bool:
+    if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise SettingsError(f"{name}={raw!r} is not a yes/no value (use 1 or 0)")
+    return raw.lower() in ("1", "true", "yes")
+
+
+_PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "int": _number(int, "a whole number"),
+    "float": _number(float, "a number"),
+    "bool": _flag,
+}
 
 
 def secret_file(env: Mapping[str, str]) -> Path:

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from gateway import cancels, metrics
-from gateway.auth import AuthError, User, bearer_token, claimed
+from gateway.auth import AuthError, User, bearer_token
 from gateway.grants import CAN_VIEW
 from gateway.state import GatewayState
 from ledger.keys import SAFE_ID
@@ -42,18 +42,8 @@ def problem(status: int, code: ErrorCode | str, message: str, **extra: Any) -> J
 
 async def authenticate(request: Request) -> User:
     """The caller, or AuthError; every refusal is recorded in the audit stream."""
-    state = _state(request)
     token = bearer_token(request.headers.get("authorization"))
-    try:
-        if token is None:
-            raise AuthError("no bearer token: send `Authorization: Bearer <token>`")
-        user = await state.auth.user(token)
-        await state.check_not_revoked(user.jti)
-    except AuthError as exc:
-        err = error(ErrorCode.UNAUTHENTICATED, str(exc))
-        await state.audit_refusal(request, "", err, detail=claimed(token))
-        raise
-    return user
+    return await _state(request).authenticate_user(request, token)
 
 
 UserHandler = Callable[[Request, User], Awaitable[Response]]

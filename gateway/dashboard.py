@@ -15,7 +15,7 @@ import msgspec
 from starlette.websockets import WebSocket
 
 from gateway import cancels
-from gateway.auth import AuthError, claimed
+from gateway.auth import AuthError
 from gateway.handshake import credentials, origin_allowed, refuse
 from gateway.sessions import (
     CloseCode,
@@ -43,13 +43,8 @@ async def dashboard_endpoint(ws: WebSocket) -> None:
         return
     token, subprotocol = credentials(ws)
     try:
-        if token is None:
-            raise AuthError("no bearer token: send `Authorization: Bearer <token>`")
-        user = await state.auth.user(token)
-        await state.check_not_revoked(user.jti)
+        user = await state.authenticate_user(ws, token)
     except AuthError as exc:
-        err = error(ErrorCode.UNAUTHENTICATED, str(exc))
-        await state.audit_refusal(ws, "", err, detail=claimed(token))
         await refuse(ws, 401, "unauthenticated", str(exc))
         return
     await ws.accept(subprotocol=subprotocol)

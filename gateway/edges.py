@@ -10,7 +10,7 @@ import msgspec
 from starlette.websockets import WebSocket
 
 from gateway import metrics
-from gateway.auth import AuthError, claimed
+from gateway.auth import AuthError
 from gateway.handshake import credentials, refuse
 from gateway.sessions import EdgeSession, Outbox, protocol_refusal, ws_hard_limit_bytes
 from gateway.state import GatewayState
@@ -41,13 +41,8 @@ async def edge_endpoint(ws: WebSocket) -> None:
         return
     token, _ = credentials(ws)
     try:
-        if token is None:
-            raise AuthError("no bearer token: send `Authorization: Bearer <edge credential>`")
-        identity = await state.auth.edge(token, edge_id)
-        await state.check_not_revoked(identity.jti)
+        identity = await state.authenticate_edge(ws, token, edge_id)
     except AuthError as exc:
-        err = error(ErrorCode.UNAUTHENTICATED, str(exc))
-        await state.audit_refusal(ws, edge_id, err, detail=claimed(token))
         await refuse(ws, 401, "unauthenticated", str(exc))
         return
     await ws.accept()

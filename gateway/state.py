@@ -12,7 +12,7 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.requests import HTTPConnection
 
 from dispatch.settings import Settings
-from gateway.auth import AuthConfig, Authenticator
+from gateway.auth import AuthConfig, Authenticator, AuthError, EdgeIdentity, User, claimed
 from gateway.grants import GrantCache
 from gateway.hub import Hub
 from gateway.intake import Intake
@@ -23,7 +23,7 @@ from ledger.connection import AnyRedis, connect
 from ledger.errors import translated
 from ledger.ids import new_event_id
 from ledger.store import Ledger
-from schemas.errors import ErrorObject
+from schemas.errors import ErrorCode, ErrorObject, error
 from schemas.events import Rejected
 
 log = logging.getLogger("gateway.state")
@@ -120,6 +120,38 @@ class GatewayState:
 
     async def check_not_revoked(self, jti: str) -> None:
         await self.revocations.check(jti)
+
+    async def authenticate_user(self, conn: HTTPConnection, token: str | None) -> User:
+        """The user behind `token`, or AuthError (the refusal is in the audit stream)."""
+        try:
+            if token is None:
+                raise AuthError("no bearer token: send `Authorization: Bearer <token>`")
+            user = await self.auth.user(token)
+            await self.check_not_revoked(user.jti)
+        except AuthError as exc:
+            await self._audit_auth_failure(conn, "", exc, token)
+            raise
+        return user
+
+    async def authenticate_edge(
+        self, conn: HTTPConnection, token: str | None, edge_id: str
+    ) -> EdgeIdentity:
+        """The edge behind `token` if it is `edge_id`'s credential, or AuthError (audited)."""
+        try:
+            if token is None:
+                raise AuthError("no bearer token: send `Authorization: Bearer <edge credential>`")
+            identity = await self.auth.edge(token, edge_id)
+            await self.check_not_revoked(identity.jti)
+        except AuthError as exc:
+            await self._audit_auth_failure(conn, edge_id, exc, token)
+            raise
+        return identity
+
+    async def _audit_auth_failure(
+        self, conn: HTTPConnection, edge_id: str, exc: AuthError, token: str | None
+    ) -> None:
+        err = error(ErrorCode.UNAUTHENTICATED, str(exc))
+        await self.audit_refusal(conn, edge_id, err, detail=claimed(token))
 
     async def audit_refusal(
         self,

@@ -257,6 +257,15 @@ def _command_filters(
     )
 
 
+def _page(rows: list[dict[str, Any]], limit: int, at_column: str, key_column: str) -> Page:
+    """`limit` rows and a cursor after the last when the query found one row more."""
+    more = len(rows) > limit
+    rows = rows[:limit]
+    last = rows[-1] if more and rows else None
+    cursor = Cursor(last[at_column], last[key_column]).encode() if last is not None else None
+    return Page([view(r) for r in rows], cursor)
+
+
 def _filters(
     equal: list[tuple[str, str | None]],
     *,
@@ -328,13 +337,9 @@ async def list_commands(
         s=sql.Identifier(schema),
         where=_where(where),
     )
-    rows = await _fetch(conn, statement, [*args, limit + 1])
-    more = len(rows) > limit
-    rows = rows[:limit]
-    cursor = (
-        Cursor(rows[-1]["issued_at"], rows[-1]["command_id"]).encode() if more and rows else None
+    return _page(
+        await _fetch(conn, statement, [*args, limit + 1]), limit, "issued_at", "command_id"
     )
-    return Page([view(r) for r in rows], cursor)
 
 
 async def export_commands(
@@ -395,11 +400,7 @@ async def list_refusals(
         " payload::jsonb ->> 'input_excerpt' AS input_excerpt"
         " FROM {s}.events {where} ORDER BY at DESC, event_id DESC LIMIT %s"
     ).format(s=sql.Identifier(schema), where=_where(where))
-    rows = await _fetch(conn, statement, [*args, limit + 1])
-    more = len(rows) > limit
-    rows = rows[:limit]
-    cursor = Cursor(rows[-1]["at"], rows[-1]["event_id"]).encode() if more and rows else None
-    return Page([view(r) for r in rows], cursor)
+    return _page(await _fetch(conn, statement, [*args, limit + 1]), limit, "at", "event_id")
 
 
 async def export_refusals(

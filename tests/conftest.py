@@ -10,13 +10,12 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
-from psycopg import sql
 from redis.asyncio import Redis
 
 from dispatch.settings import Settings
 from ledger.store import Ledger
 
-from support import DATABASE_URL, REDIS_URL, SECRET, Processes
+from support import DATABASE_URL, REDIS_URL, SECRET, Processes, drop_namespace
 
 
 def _check_services() -> None:
@@ -40,26 +39,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def namespace() -> Iterator[str]:
     ns = f"t{uuid.uuid4().hex[:10]}"
     yield ns
-    client = redis.Redis.from_url(REDIS_URL)
-    batch = list(client.scan_iter(match=f"{ns}:*", count=1000))
-    for i in range(0, len(batch), 500):
-        client.delete(*batch[i : i + 500])
-    client.close()
-    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
-        # The namespace's schema plus any rebuilt/swapped copy (`<ns>_rebuild`, `<ns>_old_*`),
-        # then its roles (cluster-wide, so they must not outlive the test).
-        schemas = conn.execute(
-            "SELECT nspname FROM pg_namespace WHERE nspname = %s OR nspname LIKE %s",
-            (ns, ns + "\\_%"),
-        ).fetchall()
-        for (name,) in schemas:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
-        roles = conn.execute(
-            "SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (ns + "\\_%",)
-        ).fetchall()
-        for (role,) in roles:
-            conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
-            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    drop_namespace(ns)
 
 
 @pytest.fixture

@@ -19,6 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import redis
+from psycopg import sql
+
 from dispatch.tokens import edge_claims, sign, user_claims
 
 SECRET = "test-secret-for-command-dispatch-0123456789abcdef"
@@ -212,3 +216,42 @@ def chdir(path: Path) -> Iterator[None]:
         yield
     finally:
         os.chdir(old)
+
+
+def drop_namespace(ns: str) -> None:
+    """Delete a test namespace: its Redis keys, PostgreSQL schemas and roles."""
+    client = redis.Redis.from_url(REDIS_URL)
+    batch = list(client.scan_iter(match=f"{ns}:*", count=1000))
+    for i in range(0, len(batch), 500):
+        client.delete(*batch[i : i + 500])
+    client.close()
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        # The namespace's schema plus any rebuilt/swapped copy (`<ns>_rebuild`, `<ns>_old_*`),
+        # then its roles (cluster-wide, so they must not outlive the test).
+        schemas = conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname = %s OR nspname LIKE %s",
+            (ns, ns + "\\_%"),
+        ).fetchall()
+        for (name,) in schemas:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+        roles = conn.execute(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (ns + "\\_%",)
+        ).fetchall()
+        for (role,) in roles:
+            conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def projected_status(namespace: str, command_id: str) -> str | None:
+    """The command's status in the PostgreSQL projection (None before it is projected)."""
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        try:
+            row = conn.execute(
+                sql.SQL("SELECT status FROM {}.commands WHERE command_id = %s").format(
+                    sql.Identifier(namespace)
+                ),
+                (command_id,),
+            ).fetchone()
+        except psycopg.errors.UndefinedTable:
+            return None
+    return row[0] if row else None

@@ -11,10 +11,8 @@ import json
 import re
 from pathlib import Path
 
-import psycopg
 import pytest
 import websockets
-from psycopg import sql
 from pymodbus.client import AsyncModbusTcpClient
 
 from support import (
@@ -24,6 +22,7 @@ from support import (
     command,
     free_port,
     http,
+    projected_status,
     wait_until,
 )
 
@@ -88,20 +87,6 @@ def start_edge(
         str(tmp_path / "edge"),
     )
     wait_until(lambda: edges_connected(gw) == 1, 20, what="the edge agent to connect")
-
-
-def projected_status(namespace: str, command_id: str) -> str | None:
-    with psycopg.connect("postgresql://127.0.0.1:5432/test", autocommit=True) as conn:
-        try:
-            row = conn.execute(
-                sql.SQL("SELECT status FROM {}.commands WHERE command_id = %s").format(
-                    sql.Identifier(namespace)
-                ),
-                (command_id,),
-            ).fetchone()
-        except psycopg.errors.UndefinedTable:
-            return None
-    return row[0] if row else None
 
 
 async def test_spec_command_reaches_the_device_and_the_audit(

@@ -9,18 +9,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import redis
 import websockets
-from psycopg import sql
 
 from dispatch.replay import Outcome, Recorded, schedule
 from ledger.keys import Keys
 from schemas.commands import CommandType, EdgeCommand, Target
 
 from support import (
-    DATABASE_URL,
     DEMO_EDGE,
     REDIS_URL,
     Gateway,
@@ -29,6 +26,7 @@ from support import (
     edge_token,
     free_port,
     http,
+    projected_status,
     user_token,
     wait_until,
 )
@@ -80,20 +78,6 @@ def live_site(processes: Processes, tmp_path: Path) -> Gateway:
         what="the live edge agent to connect",
     )
     return gw
-
-
-def projected(namespace: str, command_id: str) -> str | None:
-    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
-        try:
-            row = conn.execute(
-                sql.SQL("SELECT status FROM {}.commands WHERE command_id = %s").format(
-                    sql.Identifier(namespace)
-                ),
-                (command_id,),
-            ).fetchone()
-        except psycopg.errors.UndefinedTable:
-            return None
-    return row[0] if row else None
 
 
 def run_replay(processes: Processes, *args: str) -> tuple[int, dict[str, Any], str]:
@@ -151,7 +135,9 @@ async def test_replay_reproduces_a_rejected_then_corrected_setpoint(
 
     # Weeks later retention has trimmed the ledger's log: the audit tables hold the window.
     processes.dispatch("projector", "projector")
-    wait_until(lambda: projected(namespace, corrected) == "executed", 30, what="the projection")
+    wait_until(
+        lambda: projected_status(namespace, corrected) == "executed", 30, what="the projection"
+    )
     client = redis.Redis.from_url(REDIS_URL)
     keys = Keys(namespace, 4)
     log_key = keys.log(keys.partition(DEMO_EDGE))

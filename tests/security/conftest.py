@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import redis
-from psycopg import sql
 from websockets.sync.client import ClientConnection, connect
 
 from ledger.keys import Keys
@@ -34,6 +32,7 @@ from support import (
     Gateway,
     Processes,
     command,
+    drop_namespace,
     edge_token,
     free_port,
     user_token,
@@ -67,16 +66,6 @@ def make_env(namespace: str, state_dir: Path, **extra: str) -> dict[str, str]:
         **NO_LIMITS,
         **extra,
     }
-
-
-def drop_namespace(ns: str) -> None:
-    client = redis.Redis.from_url(REDIS_URL)
-    batch = list(client.scan_iter(match=f"{ns}:*", count=1000))
-    for i in range(0, len(batch), 500):
-        client.delete(*batch[i : i + 500])
-    client.close()
-    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(ns)))
 
 
 def start_gateway(processes: Processes, env: dict[str, str] | None = None) -> Gateway:
