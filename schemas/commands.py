@@ -129,6 +129,12 @@ class EdgeCommand(Struct, frozen=True, kw_only=True):
     expires_at: datetime
     actor: str = ""
     delivery: int = 1
+    # The gateway's clock when it sent this frame and the lifetime left by that clock:
+    # the edge measures its clock offset from `sent_at` and judges expiry on
+    # `remaining_ms` (its own monotonic clock), so a skewed edge clock cannot expire
+    # a valid command or execute a stale one.
+    sent_at: datetime | None = None
+    remaining_ms: int | None = None
 
 
 AckStatus = Literal["accepted", "executed", "failed", "rejected"]

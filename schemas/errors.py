@@ -23,6 +23,7 @@ class ErrorCode(StrEnum):
     SLOW_CONSUMER = "slow_consumer"  # the client read too slowly and was disconnected
     PROTOCOL_ERROR = "protocol_error"  # the WebSocket layer closed the connection
     NOT_CANCELLABLE = "not_cancellable"  # a cancel that came after the command was sent
+    UNAVAILABLE = "unavailable"  # the ledger (Redis) did not answer within the wait
     # Edge-side validation and execution.
     EDGE_BUSY = "edge_busy"
     SUPERSEDED = "superseded"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 from schemas.commands import CommandId
 from schemas.errors import ErrorObject
@@ -32,12 +32,41 @@ class CommandControl(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     command_id: CommandId
 
 
-class EdgeNotice(Struct, frozen=True, kw_only=True):
-    """Gateway -> edge: an acknowledgment the gateway could not apply."""
+class EdgeNotice(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Gateway -> edge: what became of an acknowledgment.
 
-    type: Literal["ack_refused"] = "ack_refused"
+    `ack_recorded`: the ack is in the ledger, the edge may forget it.
+    `ack_refused`: the ack can never be recorded (e.g. unknown command); do not resend.
+    `ack_unrecorded`: the ledger could not take it now (`error.code` `unavailable`);
+    the edge keeps it and resends it until it is recorded or refused.
+    """
+
+    type: Literal["ack_refused", "ack_recorded", "ack_unrecorded"] = "ack_refused"
     command_id: str | None = None
+    status: str | None = None
     error: ErrorObject | None = None
+
+
+class Subscribe(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Dashboard -> gateway: follow commands again (after a reconnect).
+
+    Answered by one `Subscribed` frame; from then on the session receives every
+    status of those commands, as it does for the commands it sent itself.
+    """
+
+    type: Literal["subscribe"]
+    command_ids: Annotated[list[CommandId], Meta(min_length=1, max_length=256)]
+
+
+class Subscribed(Struct, frozen=True, kw_only=True):
+    """Gateway -> dashboard: the current status of each subscribed command.
+
+    Commands the user neither sent nor may view are listed as `unknown` (no leak).
+    """
+
+    type: Literal["subscribed"] = "subscribed"
+    statuses: list[StatusUpdate]
+    unknown: list[str]
 
 
 class CommandView(Struct, frozen=True, kw_only=True, omit_defaults=True):
