@@ -129,7 +129,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     if not args.user:
         print("dispatch token: --user USER or --edge EDGE is required", file=sys.stderr)
         return 2
-    if not SAFE_USER_ID.match(args.user):
+    if not SAFE_USER_ID.fullmatch(args.user):
         print(
             f"dispatch token: user {args.user!r} must be 1-128 letters, digits or '_.@+:-'",
             file=sys.stderr,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from edge.modbus import DevicePort, ModbusDevices
 from edge.validation import Rejection, SystemPlan, validate
 from schemas.commands import EdgeCommand
 from schemas.errors import ErrorCode
+from schemas.identifiers import is_edge_id
 
 log = logging.getLogger("edge.agent")
 
@@ -38,7 +38,6 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_RESTART = 75  # a `system restart` command asked for a fresh process (EX_TEMPFAIL)
 HALF_OPEN_BOUND_S = 30.0
-_EDGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FLUSH_ON_STOP_S = 2.0
 
 
@@ -64,7 +63,7 @@ class AgentSettings:
     config_fetch_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
-        if not _EDGE_ID.match(self.edge_id):
+        if not is_edge_id(self.edge_id):
             raise ConfigError(
                 f"edge id {self.edge_id!r} is not valid: use 1-64 letters, digits, '_', '.', '-'"
             )

@@ -22,8 +22,9 @@ import msgspec
 from msgspec import Meta, Struct
 
 from edge.errors import ConfigError
+from schemas.identifiers import NAME, schema_pattern
 
-ConfigName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+ConfigName = Annotated[str, Meta(pattern=schema_pattern(NAME))]
 CONFIG_FILE = "config.json"
 MAX_CONFIG_BYTES = 1024 * 1024
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 
 import msgspec
@@ -10,8 +9,8 @@ from msgspec import Struct
 
 from schemas.commands import Ack, AckStatus, EdgeCommand
 from schemas.errors import ErrorCode, ErrorObject, error
+from schemas.identifiers import is_command_id
 
-_COMMAND_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _command_decoder = msgspec.json.Decoder(EdgeCommand)
 _encode = msgspec.json.Encoder().encode
 
@@ -47,7 +46,7 @@ def decode_frame(raw: str | bytes) -> EdgeCommand | Notice | BadFrame:
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         return BadFrame(command_id=None, message=f"frame is not a JSON object: {exc}")
     command_id = peek.command_id if isinstance(peek.command_id, str) else None
-    if command_id is not None and not _COMMAND_ID.match(command_id):
+    if command_id is not None and not is_command_id(command_id):
         command_id = None
     if peek.type is not None:
         try:

@@ -141,7 +141,7 @@ async def cancel_command(request: Request, user: User) -> Response:
 
 
 def _safe(command_id: str) -> bool:
-    return bool(SAFE_ID.match(command_id))
+    return bool(SAFE_ID.fullmatch(command_id))
 
 
 @user_route

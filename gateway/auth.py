@@ -28,6 +28,7 @@ from joserfc.jwt import JWTClaimsRegistry
 from joserfc.registry import HeaderParameter
 
 from gateway.jwks import KEY_TYPES, JwksSource, PublicKey
+from schemas.identifiers import USER_ID
 
 EDGE_TOKEN_TYPE = "edge"
 ACCESS_TOKEN_TYPE = "access"
@@ -35,7 +36,7 @@ HMAC_ALGORITHM = "HS256"
 # Below the protocol layer's 8 KiB header line limit, so this check is the one that speaks.
 MAX_TOKEN_BYTES = 8000
 # user_id becomes part of actors, log lines and Lua-built events: a safe alphabet only.
-SAFE_USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+:-]{0,127}$")
+SAFE_USER_ID = re.compile(USER_ID)  # always with fullmatch
 TIME_CLAIMS = ("exp", "nbf", "iat")
 
 # Key-selecting headers a token could use to bring its own key: refused outright.
@@ -237,7 +238,7 @@ class Authenticator:
         user_id = claims.get("user_id")
         if not isinstance(user_id, str | int) or isinstance(user_id, bool):
             raise AuthError("token refused: claim `user_id` is missing")
-        if not SAFE_USER_ID.match(str(user_id)):
+        if not SAFE_USER_ID.fullmatch(str(user_id)):
             raise AuthError(
                 "token refused: claim `user_id` must be 1-128 letters, digits or '_.@+:-'"
             )

@@ -80,7 +80,7 @@ async def cancel(
     state: GatewayState, user: User, command_id: str, *, raw: bytes = b""
 ) -> CancelOutcome:
     """Cancel `command_id` for `user`, who needs can_control on the command's edge."""
-    edge_id = await state.ledger.edge_of(command_id) if SAFE_ID.match(command_id) else None
+    edge_id = await state.ledger.edge_of(command_id) if SAFE_ID.fullmatch(command_id) else None
     if edge_id is None:
         return await _refuse(
             state,

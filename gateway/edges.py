@@ -28,7 +28,7 @@ _encode = msgspec.json.Encoder().encode
 async def edge_endpoint(ws: WebSocket) -> None:
     state: GatewayState = ws.app.state.gateway
     edge_id = ws.path_params["edge_id"]
-    if not SAFE_ID.match(edge_id) or len(edge_id) > 64:
+    if not SAFE_ID.fullmatch(edge_id) or len(edge_id) > 64:
         err = error(ErrorCode.INVALID_COMMAND, "edge id must be letters, digits, '_', '.', '-'")
         await state.audit_refusal(ws, "", err, detail=f"edge id {edge_id[:80]!r}")
         await refuse(ws, 400, err.code, err.message)

@@ -41,7 +41,7 @@ def check_permission(permission: str) -> str:
 def check_scope(scope: str) -> str:
     """An edge id, `*`, or `group:NAME`."""
     name = scope.removeprefix(GROUP_PREFIX)
-    if scope == ALL_EDGES or (SAFE_ID.match(name) and len(name) <= 64):
+    if scope == ALL_EDGES or (SAFE_ID.fullmatch(name) and len(name) <= 64):
         return scope
     raise GrantError(
         f"{scope[:80]!r} is not an edge id, '*' or 'group:NAME' (letters, digits, '_', '.', '-')"

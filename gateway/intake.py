@@ -86,8 +86,8 @@ def probe(raw: bytes) -> tuple[str | None, str | None]:
     edge = found.target.get("edge_id") if isinstance(found.target, dict) else None
     cid = found.command_id
     return (
-        cid if isinstance(cid, str) and SAFE_ID.match(cid) else None,
-        edge if isinstance(edge, str) and len(edge) <= 64 and SAFE_ID.match(edge) else None,
+        cid if isinstance(cid, str) and SAFE_ID.fullmatch(cid) else None,
+        edge if isinstance(edge, str) and len(edge) <= 64 and SAFE_ID.fullmatch(edge) else None,
     )
 
 

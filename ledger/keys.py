@@ -15,7 +15,9 @@ import re
 import zlib
 from dataclasses import dataclass
 
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+from schemas.identifiers import KEY_PART
+
+SAFE_ID = re.compile(KEY_PART)  # always used with fullmatch: `$` would let a final "\n" pass
 
 EDGE_GROUP = "edge"  # consumer group on each edge's delivery stream (consumer = edge id)
 PROJECTOR_GROUP = "projector"  # consumer group on each partition's lifecycle log
@@ -28,14 +30,14 @@ class UnsafeKeyPart(ValueError):
 
 @functools.lru_cache(maxsize=65_536)
 def check_id(value: str) -> str:
-    if not SAFE_ID.match(value):
+    if not SAFE_ID.fullmatch(value):
         raise UnsafeKeyPart(f"refusing to build a Redis key from {value[:80]!r}")
     return value
 
 
 def opaque_part(value: str) -> str:
     """A key part for free-form names (user ids): itself if safe, else a digest."""
-    if SAFE_ID.match(value):
+    if SAFE_ID.fullmatch(value):
         return value
     return "h-" + hashlib.sha256(value.encode()).hexdigest()[:32]
 

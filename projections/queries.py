@@ -120,7 +120,7 @@ class AuditQuery:
     @classmethod
     def from_params(cls, params: Mapping[str, str], *, export: bool = False) -> AuditQuery:
         edge_id = params.get("edge_id") or None
-        if edge_id is not None and not SAFE_ID.match(edge_id):
+        if edge_id is not None and not SAFE_ID.fullmatch(edge_id):
             raise QueryError(f"`edge_id` {edge_id[:64]!r} is not a valid edge id")
         raw_cursor = params.get("cursor") or None
         query = cls(

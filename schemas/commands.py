@@ -9,13 +9,15 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
+from schemas import identifiers as ids
 from schemas.errors import ErrorObject
+from schemas.identifiers import schema_pattern
 
 # Identifiers end up inside Redis keys and log lines: keep them to a safe alphabet.
 EdgeId = Annotated[
     str,
     Meta(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        pattern=schema_pattern(ids.EDGE_ID),
         description="Edge identifier: letters, digits, '_', '.', '-' (1-64 chars).",
         examples=["site1_edge_prod"],
     ),
@@ -23,14 +25,14 @@ EdgeId = Annotated[
 CommandId = Annotated[
     str,
     Meta(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$",
+        pattern=schema_pattern(ids.COMMAND_ID),
         description="Client-chosen idempotency key: letters, digits, '_', '.', ':', '-'.",
         examples=["cmd_12345"],
     ),
 ]
 Name = Annotated[
     str,
-    Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Device or channel name."),
+    Meta(pattern=schema_pattern(ids.NAME), description="Device or channel name."),
 ]
 Source = Annotated[str, Meta(min_length=1, max_length=128, description="Who asked (as claimed).")]
 Unit = Annotated[str, Meta(max_length=16)]
@@ -147,3 +149,5 @@ class Ack(Struct, frozen=True, kw_only=True):
     status: AckStatus
     executed_at: UtcTime | None = None
     error: ErrorObject | None = None
+    # Edge clock minus gateway clock, as the edge measured it from `sent_at` (ms).
+    clock_offset_ms: int | None = None
