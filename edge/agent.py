@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import msgspec
+
 from edge.capabilities import (
     ConfigSource,
     SiteConfig,
@@ -20,14 +22,16 @@ from edge.capabilities import (
     shipped_config,
     write_cached,
 )
+from edge.clock import ClockOffset, WallClock
 from edge.core_cycle import CoreCycle, CycleSettings, log_transition
 from edge.errors import ConfigError
 from edge.frames import BadFrame, Notice, ack, decode_frame, utc_now
 from edge.journal import JOURNAL_FILE, CommandMeta, Journal, StateLock
 from edge.link import CLOSE_TIMEOUT_S, Link, LinkSettings
+from edge.metrics import EdgeMetrics
 from edge.modbus import DevicePort, ModbusDevices
-from edge.validation import Rejection, SystemPlan, validate
-from schemas.commands import EdgeCommand
+from edge.validation import DEFAULT_MAX_OVERRIDE_S, Rejection, SystemPlan, validate
+from schemas.commands import Ack, EdgeCommand
 from schemas.errors import ErrorCode
 from schemas.identifiers import is_edge_id
 
@@ -39,6 +43,10 @@ EXIT_USAGE = 2
 EXIT_RESTART = 75  # a `system restart` command asked for a fresh process (EX_TEMPFAIL)
 HALF_OPEN_BOUND_S = 30.0
 _FLUSH_ON_STOP_S = 2.0
+_UNRECORDED_FIRST_S = 0.5  # ack_unrecorded: resend after 0.5 s, doubling up to 5 s
+_UNRECORDED_MAX_S = 5.0
+_ack_decoder = msgspec.json.Decoder(Ack)
+_encode = msgspec.json.Encoder().encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +68,13 @@ class AgentSettings:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 60.0
     ack_resend_window_s: float = 60.0
+    # With a gateway that confirms acks (ack_recorded): unconfirmed final acks this
+    # young are sent again after every reconnect and restart.
+    ack_retention_s: float = 24 * 3600.0
     config_fetch_timeout_s: float = 5.0
+    max_override_s: float = DEFAULT_MAX_OVERRIDE_S
+    max_clock_offset_s: float = 30.0
+    metrics_port: int | None = None  # serve /metrics (0 picks a free port); None: off
 
     def __post_init__(self) -> None:
         if not is_edge_id(self.edge_id):
@@ -79,7 +93,8 @@ class AgentSettings:
             )
         for name in ("cycle_period_ms", "queue_capacity", "per_cycle", "ping_interval_s",
                      "ping_timeout_s", "backoff_initial_s", "backoff_max_s",
-                     "config_fetch_timeout_s"):  # fmt: skip
+                     "config_fetch_timeout_s", "max_override_s",
+                     "max_clock_offset_s", "ack_retention_s"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.ping_interval_s + self.ping_timeout_s + CLOSE_TIMEOUT_S > HALF_OPEN_BOUND_S:
@@ -100,8 +115,19 @@ class AgentSettings:
 class Agent:
     """`await Agent(settings).run()` until `stop()`; returns the process exit code."""
 
-    def __init__(self, settings: AgentSettings, devices: DevicePort | None = None) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        devices: DevicePort | None = None,
+        *,
+        wall: WallClock = utc_now,
+    ) -> None:
         self.settings = settings
+        self.clock = ClockOffset(limit_s=settings.max_clock_offset_s, wall=wall)
+        self.metrics = EdgeMetrics()
+        self.metrics_port: int | None = None
+        self._unrecorded: dict[tuple[str, str | None], int] = {}
+        self._resends: set[asyncio.Task[None]] = set()
         self.devices: DevicePort = devices if devices is not None else ModbusDevices()
         self.config_source: ConfigSource | None = None
         self.exit_code = EXIT_OK
@@ -138,8 +164,13 @@ class Agent:
         settings = self.settings
         lock = StateLock(settings.state_dir)
         lock.acquire()
-        journal = self._journal = Journal(settings.state_dir / JOURNAL_FILE)
+        journal = self._journal = Journal(
+            settings.state_dir / JOURNAL_FILE, on_commit=self._committed
+        )
         try:
+            if settings.metrics_port is not None:
+                self.metrics_port = self.metrics.serve(settings.metrics_port)
+                log.info("edge.metrics.serving port=%d path=/metrics", self.metrics_port)
             await self._load_initial_config()
             core = self._core = CoreCycle(
                 journal=journal,
@@ -151,13 +182,16 @@ class Agent:
                     per_cycle=settings.per_cycle,
                     skew_s=settings.clock_skew_s,
                     edge_id=settings.edge_id,
+                    max_override_s=settings.max_override_s,
                 ),
                 on_ack=self._acks.set,
                 on_system=self._system,
+                clock=self.clock,
+                metrics=self.metrics,
             )
             await core.recover()
             # Acks sent just before the last stop may never have arrived: send them again.
-            journal.resend_since(time.time() - settings.ack_resend_window_s)
+            await self._resend_unconfirmed(time.time())
             self._link = Link(
                 LinkSettings(
                     url=settings.ws_url,
@@ -174,6 +208,7 @@ class Agent:
             with contextlib.suppress(Exception):
                 await self.devices.close()
             journal.close()
+            self.metrics.close()
             lock.release()
 
     async def _serve(self) -> int:
@@ -213,9 +248,9 @@ class Agent:
                     self._acks.set()
                     await asyncio.sleep(0.02)
         await self.link.close()
-        for task in tasks:
+        for task in [*tasks, *self._resends]:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *self._resends, return_exceptions=True)
 
     def _journal_unsent(self) -> int:
         assert self._journal is not None
@@ -226,7 +261,7 @@ class Agent:
         journal = self._journal
         assert journal is not None
         if self._lost_at is not None:
-            again = journal.resend_since(self._lost_at - self.settings.ack_resend_window_s)
+            again = await self._resend_unconfirmed(self._lost_at)
             if again:
                 log.info("edge.acks.resending count=%d", again)
         await self._refresh_config()
@@ -234,42 +269,117 @@ class Agent:
 
     def on_close(self) -> None:
         self._lost_at = time.time()
+        for task in self._resends:  # the reconnect resends what is still unconfirmed
+            task.cancel()
 
-    async def on_message(self, data: str | bytes) -> None:
-        body = data.encode() if isinstance(data, str) else data
-        frame = decode_frame(body)
-        if isinstance(frame, Notice):
-            self._notice(frame)
-        elif isinstance(frame, BadFrame):
-            self._bad_frame(frame, body)
-        else:
-            self._command(frame, body)
+    async def _resend_unconfirmed(self, lost_at: float) -> int:
+        """Queue again the final acks that may not have reached the ledger.
 
-    def _notice(self, notice: Notice) -> None:
-        error = notice.error
-        log.warning(
-            "edge.notice type=%s command_id=%s code=%s message=%r",
-            notice.type,
-            notice.command_id,
-            None if error is None else error.code,
-            None if error is None else error.message,
+        A gateway that confirms acks (it has sent `ack_recorded`): every final ack it has
+        not confirmed, up to `ack_retention_s` old. An older gateway: those sent in the
+        `ack_resend_window_s` before the loss (an ack counts as forwarded once sent).
+        """
+        journal = self._journal
+        assert journal is not None
+        settings = self.settings
+        unrecorded_since = (
+            time.time() - settings.ack_retention_s if journal.confirms_acks() else None
+        )
+        return await journal.resend_since(
+            lost_at - settings.ack_resend_window_s, unrecorded_since=unrecorded_since
         )
 
-    def _bad_frame(self, frame: BadFrame, body: bytes) -> None:
+    async def on_message(self, data: str | bytes) -> None:
+        """Answer one gateway frame; no frame can stop the link."""
+        body = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+        frame = decode_frame(body)
+        try:
+            if isinstance(frame, Notice):
+                await self._notice(frame)
+            elif isinstance(frame, BadFrame):
+                await self._bad_frame(frame, body)
+            else:
+                await self._command(frame, body)
+        except Exception as exc:  # a bug or a journal failure: answer if we can, go on
+            command_id = frame.command_id if not isinstance(frame, Notice) else None
+            log.exception(
+                "edge.frame.failed command_id=%s error=%r excerpt=%r", command_id, exc, body[:200]
+            )
+            self.metrics.frames_unanswerable.inc()
+
+    async def _notice(self, notice: Notice) -> None:
+        journal = self._journal
+        assert journal is not None
+        error = notice.error
+        command_id = notice.command_id
+        if notice.type == "ack_recorded" and command_id is not None:
+            self._unrecorded.pop((command_id, notice.status), None)
+            await journal.mark_recorded(command_id, notice.status, "recorded")
+            self._update_awaiting()
+            return
+        if notice.type == "ack_unrecorded" and command_id is not None:
+            key = (command_id, notice.status)
+            attempt = self._unrecorded.get(key, 0)
+            self._unrecorded[key] = attempt + 1
+            delay = min(_UNRECORDED_FIRST_S * 2**attempt, _UNRECORDED_MAX_S)
+            log.warning(
+                "edge.ack.unrecorded command_id=%s status=%s resend_in_s=%.1f code=%s message=%r",
+                command_id,
+                notice.status,
+                delay,
+                None if error is None else error.code,
+                None if error is None else error.message,
+            )
+            task = asyncio.create_task(self._resend_later(command_id, notice.status, delay))
+            self._resends.add(task)
+            task.add_done_callback(self._resends.discard)
+            return
+        if notice.type == "ack_refused" and command_id is not None:
+            self._unrecorded.pop((command_id, notice.status), None)
+            await journal.mark_recorded(command_id, notice.status, "refused")
+            self.metrics.acks_refused.inc()
+            self._update_awaiting()
+        log.warning(
+            "edge.notice type=%s command_id=%s code=%s message=%r status=%s",
+            notice.type,
+            command_id,
+            None if error is None else error.code,
+            None if error is None else error.message,
+            notice.status,
+        )
+
+    async def _resend_later(self, command_id: str, status: str | None, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)  # the backoff itself, not a synchronisation
+        journal = self._journal
+        assert journal is not None
+        if await journal.requeue(command_id, status):
+            self._acks.set()
+
+    async def _bad_frame(self, frame: BadFrame, body: bytes) -> None:
         journal = self._journal
         assert journal is not None
         if frame.command_id is None:
-            log.warning("edge.frame.unreadable error=%r excerpt=%r", frame.message, body[:200])
+            self.metrics.frames_unanswerable.inc()
+            log.error(
+                "edge.frame.unanswerable error=%r excerpt=%r: no valid command id in it, so no "
+                "ack can answer it; the gateway's audit will show the command timed out",
+                frame.message,
+                body[:200],
+            )
             return
         if journal.lookup(frame.command_id) is not None:
-            journal.resend(frame.command_id, 0)
+            await journal.resend(frame.command_id, 0)
             self._acks.set()
             return
         answer = ack(
-            frame.command_id, "rejected", code=ErrorCode.INVALID_COMMAND, message=frame.message
+            frame.command_id,
+            "rejected",
+            code=ErrorCode.INVALID_COMMAND,
+            message=f"the edge could not read this command: {frame.message}",
         )
         meta = CommandMeta(frame.command_id, "unknown", "unknown", "unknown")
-        journal.record(meta, body, answer)
+        await journal.record(meta, body, answer)
+        self.metrics.frames_rejected.inc()
         log_transition(
             frame.command_id,
             self.settings.edge_id,
@@ -278,10 +388,12 @@ class Agent:
         )
         self._acks.set()
 
-    def _command(self, cmd: EdgeCommand, body: bytes) -> None:
+    async def _command(self, cmd: EdgeCommand, body: bytes) -> None:
         journal = self._journal
         assert journal is not None
-        stored = journal.resend(cmd.command_id, cmd.delivery)
+        if cmd.sent_at is not None:
+            self.metrics.clock_offset.set(self.clock.observe(cmd.sent_at, self.clock.wall()))
+        stored = await journal.resend(cmd.command_id, cmd.delivery)
         if stored is not None:
             # Known id (a redelivery): answer from the journal, never execute again.
             log.info(
@@ -295,20 +407,23 @@ class Agent:
         verdict = validate(
             cmd,
             self.site,
-            utc_now(),
+            self.clock.wall(),
             edge_id=self.settings.edge_id,
             skew_s=self.settings.clock_skew_s,
+            remaining_s=None if cmd.remaining_ms is None else cmd.remaining_ms / 1000,
+            clock_problem=self.core.clock_problem(),
+            max_override_s=self.settings.max_override_s,
         )
         if isinstance(verdict, Rejection):
             answer = ack(cmd.command_id, "rejected", code=verdict.code, message=verdict.message)
             meta = CommandMeta(cmd.command_id, cmd.command_type.value, cmd.priority, cmd.source)
-            journal.record(meta, body, answer)
+            await journal.record(meta, body, answer)
             log_transition(
                 cmd.command_id, self.settings.edge_id, "rejected", code=verdict.code.value
             )
             self._acks.set()
             return
-        self.core.submit(cmd, verdict, body)
+        await self.core.submit(cmd, verdict, body)
 
     # -- acks --------------------------------------------------------------------------------
     async def _pump(self) -> None:
@@ -324,12 +439,35 @@ class Agent:
                     break
                 sent: list[int] = []
                 for entry in batch:
-                    if not await self.link.send(entry.ack.decode()):
+                    if not await self.link.send(self._stamped(entry.ack)):
                         break
                     sent.append(entry.seq)
-                journal.mark_sent(sent)
+                await journal.mark_sent(sent)
+                self._update_awaiting()
                 if len(sent) < len(batch):
                     break
+
+    def _stamped(self, stored: bytes) -> str:
+        """The ack as stored, carrying the clock offset measured now."""
+        offset_ms = self.clock.offset_ms
+        if offset_ms is None:
+            return stored.decode()
+        answer = msgspec.structs.replace(_ack_decoder.decode(stored), clock_offset_ms=offset_ms)
+        return _encode(answer).decode()
+
+    def _update_awaiting(self) -> None:
+        journal = self._journal
+        assert journal is not None
+        self.metrics.acks_awaiting.set(
+            journal.awaiting_count(time.time() - self.settings.ack_retention_s)
+            if journal.confirms_acks()
+            else journal.unsent_count()
+        )
+
+    def _committed(self, seconds: float, writes: int) -> None:
+        # Called on the journal's writer thread; prometheus-client metrics are thread-safe.
+        self.metrics.fsync_seconds.observe(seconds)
+        self.metrics.commit_writes.observe(writes)
 
     # -- config ------------------------------------------------------------------------------
     async def _load_initial_config(self) -> None:

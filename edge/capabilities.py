@@ -72,6 +72,8 @@ class Channel(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     min: float | None = None  # in `unit`
     max: float | None = None
     verify: bool = True  # read back after a write (where the channel is readable)
+    # Longest config_override allowed on this channel (s); None: the agent's maximum.
+    max_override_s: Annotated[int, Meta(gt=0)] | None = None
 
     @property
     def writable(self) -> bool:

@@ -79,7 +79,30 @@ def register(sub: Any) -> None:
     )
     edge.add_argument("--cycle-period-ms", type=int, default=None, help="Core Cycle period (1000)")
     edge.add_argument("--queue-size", type=int, default=None, help="Core Cycle queue bound (256)")
-    edge.add_argument("--clock-skew-s", type=float, default=None, help="expiry tolerance (60)")
+    edge.add_argument(
+        "--clock-skew-s",
+        type=float,
+        default=None,
+        help="expiry tolerance when a gateway sends no remaining_ms (60)",
+    )
+    edge.add_argument(
+        "--max-clock-offset-s",
+        type=float,
+        default=None,
+        help="refuse control commands (clock_skew) when the clock is off more than this (30)",
+    )
+    edge.add_argument(
+        "--max-override-s",
+        type=float,
+        default=None,
+        help="longest config_override accepted, unless the channel sets its own (86400)",
+    )
+    edge.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus /metrics on 127.0.0.1:PORT (off by default)",
+    )
     edge.add_argument(
         "--ping-interval-s", type=float, default=None, help="WebSocket ping period (10)"
     )
@@ -140,6 +163,9 @@ def agent_settings(args: argparse.Namespace, env: Mapping[str, str] | None = Non
         ("cycle_period_ms", args.cycle_period_ms, "DISPATCH_CYCLE_PERIOD_MS", int),
         ("queue_capacity", args.queue_size, "DISPATCH_EDGE_QUEUE_SIZE", int),
         ("clock_skew_s", args.clock_skew_s, "DISPATCH_CLOCK_SKEW_S", float),
+        ("max_clock_offset_s", args.max_clock_offset_s, "DISPATCH_EDGE_MAX_CLOCK_OFFSET_S", float),
+        ("max_override_s", args.max_override_s, "DISPATCH_EDGE_MAX_OVERRIDE_S", float),
+        ("metrics_port", args.metrics_port, "DISPATCH_EDGE_METRICS_PORT", int),
         ("ping_interval_s", args.ping_interval_s, "DISPATCH_EDGE_PING_INTERVAL_S", float),
         ("ping_timeout_s", args.ping_timeout_s, "DISPATCH_EDGE_PING_TIMEOUT_S", float),
         ("backoff_max_s", args.backoff_max_s, "DISPATCH_EDGE_BACKOFF_MAX_S", float),

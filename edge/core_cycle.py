@@ -19,17 +19,20 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 
 import msgspec
 
 from edge.capabilities import Channel, Device, SiteConfig
+from edge.clock import ClockOffset, deadline
 from edge.errors import DeviceError
-from edge.frames import ack, utc_now
+from edge.frames import ack
 from edge.journal import CommandMeta, CommandState, ControllerState, Journal, Override, Stored
+from edge.metrics import EdgeMetrics
 from edge.modbus import DevicePort
 from edge.validation import (
+    DEFAULT_MAX_OVERRIDE_S,
     ModePlan,
     Plan,
     Rejection,
@@ -65,6 +68,7 @@ class Job:
     rank: int
     seq: int
     received_mono: float
+    deadline_mono: float | None = None  # from the gateway's `remaining_ms`
     cancelled: bool = False
 
     def __lt__(self, other: Job) -> bool:
@@ -79,6 +83,7 @@ class CycleSettings:
     per_cycle: int = 32
     skew_s: float = 60.0
     edge_id: str = ""
+    max_override_s: float = DEFAULT_MAX_OVERRIDE_S
 
 
 SystemHandler = Callable[[SystemPlan, EdgeCommand], Awaitable[Rejection | None]]
@@ -123,8 +128,12 @@ class CoreCycle:
         settings: CycleSettings,
         on_ack: Callable[[], None],
         on_system: SystemHandler,
+        clock: ClockOffset | None = None,
+        metrics: EdgeMetrics | None = None,
     ) -> None:
         self.journal = journal
+        self.clock = clock if clock is not None else ClockOffset(limit_s=math.inf)
+        self.metrics = metrics
         self.devices = devices
         self.site = site
         self.settings = settings
@@ -146,7 +155,16 @@ class CoreCycle:
     def queued(self) -> int:
         return self._live
 
-    def submit(self, cmd: EdgeCommand, plan: Plan, body: bytes) -> Ack:
+    def now(self) -> datetime:
+        """Now on the gateway's timeline (what acks report as `executed_at`)."""
+        return self.clock.gateway_now()
+
+    def _depth(self, change: int) -> None:
+        self._live += change
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self._live)
+
+    async def submit(self, cmd: EdgeCommand, plan: Plan, body: bytes) -> Ack:
         """Queue a validated command (ack `accepted`) or refuse it when full (`edge_busy`)."""
         meta = _meta(cmd)
         rank = EMERGENCY if cmd.priority == "emergency" else NORMAL
@@ -165,32 +183,44 @@ class CoreCycle:
                     else "the edge agent is shutting down; send it again after it restarts"
                 ),
             )
-            self.journal.record(meta, body, answer)
+            await self.journal.record(meta, body, answer)
             self._report(cmd.command_id, answer)
             return answer
+        received = time.monotonic()
         answer = ack(cmd.command_id, "accepted")
-        self.journal.record(meta, body, answer, plan=_plan_encoder.encode(plan))
-        self._report(cmd.command_id, answer, queued=self._live + 1)
+        self._depth(+1)  # held while the record is made durable, so the bound holds
+        try:
+            await self.journal.record(meta, body, answer, plan=_plan_encoder.encode(plan))
+        except BaseException:
+            self._depth(-1)
+            raise
+        self._report(cmd.command_id, answer, queued=self._live)
         self._seq += 1
-        job = Job(cmd=cmd, plan=plan, rank=rank, seq=self._seq, received_mono=time.monotonic())
+        job = Job(
+            cmd=cmd,
+            plan=plan,
+            rank=rank,
+            seq=self._seq,
+            received_mono=received,
+            deadline_mono=deadline(cmd.remaining_ms, received),
+        )
         if cmd.command_type is CommandType.SETPOINT and isinstance(plan, WritePlan):
             key = (plan.device_id, plan.channel)
             older = self._queued_setpoints.get(key)
             if older is not None and not older.cancelled:
-                self._supersede(older, cmd)
+                await self._supersede(older, cmd)
             self._queued_setpoints[key] = job
         heapq.heappush(self._heap, job)
-        self._live += 1
         if rank == EMERGENCY:
             self._urgent.set()
         return answer
 
-    def _supersede(self, older: Job, newer: EdgeCommand) -> None:
+    async def _supersede(self, older: Job, newer: EdgeCommand) -> None:
         older.cancelled = True
-        self._live -= 1
+        self._depth(-1)
         plan = older.plan
         assert isinstance(plan, WritePlan)
-        self._finish(
+        await self._finish(
             older,
             ack(
                 older.cmd.command_id,
@@ -255,8 +285,8 @@ class CoreCycle:
             job = heapq.heappop(self._heap)
             if job.cancelled:
                 continue
-            self._live -= 1
-            self._finish(
+            self._depth(-1)
+            await self._finish(
                 job,
                 ack(
                     job.cmd.command_id,
@@ -269,9 +299,12 @@ class CoreCycle:
 
     async def _tick(self) -> None:
         self.ticks += 1
+        started = time.perf_counter()
         await self._drain(emergency_only=False)
         await self._revert_due()
         self.controllers.step()
+        if self.metrics is not None:
+            self.metrics.cycle_seconds.observe(time.perf_counter() - started)
 
     async def _drain(self, *, emergency_only: bool) -> None:
         budget = self.settings.per_cycle
@@ -287,21 +320,21 @@ class CoreCycle:
                     return
                 budget -= 1
             heapq.heappop(self._heap)
-            self._live -= 1
+            self._depth(-1)
             if self._queued_setpoints.get(_write_key(job.plan)) is job:
                 del self._queued_setpoints[_write_key(job.plan)]
             try:
                 await self._execute(job)
             except Exception as exc:  # a bug must not stop the control loop
                 log.exception("core_cycle.execute.crashed command_id=%s", job.cmd.command_id)
-                self._finish(
+                await self._finish(
                     job,
                     ack(
                         job.cmd.command_id,
                         "failed",
                         code=ErrorCode.INTERNAL,
                         message=f"the edge agent failed while executing it: {exc!r}",
-                        executed_at=utc_now(),
+                        executed_at=self.now(),
                     ),
                 )
 
@@ -311,15 +344,24 @@ class CoreCycle:
         site = self.site()
         # Check again: the command may have expired in the queue or the config changed.
         plan = validate(
-            cmd, site, utc_now(), edge_id=self.settings.edge_id, skew_s=self.settings.skew_s
+            cmd,
+            site,
+            self.clock.wall(),
+            edge_id=self.settings.edge_id,
+            skew_s=self.settings.skew_s,
+            remaining_s=None if job.deadline_mono is None else job.deadline_mono - time.monotonic(),
+            clock_problem=self.clock_problem(),
+            max_override_s=self.settings.max_override_s,
         )
         if isinstance(plan, Rejection):
-            self._finish(job, ack(cmd.command_id, "failed", code=plan.code, message=plan.message))
+            await self._finish(
+                job, ack(cmd.command_id, "failed", code=plan.code, message=plan.message)
+            )
             return
         if isinstance(plan, WritePlan):
             await self._write(job, plan, site)
         elif isinstance(plan, ModePlan | SchedulePlan):
-            self._control(job, plan)
+            await self._control(job, plan)
         else:
             await self._system(job, plan)
 
@@ -333,39 +375,41 @@ class CoreCycle:
                 restore = pending.restore_value  # back to the value before the first override
             else:
                 try:
-                    restore = await self.devices.read(device, channel)
+                    restore = await self._read(device, channel)
                 except DeviceError as exc:
-                    self._finish(job, _failed(cmd.command_id, exc, "before the override, reading"))
+                    await self._finish(
+                        job, self._failed(cmd.command_id, exc, "before the override, reading")
+                    )
                     return
-        self.journal.start(cmd.command_id, prior=restore)
+        await self.journal.start(cmd.command_id, prior=restore)
         log_transition(cmd.command_id, self.settings.edge_id, "executing", value=plan.value)
         started = time.time()
         try:
-            await self.devices.write(device, channel, plan.value)
+            await self._device_write(device, channel, plan.value)
         except DeviceError as exc:
             # A timed-out write may still land: an override then still needs its revert.
             keep_revert = restore is not None and exc.code is ErrorCode.DEVICE_TIMEOUT
-            self._finish(
+            await self._finish(
                 job,
-                _failed(cmd.command_id, exc),
+                self._failed(cmd.command_id, exc),
                 override=_override(cmd, plan, restore, started) if keep_revert else None,
             )
             return
-        self._finish(
+        await self._finish(
             job,
-            ack(cmd.command_id, "executed", executed_at=utc_now()),
+            ack(cmd.command_id, "executed", executed_at=self.now()),
             override=_override(cmd, plan, restore, started),
             cancel_override_of=(plan.device_id, plan.channel),
         )
 
-    def _control(self, job: Job, plan: ModePlan | SchedulePlan) -> None:
+    async def _control(self, job: Job, plan: ModePlan | SchedulePlan) -> None:
         current = self.controllers.states[plan.controller]
         if isinstance(plan, ModePlan):
             new = ControllerState(current.name, plan.mode, current.running)
         else:
             new = ControllerState(current.name, current.mode, plan.run)
-        self._finish(
-            job, ack(job.cmd.command_id, "executed", executed_at=utc_now()), controller=new
+        await self._finish(
+            job, ack(job.cmd.command_id, "executed", executed_at=self.now()), controller=new
         )
         self.controllers.states[plan.controller] = new
         log.info("controller.changed name=%s mode=%s running=%s", new.name, new.mode, new.running)
@@ -373,17 +417,17 @@ class CoreCycle:
     async def _system(self, job: Job, plan: SystemPlan) -> None:
         if plan.action == "restart":
             # Ack first: the restart itself ends this process.
-            self._finish(job, ack(job.cmd.command_id, "executed", executed_at=utc_now()))
+            await self._finish(job, ack(job.cmd.command_id, "executed", executed_at=self.now()))
             await self.on_system(plan, job.cmd)
             return
         problem = await self.on_system(plan, job.cmd)
         if problem is None:
-            self._finish(job, ack(job.cmd.command_id, "executed", executed_at=utc_now()))
+            await self._finish(job, ack(job.cmd.command_id, "executed", executed_at=self.now()))
         else:
             answer = ack(job.cmd.command_id, "failed", code=problem.code, message=problem.message)
-            self._finish(job, answer)
+            await self._finish(job, answer)
 
-    def _finish(
+    async def _finish(
         self,
         job: Job,
         answer: Ack,
@@ -392,7 +436,7 @@ class CoreCycle:
         controller: ControllerState | None = None,
         cancel_override_of: tuple[str, str] | None = None,
     ) -> None:
-        self.journal.finish(
+        await self.journal.finish(
             answer,
             override=override,
             controller=controller,
@@ -400,6 +444,49 @@ class CoreCycle:
         )
         elapsed_ms = round((time.monotonic() - job.received_mono) * 1000)
         self._report(job.cmd.command_id, answer, elapsed_ms=elapsed_ms)
+
+    def clock_problem(self) -> str | None:
+        """Why commands are refused `clock_skew`, while the clock is off past the limit."""
+        offset = self.clock.offset_s
+        if offset is None or not self.clock.beyond_limit:
+            return None
+        return (
+            f"this edge's clock is {offset:+.1f} s off the gateway's, more than the "
+            f"{self.clock.limit_s:g} s allowed; fix the edge's time sync (NTP), then send again"
+        )
+
+    def _failed(self, command_id: str, exc: DeviceError, doing: str = "") -> Ack:
+        return _failed(command_id, exc, doing, executed_at=self.now())
+
+    async def _read(self, device: Device, channel: Channel) -> float:
+        started = time.perf_counter()
+        try:
+            return await self.devices.read(device, channel)
+        except DeviceError as exc:
+            self._count_error(device, "read", exc)
+            raise
+        finally:
+            self._observe(device, "read", started)
+
+    async def _device_write(self, device: Device, channel: Channel, value: float) -> None:
+        started = time.perf_counter()
+        try:
+            await self.devices.write(device, channel, value)
+        except DeviceError as exc:
+            self._count_error(device, "write", exc)
+            raise
+        finally:
+            self._observe(device, "write", started)
+
+    def _observe(self, device: Device, operation: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.modbus_seconds.labels(device.device_id, operation).observe(
+                time.perf_counter() - started
+            )
+
+    def _count_error(self, device: Device, operation: str, exc: DeviceError) -> None:
+        if self.metrics is not None:
+            self.metrics.modbus_errors.labels(device.device_id, operation, exc.code.value).inc()
 
     def _report(self, command_id: str, answer: Ack, **fields: object) -> None:
         code = None if answer.error is None else answer.error.code
@@ -422,11 +509,11 @@ class CoreCycle:
         channel = device.channel(pending.channel) if device is not None else None
         if device is None or channel is None:
             detail = f"{pending.device_id}.{pending.channel} is no longer in the config"
-            self.journal.settle_override(pending.command_id, "failed", detail)
+            await self.journal.settle_override(pending.command_id, "failed", detail)
             log.error("override.revert.failed command_id=%s reason=%s", pending.command_id, detail)
             return
         try:
-            await self.devices.write(device, channel, pending.restore_value)
+            await self._device_write(device, channel, pending.restore_value)
         except DeviceError as exc:
             self._revert_retry_at[pending.command_id] = time.time() + _REVERT_RETRY_S
             log.warning(
@@ -439,7 +526,7 @@ class CoreCycle:
         self._revert_retry_at.pop(pending.command_id, None)
         late_s = time.time() - pending.revert_at
         detail = f"restored {pending.restore_value:g} {channel.unit} ({late_s:.3f} s after due)"
-        self.journal.settle_override(pending.command_id, "reverted", detail)
+        await self.journal.settle_override(pending.command_id, "reverted", detail)
         log.info(
             "override.reverted command_id=%s device_id=%s channel=%s value=%g late_ms=%d",
             pending.command_id,
@@ -469,7 +556,7 @@ class CoreCycle:
                     code=ErrorCode.INTERRUPTED,
                     message="the edge agent stopped before executing it; it was not executed",
                 )
-                self.journal.finish(answer)
+                await self.journal.finish(answer)
                 self._report(stored.command_id, answer, recovered=True)
             else:
                 await self._settle_executing(stored)
@@ -484,7 +571,7 @@ class CoreCycle:
                 code=ErrorCode.INTERRUPTED,
                 message="the edge agent stopped while executing it; not repeated",
             )
-            self.journal.finish(answer)
+            await self.journal.finish(answer)
             self._report(stored.command_id, answer, recovered=True)
             return
         started = self._started_at(stored)
@@ -492,7 +579,7 @@ class CoreCycle:
         site = self.site()
         try:
             device, channel = _resolve(site, plan)
-            now_value = await self.devices.read(device, channel)
+            now_value = await self._read(device, channel)
         except (DeviceError, LookupError) as exc:
             answer = ack(
                 stored.command_id,
@@ -503,12 +590,12 @@ class CoreCycle:
                     f"({exc}); not repeated: check the device and send again if still wanted"
                 ),
             )
-            self.journal.finish(answer, override=override)
+            await self.journal.finish(answer, override=override)
             self._report(stored.command_id, answer, recovered=True)
             return
         if math.isclose(now_value, plan.value, rel_tol=_READBACK_TOLERANCE, abs_tol=1e-9):
-            answer = ack(stored.command_id, "executed", executed_at=utc_now())
-            self.journal.finish(
+            answer = ack(stored.command_id, "executed", executed_at=self.now())
+            await self.journal.finish(
                 answer,
                 override=override,
                 cancel_override_of=(plan.device_id, plan.channel),
@@ -524,7 +611,7 @@ class CoreCycle:
                     f"{now_value:g}, not {plan.value:g}; not repeated: send again if still wanted"
                 ),
             )
-            self.journal.finish(answer)
+            await self.journal.finish(answer)
         self._report(stored.command_id, answer, recovered=True)
 
     def _started_at(self, stored: Stored) -> float:
@@ -567,12 +654,12 @@ def _override(
     )
 
 
-def _failed(command_id: str, exc: DeviceError, doing: str = "") -> Ack:
+def _failed(command_id: str, exc: DeviceError, doing: str, *, executed_at: datetime) -> Ack:
     prefix = f"{doing} " if doing else ""
     return ack(
         command_id,
         "failed",
         code=exc.code,
         message=f"{prefix}{exc.message}",
-        executed_at=datetime.now(UTC),
+        executed_at=executed_at,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import msgspec
@@ -16,10 +17,11 @@ _encode = msgspec.json.Encoder().encode
 
 
 class Notice(Struct, frozen=True, kw_only=True):
-    """A gateway frame with a `type`, e.g. `ack_refused`."""
+    """A gateway frame with a `type`: `ack_recorded`, `ack_unrecorded`, `ack_refused`."""
 
     type: str
     command_id: str | None = None
+    status: str | None = None
     error: ErrorObject | None = None
 
 
@@ -36,15 +38,27 @@ class _Peek(Struct):
 
 
 _peek_decoder = msgspec.json.Decoder(_Peek)
+# A frame that is not JSON (a NaN literal, cut short) may still name its command: the
+# first `"command_id": "..."` in it is used when it is a valid id, so the edge can answer.
+_COMMAND_ID_TEXT = re.compile(rb'"command_id"\s*:\s*"([^"\\]{1,200})"')
+
+
+def find_command_id(data: bytes) -> str | None:
+    """The valid command id written in an unparseable frame, if there is one."""
+    match = _COMMAND_ID_TEXT.search(data)
+    if match is None:
+        return None
+    candidate = match.group(1).decode("utf-8", "replace")
+    return candidate if is_command_id(candidate) else None
 
 
 def decode_frame(raw: str | bytes) -> EdgeCommand | Notice | BadFrame:
     """Classify one gateway frame; never raises."""
-    data = raw.encode() if isinstance(raw, str) else raw
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
     try:
         peek = _peek_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        return BadFrame(command_id=None, message=f"frame is not a JSON object: {exc}")
+        return BadFrame(command_id=find_command_id(data), message=f"frame is not valid JSON: {exc}")
     command_id = peek.command_id if isinstance(peek.command_id, str) else None
     if command_id is not None and not is_command_id(command_id):
         command_id = None

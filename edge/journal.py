@@ -1,23 +1,31 @@
 """The durable local record: command log, exactly-once state, ack outbox, overrides.
 
-One SQLite database in WAL mode with `synchronous=FULL`: every method is one transaction
-that is on disk when it returns. A command id is recorded once (primary key); its state
-only moves forward: accepted -> executing -> executed|failed, or rejected. `executing`
-is written before the device is touched, so a crash in between is visible at restart.
+One SQLite database in WAL mode with `synchronous=FULL`. Writes run on a dedicated
+writer thread (the fsyncs never block the event loop) with group commit: the writes
+queued while a commit is on disk share the next one, each in its own savepoint so one
+failing write fails alone. Every write method is awaited until its commit is on disk.
+Reads use a second connection on the caller's thread (WAL readers do not wait for the
+writer). A command id is recorded once (primary key); its state only moves forward:
+accepted -> executing -> executed|failed, or rejected. `executing` is durable before the
+device is touched, so a crash in between is visible at restart.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import concurrent.futures
 import fcntl
+import logging
 import os
+import queue
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
 
 import msgspec
 
@@ -27,6 +35,8 @@ from schemas.commands import Ack
 JOURNAL_FILE = "journal.sqlite3"
 LOCK_FILE = "agent.lock"
 FINAL = ("executed", "failed", "rejected")
+T = TypeVar("T")
+log = logging.getLogger("edge.journal")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS commands (
@@ -57,7 +67,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     status     TEXT NOT NULL,
     ack        BLOB NOT NULL,
     created_at REAL NOT NULL,
-    sent_at    REAL
+    sent_at    REAL,
+    recorded   TEXT  -- NULL: not confirmed; 'recorded' | 'refused' (the gateway's notice)
 );
 CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (seq) WHERE sent_at IS NULL;
 CREATE INDEX IF NOT EXISTS outbox_sent_at ON outbox (sent_at);
@@ -145,15 +156,95 @@ class ControllerState:
     running: bool
 
 
+CommitObserver = Callable[[float, int], None]  # (seconds in COMMIT, writes it carried)
+_Write = tuple[Callable[[sqlite3.Connection], Any], "concurrent.futures.Future[Any]"]
+
+
+class _Writer(threading.Thread):
+    """The one thread that writes the journal: group commit of whatever is queued."""
+
+    def __init__(self, db: sqlite3.Connection, on_commit: CommitObserver | None) -> None:
+        super().__init__(name="journal-writer", daemon=True)
+        self.db = db
+        self.on_commit = on_commit
+        self.pending: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+
+    def run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self.pending.get()
+            if first is None:
+                break
+            batch = [first]
+            while True:  # everything ready now shares this commit
+                try:
+                    item = self.pending.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._commit(batch)
+        self.db.close()
+
+    def _commit(self, batch: list[_Write]) -> None:
+        # A caller cancelled before its turn: its write never happens (as if it crashed
+        # first). Once running, a write cannot be cancelled, so its result always lands.
+        batch = [
+            (write, future) for write, future in batch if future.set_running_or_notify_cancel()
+        ]
+        if not batch:
+            return
+        db = self.db
+        outcomes: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for write, future in batch:
+                db.execute("SAVEPOINT one_write")
+                try:
+                    result = write(db)
+                except Exception as exc:  # this write fails alone; the others commit
+                    db.execute("ROLLBACK TO one_write")
+                    db.execute("RELEASE one_write")
+                    outcomes.append((future, None, exc))
+                    continue
+                db.execute("RELEASE one_write")
+                outcomes.append((future, result, None))
+            started = time.perf_counter()
+            db.execute("COMMIT")
+            if self.on_commit is not None:
+                self.on_commit(time.perf_counter() - started, len(batch))
+        except Exception as exc:  # the commit itself failed: nothing of the batch is durable
+            log.exception("edge.journal.commit_failed writes=%d", len(batch))
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            outcomes = [(future, None, exc) for _, future in batch]
+        for future, result, error in outcomes:
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+
 class Journal:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, on_commit: CommitObserver | None = None) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        writer.execute("PRAGMA journal_mode=WAL")
+        writer.execute("PRAGMA synchronous=FULL")
+        writer.execute("PRAGMA busy_timeout=5000")
+        writer.executescript(_SCHEMA)
+        columns = {row[1] for row in writer.execute("PRAGMA table_info(outbox)")}
+        if "recorded" not in columns:  # a journal from before ack notices
+            writer.execute("ALTER TABLE outbox ADD COLUMN recorded TEXT")
+        # Reads on the caller's thread; a second connection so they never see a
+        # half-built group commit.
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
+        self._writer = _Writer(writer, on_commit)
+        self._writer.start()
 
     @classmethod
     def open_readonly(cls, path: Path) -> sqlite3.Connection:
@@ -163,17 +254,19 @@ class Journal:
         return db
 
     def close(self) -> None:
+        """Finish the queued writes, stop the writer, close both connections."""
+        if self._writer.is_alive():
+            self._writer.pending.put(None)
+            self._writer.join()
         self._db.close()
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    async def _write(self, write: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `write` inside the next group commit; returns once it is on disk."""
+        if not self._writer.is_alive():
+            raise RuntimeError("Expected an open journal, but it is closed")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._writer.pending.put((write, future))
+        return await asyncio.wrap_future(future)
 
     # -- commands ----------------------------------------------------------------------------
     def lookup(self, command_id: str) -> Stored | None:
@@ -183,7 +276,7 @@ class Journal:
         ).fetchone()
         return None if row is None else _stored(row)
 
-    def record(
+    async def record(
         self,
         meta: CommandMeta,
         body: bytes,
@@ -193,9 +286,10 @@ class Journal:
         detail: str = "",
     ) -> None:
         """A newly received command: accepted (with its plan) or rejected, and its ack."""
-        now = time.time()
         state = CommandState.ACCEPTED if ack.status == "accepted" else CommandState.REJECTED
-        with self._tx() as db:
+
+        def write(db: sqlite3.Connection) -> None:
+            now = time.time()
             db.execute(
                 "INSERT INTO commands (command_id, received_at, command_type, priority, source,"
                 " body, state, plan, ack, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -216,10 +310,13 @@ class Journal:
             _event(db, now, meta.command_id, state.value, code=_code(ack), detail=_message(ack))
             _outbox(db, now, ack)
 
-    def resend(self, command_id: str, delivery: int) -> Stored | None:
+        await self._write(write)
+
+    async def resend(self, command_id: str, delivery: int) -> Stored | None:
         """A redelivered command: log it and queue its latest ack again."""
-        now = time.time()
-        with self._tx() as db:
+
+        def write(db: sqlite3.Connection) -> Stored | None:
+            now = time.time()
             row = db.execute(
                 "SELECT command_id, state, body, plan, prior, ack FROM commands"
                 " WHERE command_id = ?",
@@ -232,10 +329,15 @@ class Journal:
             _outbox(db, now, stored.ack)
             return stored
 
-    def start(self, command_id: str, *, prior: float | None = None) -> None:
+        if self.lookup(command_id) is None:  # the common case needs no write at all
+            return None
+        return await self._write(write)
+
+    async def start(self, command_id: str, *, prior: float | None = None) -> None:
         """Durably mark a command as executing, before the device is touched."""
-        now = time.time()
-        with self._tx() as db:
+
+        def write(db: sqlite3.Connection) -> None:
+            now = time.time()
             db.execute(
                 "UPDATE commands SET state = ?, prior = ?, updated_at = ? WHERE command_id = ?",
                 (CommandState.EXECUTING.value, prior, now, command_id),
@@ -243,7 +345,9 @@ class Journal:
             detail = "" if prior is None else f"prior={prior:g}"
             _event(db, now, command_id, "executing", code=None, detail=detail)
 
-    def finish(
+        await self._write(write)
+
+    async def finish(
         self,
         ack: Ack,
         *,
@@ -254,8 +358,9 @@ class Journal:
     ) -> None:
         """The final outcome, its ack, and what it changes, in one transaction."""
         assert ack.status in ("executed", "failed")
-        now = time.time()
-        with self._tx() as db:
+
+        def write(db: sqlite3.Connection) -> None:
+            now = time.time()
             db.execute(
                 "UPDATE commands SET state = ?, ack = ?, updated_at = ? WHERE command_id = ?",
                 (ack.status, _encode(ack), now, ack.command_id),
@@ -296,6 +401,8 @@ class Journal:
                     ),
                 )
 
+        await self._write(write)
+
     def unfinished(self) -> list[Stored]:
         """Commands accepted or executing when the agent last stopped (in arrival order)."""
         rows = self._db.execute(
@@ -328,20 +435,25 @@ class Journal:
         ).fetchone()
         return None if row is None else Override(*row)
 
-    def settle_override(self, command_id: str, state: str, detail: str) -> None:
+    async def settle_override(self, command_id: str, state: str, detail: str) -> None:
         """An override ended: `reverted`, `replaced` or `failed` (no longer retried)."""
-        now = time.time()
-        with self._tx() as db:
+
+        def write(db: sqlite3.Connection) -> None:
             db.execute(
                 "UPDATE overrides SET state = ?, detail = ? WHERE command_id = ?",
                 (state, detail, command_id),
             )
-            _event(db, now, command_id, f"override_{state}", code=None, detail=detail)
+            _event(db, time.time(), command_id, f"override_{state}", code=None, detail=detail)
 
-    def note(self, command_id: str, event: str, detail: str, code: str | None = None) -> None:
+        await self._write(write)
+
+    async def note(self, command_id: str, event: str, detail: str, code: str | None = None) -> None:
         """A free-form line in the local command log."""
-        with self._tx() as db:
+
+        def write(db: sqlite3.Connection) -> None:
             _event(db, time.time(), command_id, event, code=code, detail=detail)
+
+        await self._write(write)
 
     # -- controllers -------------------------------------------------------------------------
     def controllers(self) -> dict[str, ControllerState]:
@@ -352,30 +464,85 @@ class Journal:
     def unsent(self, limit: int = 100) -> list[OutboxEntry]:
         rows = self._db.execute(
             "SELECT seq, command_id, status, ack FROM outbox WHERE sent_at IS NULL"
-            " ORDER BY seq LIMIT ?",
+            " AND recorded IS NULL ORDER BY seq LIMIT ?",
             (limit,),
         ).fetchall()
         return [OutboxEntry(*r) for r in rows]
 
-    def mark_sent(self, seqs: list[int]) -> None:
+    async def mark_sent(self, seqs: list[int]) -> None:
         if not seqs:
             return
-        now = time.time()
-        with self._tx() as db:
+
+        def write(db: sqlite3.Connection) -> None:
+            now = time.time()
             db.executemany("UPDATE outbox SET sent_at = ? WHERE seq = ?", [(now, s) for s in seqs])
 
-    def resend_since(self, since: float) -> int:
-        """Queue again the final acks sent at or after `since` (they may have been lost)."""
-        with self._tx() as db:
+        await self._write(write)
+
+    async def resend_since(self, since: float, *, unrecorded_since: float | None = None) -> int:
+        """Queue again the final acks that may have been lost.
+
+        Those sent at or after `since` (a gateway that never confirms acks), and, with
+        `unrecorded_since`, every final ack created since then that the gateway has not
+        confirmed recorded or refused.
+        """
+
+        def write(db: sqlite3.Connection) -> int:
             cur = db.execute(
-                "UPDATE outbox SET sent_at = NULL WHERE sent_at >= ?"
-                " AND status IN ('executed', 'failed', 'rejected')",
-                (since,),
+                "UPDATE outbox SET sent_at = NULL WHERE sent_at IS NOT NULL AND recorded IS NULL"
+                " AND status IN ('executed', 'failed', 'rejected')"
+                " AND (sent_at >= ? OR created_at >= ?)",
+                (since, since if unrecorded_since is None else unrecorded_since),
             )
             return cur.rowcount
 
+        return await self._write(write)
+
+    async def mark_recorded(self, command_id: str, status: str | None, outcome: str) -> int:
+        """The gateway's notice about an ack: `recorded` or `refused`; never resent after."""
+
+        def write(db: sqlite3.Connection) -> int:
+            cur = db.execute(
+                "UPDATE outbox SET recorded = ? WHERE command_id = ? AND recorded IS NULL"
+                " AND (? IS NULL OR status = ?)",
+                (outcome, command_id, status, status),
+            )
+            return cur.rowcount
+
+        return await self._write(write)
+
+    async def requeue(self, command_id: str, status: str | None) -> int:
+        """Send an ack again (the gateway could not record it now)."""
+
+        def write(db: sqlite3.Connection) -> int:
+            cur = db.execute(
+                "UPDATE outbox SET sent_at = NULL WHERE seq = (SELECT max(seq) FROM outbox"
+                " WHERE command_id = ? AND recorded IS NULL AND (? IS NULL OR status = ?))"
+                " AND sent_at IS NOT NULL",
+                (command_id, status, status),
+            )
+            return cur.rowcount
+
+        return await self._write(write)
+
+    def confirms_acks(self) -> bool:
+        """Has the gateway ever confirmed an ack (it sends ack_recorded notices)?"""
+        row = self._db.execute("SELECT 1 FROM outbox WHERE recorded IS NOT NULL LIMIT 1")
+        return row.fetchone() is not None
+
     def unsent_count(self) -> int:
-        row = self._db.execute("SELECT count(*) FROM outbox WHERE sent_at IS NULL").fetchone()
+        row = self._db.execute(
+            "SELECT count(*) FROM outbox WHERE sent_at IS NULL AND recorded IS NULL"
+        ).fetchone()
+        return int(row[0])
+
+    def awaiting_count(self, since: float) -> int:
+        """Final acks created since `since` that the gateway has not confirmed yet."""
+        row = self._db.execute(
+            "SELECT count(DISTINCT command_id) FROM outbox WHERE recorded IS NULL"
+            " AND status IN ('executed', 'failed', 'rejected') AND created_at >= ?",
+            (since,),
+        ).fetchone()
         return int(row[0])
 
 

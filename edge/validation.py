@@ -74,27 +74,40 @@ class Rejection(Struct, frozen=True, kw_only=True):
     message: str
 
 
+DEFAULT_MAX_OVERRIDE_S = 24 * 3600
+
+
 def validate(
-    cmd: EdgeCommand, site: SiteConfig, now: datetime, *, edge_id: str, skew_s: float
+    cmd: EdgeCommand,
+    site: SiteConfig,
+    now: datetime,
+    *,
+    edge_id: str,
+    skew_s: float,
+    remaining_s: float | None = None,
+    clock_problem: str | None = None,
+    max_override_s: float = DEFAULT_MAX_OVERRIDE_S,
 ) -> Plan | Rejection:
-    """Check a command against the site's capabilities; the first failed check wins."""
+    """Check a command against the site's capabilities; the first failed check wins.
+
+    `remaining_s`: the lifetime left by the edge's monotonic clock, from the gateway's
+    `remaining_ms` (absent from older gateways: then `expires_at` + `skew_s` on the wall
+    clock `now`). `clock_problem`: why the edge's clock cannot be trusted (offset past
+    the limit), which refuses every command but `system` with `clock_skew`.
+    """
     if cmd.target.edge_id != edge_id:
         return Rejection(
             code=ErrorCode.WRONG_EDGE,
             message=f"command is for edge {cmd.target.edge_id!r} but this is {edge_id!r}",
         )
-    late = now - (cmd.expires_at + timedelta(seconds=skew_s))
-    if late > timedelta(0):
-        return Rejection(
-            code=ErrorCode.EXPIRED,
-            message=(
-                f"command expired at {cmd.expires_at.isoformat()} (now {now.isoformat()}, "
-                f"clock-skew tolerance {skew_s:g} s); send a new command"
-            ),
-        )
     kind = cmd.command_type
+    if clock_problem is not None and kind is not CommandType.SYSTEM:
+        return Rejection(code=ErrorCode.CLOCK_SKEW, message=clock_problem)
+    expired = _expired(cmd, now, skew_s, remaining_s)
+    if expired is not None:
+        return expired
     if kind in (CommandType.SETPOINT, CommandType.CONFIG_OVERRIDE):
-        return _write(cmd, site)
+        return _write(cmd, site, max_override_s)
     if kind is CommandType.MODE_CHANGE:
         return _mode(cmd, site)
     if kind is CommandType.SCHEDULER_CONTROL:
@@ -102,17 +115,31 @@ def validate(
     return _system(cmd)
 
 
-def still_valid(cmd: EdgeCommand, now: datetime, *, skew_s: float) -> Rejection | None:
-    """Re-check expiry when a queued command's turn comes."""
-    if now > cmd.expires_at + timedelta(seconds=skew_s):
+def _expired(
+    cmd: EdgeCommand, now: datetime, skew_s: float, remaining_s: float | None
+) -> Rejection | None:
+    if remaining_s is not None:
+        if remaining_s >= 0:
+            return None
         return Rejection(
             code=ErrorCode.EXPIRED,
-            message=f"command expired at {cmd.expires_at.isoformat()} while it waited in the queue",
+            message=(
+                f"command expired {-remaining_s:.3f} s ago by the lifetime the gateway handed "
+                f"over (expires_at {cmd.expires_at.isoformat()}); send a new command"
+            ),
         )
-    return None
+    if now - (cmd.expires_at + timedelta(seconds=skew_s)) <= timedelta(0):
+        return None
+    return Rejection(
+        code=ErrorCode.EXPIRED,
+        message=(
+            f"command expired at {cmd.expires_at.isoformat()} (now {now.isoformat()}, "
+            f"clock-skew tolerance {skew_s:g} s); send a new command"
+        ),
+    )
 
 
-def _write(cmd: EdgeCommand, site: SiteConfig) -> Plan | Rejection:
+def _write(cmd: EdgeCommand, site: SiteConfig, max_override_s: float) -> Plan | Rejection:
     target = cmd.target
     if target.device_id == CORE_DEVICE:
         return Rejection(
@@ -149,6 +176,17 @@ def _write(cmd: EdgeCommand, site: SiteConfig) -> Plan | Rejection:
             code=ErrorCode.INVALID_COMMAND,
             message="a config_override needs a positive `duration_sec` (how long it lasts)",
         )
+    if cmd.command_type is CommandType.CONFIG_OVERRIDE and cmd.duration_sec is not None:
+        limit = channel.max_override_s if channel.max_override_s is not None else max_override_s
+        if cmd.duration_sec > limit:
+            return Rejection(
+                code=ErrorCode.OUT_OF_RANGE,
+                message=(
+                    f"override duration {cmd.duration_sec} s exceeds the maximum {limit:g} s "
+                    f"for {device.device_id}.{channel.name}; send a shorter override, or a "
+                    "setpoint to change the value for good"
+                ),
+            )
     if cmd.command_type is CommandType.SETPOINT and cmd.duration_sec is not None:
         return Rejection(
             code=ErrorCode.INVALID_COMMAND,

@@ -88,11 +88,11 @@ class Harness:
         await self.core.stop()
         await self.crash()
 
-    def submit(self, body: dict[str, Any]) -> Ack:
+    async def submit(self, body: dict[str, Any]) -> Ack:
         cmd = msgspec.convert({"delivery": 1, **body}, EdgeCommand)
         plan = validate(cmd, self.site, cmd.timestamp, edge_id=EDGE_ID, skew_s=5)
         assert not isinstance(plan, Rejection), plan
-        return self.core.submit(cmd, plan, json.dumps(body).encode())
+        return await self.core.submit(cmd, plan, json.dumps(body).encode())
 
     def acks(self, command_id: str | None = None) -> list[Ack]:
         rows = self.journal._db.execute("SELECT ack FROM outbox ORDER BY seq").fetchall()
@@ -134,11 +134,13 @@ async def test_an_emergency_overtakes_fifty_queued_normal_commands(
     h: Harness = await harness_factory(spare_channels=50, period_ms=1500, per_cycle=64)
     await asyncio.sleep(0.05)  # past the first (immediate) tick: the next is 1.5 s away
     for i in range(50):
-        ack = h.submit(command(f"n{i}", channel=f"Spare{i}", value=i + 1, unit=None))
+        ack = await h.submit(command(f"n{i}", channel=f"Spare{i}", value=i + 1, unit=None))
         assert ack.status == "accepted"
     assert h.core.queued == 50
     started = time.monotonic()
-    assert h.submit(command("boom", value=-90000, priority="emergency")).status == "accepted"
+    assert (
+        await h.submit(command("boom", value=-90000, priority="emergency"))
+    ).status == "accepted"
     final = await h.wait_final("boom", within_s=1.0)
     assert final.status == "executed"
     assert time.monotonic() - started < 0.5, "the emergency waited for the tick"
@@ -154,8 +156,8 @@ async def test_a_newer_queued_setpoint_supersedes_the_older(
 ) -> None:
     h: Harness = await harness_factory(period_ms=500)
     await asyncio.sleep(0.05)
-    h.submit(command("old", value=1000))
-    h.submit(command("new", value=2000))
+    await h.submit(command("old", value=1000))
+    await h.submit(command("new", value=2000))
     old = await h.wait_final("old", within_s=0.2)
     assert old.status == "failed"
     assert old.error is not None and old.error.code == "superseded"
@@ -172,17 +174,17 @@ async def test_a_full_queue_rejects_with_edge_busy_but_takes_emergencies(
     await asyncio.sleep(0.05)
     for name in ("peak_shaving", "balancing", "peak_shaving"):
         mode = "enabled" if name == "peak_shaving" else "active"
-        ack = h.submit(
+        ack = await h.submit(
             command(f"m{len(h.acks())}", "mode_change", device_id="core", channel=name,
                     value=mode, unit=None)
         )  # fmt: skip
         assert ack.status == "accepted"
-    busy = h.submit(command("one_too_many", "scheduler_control", device_id="core",
+    busy = await h.submit(command("one_too_many", "scheduler_control", device_id="core",
                             channel="balancing", value="stop", unit=None))  # fmt: skip
     assert busy.status == "rejected"
     assert busy.error is not None and busy.error.code == "edge_busy"
     assert "queue is full (3 commands waiting)" in busy.error.message
-    urgent = h.submit(command("urgent", value=0, priority="emergency"))
+    urgent = await h.submit(command("urgent", value=0, priority="emergency"))
     assert urgent.status == "accepted"
     assert (await h.wait_final("urgent", within_s=1)).status == "executed"
 
@@ -191,9 +193,9 @@ async def test_mode_change_and_scheduler_control_persist_across_restart(
     harness_factory: Any,
 ) -> None:
     h: Harness = await harness_factory(period_ms=20)
-    h.submit(command("pm", "mode_change", device_id="core", channel="peak_shaving",
+    await h.submit(command("pm", "mode_change", device_id="core", channel="peak_shaving",
                      value="enabled", unit=None))  # fmt: skip
-    h.submit(command("bs", "scheduler_control", device_id="core", channel="balancing",
+    await h.submit(command("bs", "scheduler_control", device_id="core", channel="balancing",
                      value="stop", unit=None))  # fmt: skip
     assert (await h.wait_final("pm")).status == "executed"
     assert (await h.wait_final("bs")).status == "executed"
@@ -207,9 +209,9 @@ async def test_an_override_reverts_on_time_even_across_a_restart(
     harness_factory: Any, bms: BmsSimulator
 ) -> None:
     h: Harness = await harness_factory(period_ms=20)
-    h.submit(command("base", channel="MinSoc", value=10, unit="%"))
+    await h.submit(command("base", channel="MinSoc", value=10, unit="%"))
     await h.wait_final("base")
-    h.submit(command("ov", "config_override", channel="MinSoc", value=15, unit="%",
+    await h.submit(command("ov", "config_override", channel="MinSoc", value=15, unit="%",
                      duration_sec=1))  # fmt: skip
     assert (await h.wait_final("ov")).status == "executed"
     assert bms.min_soc_percent == 15
@@ -228,7 +230,7 @@ async def test_an_overdue_override_reverts_at_once_after_restart(
     harness_factory: Any, bms: BmsSimulator
 ) -> None:
     h: Harness = await harness_factory(period_ms=20)
-    h.submit(command("ov", "config_override", channel="MinSoc", value=30, unit="%",
+    await h.submit(command("ov", "config_override", channel="MinSoc", value=30, unit="%",
                      duration_sec=1))  # fmt: skip
     await h.wait_final("ov")
     await h.crash()
@@ -244,10 +246,10 @@ async def test_a_setpoint_cancels_the_pending_revert_of_its_channel(
     harness_factory: Any, bms: BmsSimulator
 ) -> None:
     h: Harness = await harness_factory(period_ms=20)
-    h.submit(command("ov", "config_override", channel="MinSoc", value=30, unit="%",
+    await h.submit(command("ov", "config_override", channel="MinSoc", value=30, unit="%",
                      duration_sec=1))  # fmt: skip
     await h.wait_final("ov")
-    h.submit(command("sp", channel="MinSoc", value=40, unit="%"))
+    await h.submit(command("sp", channel="MinSoc", value=40, unit="%"))
     await h.wait_final("sp")
     assert h.journal.pending_overrides() == []
     await asyncio.sleep(1.1)
@@ -263,19 +265,19 @@ async def test_a_device_that_stops_answering_fails_commands_and_the_cycle_goes_o
     )
     bms.state.frozen = True
     started = time.monotonic()
-    h.submit(command("hang", value=1000))
+    await h.submit(command("hang", value=1000))
     final = await h.wait_final("hang", within_s=3)
     assert time.monotonic() - started < 0.2 * 2 + 0.5 + 0.3
     assert final.status == "failed"
     assert final.error is not None and final.error.code == "device_timeout"
     assert "did not answer" in final.error.message or "no answer" in final.error.message
-    h.submit(command("hang2", value=1500))
+    await h.submit(command("hang2", value=1500))
     assert (await h.wait_final("hang2", within_s=3)).status == "failed"
     ticks = h.core.ticks
     await asyncio.sleep(0.1)
     assert h.core.ticks > ticks  # still cycling
     bms.release()
-    h.submit(command("back", value=2000))
+    await h.submit(command("back", value=2000))
     assert (await h.wait_final("back", within_s=3)).status == "executed"
 
 
@@ -283,22 +285,22 @@ async def test_restart_recovery_never_writes_again(tmp_path: Path, bms: BmsSimul
     site = demo_site(bms.port)
     journal = Journal(tmp_path / "state" / JOURNAL_FILE)
 
-    def seed(command_id: str, value: int, state: str) -> None:
+    async def seed(command_id: str, value: int, state: str) -> None:
         body = command(command_id, value=value)
         cmd = msgspec.convert(body, EdgeCommand)
         plan = validate(cmd, site, cmd.timestamp, edge_id=EDGE_ID, skew_s=5)
         meta = CommandMeta(command_id, "setpoint", "normal", "user_456")
-        journal.record(
+        await journal.record(
             meta,
             json.dumps(body).encode(),
             Ack(command_id=command_id, status="accepted"),
             plan=msgspec.json.encode(plan),
         )
         if state == "executing":
-            journal.start(command_id)
+            await journal.start(command_id)
 
-    seed("landed", 7000, "executing")  # the device has 7000: the write landed
-    seed("queued", 8000, "accepted")  # never started
+    await seed("landed", 7000, "executing")  # the device has 7000: the write landed
+    await seed("queued", 8000, "accepted")  # never started
     journal.close()
     devices = ModbusDevices()
     device = site.devices[0]
@@ -319,7 +321,7 @@ async def test_restart_recovery_never_writes_again(tmp_path: Path, bms: BmsSimul
         await devices.close()
     # A write whose outcome the device contradicts is reported, not repeated.
     journal = Journal(tmp_path / "state" / JOURNAL_FILE)
-    seed("lost", 9000, "executing")
+    await seed("lost", 9000, "executing")
     journal.close()
     h = Harness(tmp_path / "state", site, period_ms=20)
     await h.start()
