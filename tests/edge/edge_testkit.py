@@ -45,6 +45,8 @@ def command(
     duration_sec: int | None = None,
     edge_id: str = EDGE_ID,
     expires_at: datetime | None = None,
+    sent_at: datetime | None = None,
+    remaining_ms: int | None = None,
 ) -> dict[str, Any]:
     """A gateway -> edge command body (without `delivery`)."""
     now = datetime.now(UTC)
@@ -64,6 +66,10 @@ def command(
         body["unit"] = unit
     if duration_sec is not None:
         body["duration_sec"] = duration_sec
+    if sent_at is not None:
+        body["sent_at"] = sent_at.isoformat()
+    if remaining_ms is not None:
+        body["remaining_ms"] = remaining_ms
     return body
 
 
@@ -99,6 +105,9 @@ class FakeCloud:
     handshakes: list[float] = field(default_factory=list)
     config_requests: int = 0
     port: int = 0
+    # Answers each ack with a notice frame (e.g. ack_recorded), like a newer gateway.
+    notice_for: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
+    ack_times: list[float] = field(default_factory=list)
     _server: Server | None = None
     _ws: ServerConnection | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -158,9 +167,13 @@ class FakeCloud:
                 self.frames.append(frame)
                 if "status" in frame:
                     self.acks.append(frame)
+                    self.ack_times.append(time.monotonic())
                     routed = self.routed.get(frame["command_id"])
                     if routed is not None:
                         routed.delivered = True
+                    notice = None if self.notice_for is None else self.notice_for(frame)
+                    if notice is not None:
+                        await ws.send(json.dumps(notice))
                 await self._notify()
         except ConnectionClosed:
             pass
@@ -279,8 +292,9 @@ async def start_agent(
 
     async def start(cloud: FakeCloud, bms_port: int, **overrides: Any) -> RunningAgent:
         state_dir = overrides.pop("state_dir", tmp_path / "state")
+        wall = overrides.pop("wall", None)
         settings = agent_settings(cloud.url, bms_port, state_dir, **overrides)
-        agent = RunningAgent(Agent(settings))
+        agent = RunningAgent(Agent(settings) if wall is None else Agent(settings, wall=wall))
         running.append(agent)
         return await agent.started()
 

@@ -219,3 +219,67 @@ def test_config_errors_name_the_field() -> None:
     assert site.device("bms_main").port == 502  # type: ignore[union-attr]
     with pytest.raises(ConfigError, match="does not have"):
         SITE.with_address("nope", "h", 1)
+
+
+def test_an_override_longer_than_the_maximum_is_out_of_range() -> None:
+    body = command("ov", "config_override", channel="MinSoc", value=15, unit="%",
+                   duration_sec=10 * 365 * 86400)  # fmt: skip
+    body.pop("expires_at")
+    verdict = check(body)
+    assert isinstance(verdict, Rejection)
+    assert verdict.code is ErrorCode.OUT_OF_RANGE
+    assert "exceeds the maximum 86400 s for bms_main.MinSoc" in verdict.message
+    assert isinstance(check({**body, "duration_sec": 86400}), WritePlan)
+    # The agent's maximum is a setting; a channel may set a stricter (or looser) one.
+    cmd = msgspec.convert({**body, "timestamp": NOW.isoformat(),
+                           "expires_at": (NOW + timedelta(seconds=300)).isoformat()},
+                          EdgeCommand)  # fmt: skip
+    short = validate(cmd, SITE, NOW, edge_id=EDGE_ID, skew_s=5, max_override_s=3600)
+    assert isinstance(short, Rejection) and "maximum 3600 s" in short.message
+    raw = msgspec.json.decode(demo_config())
+    raw["devices"][0]["channels"][1]["max_override_s"] = 60
+    site = decode_config(msgspec.json.encode(raw))
+    per_channel = validate(
+        msgspec.structs.replace(cmd, duration_sec=61), site, NOW, edge_id=EDGE_ID, skew_s=5
+    )
+    assert isinstance(per_channel, Rejection) and "maximum 60 s" in per_channel.message
+
+
+def test_expiry_follows_the_handed_over_lifetime_not_the_wall_clock() -> None:
+    body = setpoint(expiry_sec=30)
+    body["expires_at"] = (NOW + timedelta(seconds=30)).isoformat()
+    cmd = msgspec.convert({**body, "timestamp": NOW.isoformat()}, EdgeCommand)
+    ahead = NOW + timedelta(minutes=5)  # the edge's wall clock is 5 min ahead
+    assert isinstance(validate(cmd, SITE, ahead, edge_id=EDGE_ID, skew_s=5), Rejection)
+    plan = validate(cmd, SITE, ahead, edge_id=EDGE_ID, skew_s=5, remaining_s=29.9)
+    assert isinstance(plan, WritePlan)
+    late = validate(cmd, SITE, NOW, edge_id=EDGE_ID, skew_s=5, remaining_s=-0.5)
+    assert isinstance(late, Rejection) and late.code is ErrorCode.EXPIRED
+    assert "expired 0.500 s ago" in late.message
+    # A clock beyond the limit refuses control, but not `system` (sync_config must work).
+    skewed = validate(cmd, SITE, NOW, edge_id=EDGE_ID, skew_s=5, clock_problem="off by 300 s")
+    assert isinstance(skewed, Rejection) and skewed.code is ErrorCode.CLOCK_SKEW
+    sync = msgspec.convert(
+        {**command("s1", "system", device_id="core", channel="system", value="sync_config",
+                   unit=None), "timestamp": NOW.isoformat()},
+        EdgeCommand,
+    )  # fmt: skip
+    assert isinstance(
+        validate(sync, SITE, NOW, edge_id=EDGE_ID, skew_s=5, clock_problem="off"), SystemPlan
+    )
+
+
+def test_unparseable_frames_still_name_their_command() -> None:
+    nan = b'{"command_id":"nan_1","command_type":"setpoint","value":NaN}'
+    bad = decode_frame(nan)
+    assert isinstance(bad, BadFrame) and bad.command_id == "nan_1"
+    assert "not valid JSON" in bad.message
+    cut = decode_frame(b'{"delivery":1, "command_id" : "cut_1", "command_type": "setp')
+    assert isinstance(cut, BadFrame) and cut.command_id == "cut_1"
+    long_id = decode_frame(msgspec.json.encode(command("x" * 300)))
+    assert isinstance(long_id, BadFrame) and long_id.command_id is None
+    assert isinstance(decode_frame(b"garbage"), BadFrame)
+    wrong = decode_frame(b'{"command_id":"wt_1","command_type":"setpoint","target":"bms"}')
+    assert isinstance(wrong, BadFrame) and wrong.command_id == "wt_1"
+    trailing = decode_frame(b'{"command_id":"cmd_1\\n","command_type":"x"')
+    assert isinstance(trailing, BadFrame) and trailing.command_id is None
