@@ -1,0 +1,103 @@
+"""The edge's /metrics (scraped over HTTP after a command) and the journal's group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from edge.journal import JOURNAL_FILE, CommandMeta, Journal
+from edge.simulator import BmsSimulator
+from schemas.commands import Ack
+
+from edge_testkit import FakeCloud, command
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_metrics_move_when_a_command_runs(
+    cloud: FakeCloud, bms: BmsSimulator, start_agent: Any
+) -> None:
+    running = await start_agent(cloud, bms.port, metrics_port=0)
+    port = running.agent.metrics_port
+    assert port
+    before = await asyncio.to_thread(scrape, port)
+    await cloud.wait_online()
+    await cloud.route(command("metered", value=2500))
+    assert (await cloud.wait_final("metered"))["status"] == "executed"
+    after = await asyncio.to_thread(scrape, port)
+    write = ("dispatch_edge_modbus_seconds_count", (("device", "bms_main"), ("operation", "write")))
+    assert after[write] >= 1 > before.get(write, 0)
+    commits = ("dispatch_edge_journal_commit_seconds_count", ())
+    assert after[commits] > before[commits]
+    cycles = ("dispatch_edge_cycle_seconds_count", ())
+    assert after[cycles] > 0
+    assert ("dispatch_edge_queue_depth", ()) in after
+    assert ("dispatch_edge_clock_offset_seconds", ()) in after
+    assert ("dispatch_edge_acks_awaiting_recording", ()) in after
+    # An unreachable device is counted per device.
+    await bms.stop()
+    await cloud.route(command("unplugged", value=2600))
+    assert (await cloud.wait_final("unplugged", within_s=15))["status"] == "failed"
+    errors = await asyncio.to_thread(scrape, port)
+    assert any(
+        name == "dispatch_edge_modbus_errors_total" and ("device", "bms_main") in labels
+        for name, labels in errors
+    )
+
+
+async def test_concurrent_journal_writes_share_durable_commits_off_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    commits: list[tuple[str, int]] = []
+
+    def observed(seconds: float, writes: int) -> None:
+        commits.append((threading.current_thread().name, writes))
+
+    journal = Journal(tmp_path / JOURNAL_FILE, on_commit=observed)
+    try:
+        # Hold the writer inside one commit while 40 writes queue up behind it, as they do
+        # behind a real fsync; they must then share the next commit.
+        gate, inside = threading.Event(), threading.Event()
+
+        def hold(db: object) -> bool:
+            inside.set()
+            return gate.wait(10)
+
+        held = asyncio.ensure_future(journal._write(hold))
+        assert await asyncio.to_thread(inside.wait, 10)
+        metas = [CommandMeta(f"gc_{i}", "setpoint", "normal", "user_1") for i in range(40)]
+        writes = asyncio.gather(
+            *(journal.record(m, b"{}", Ack(command_id=m.command_id, status="accepted"))
+              for m in metas)
+        )  # fmt: skip
+        await asyncio.sleep(0)  # let every write reach the queue (the loop is not blocked)
+        gate.set()
+        assert await held is True
+        await writes
+        assert sum(n for _, n in commits) == 41
+        assert [n for _, n in commits] == [1, 40]
+        assert {name for name, _ in commits} == {"journal-writer"}
+        assert all(journal.lookup(m.command_id) is not None for m in metas)
+        # One failing write (a duplicate id) fails alone; the others in its commit land.
+        results = await asyncio.gather(
+            journal.record(metas[0], b"{}", Ack(command_id="gc_0", status="accepted")),
+            journal.note("gc_1", "remark", "still here"),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], Exception) and results[1] is None
+        assert journal.events_of("gc_1", "remark")
+    finally:
+        journal.close()
