@@ -4,27 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import urllib.request
 from pathlib import Path
 from typing import Any
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from edge.journal import JOURNAL_FILE, CommandMeta, Journal
 from edge.simulator import BmsSimulator
 from schemas.commands import Ack
 
-from edge_testkit import FakeCloud, command
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
-        text = answer.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+from edge_testkit import FakeCloud, command, scrape
 
 
 async def test_metrics_move_when_a_command_runs(
