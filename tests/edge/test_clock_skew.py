@@ -5,15 +5,18 @@ edge alarms and refuses control with `clock_skew`."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from edge.simulator import BmsSimulator
 
-from edge_testkit import FakeCloud, command
+from edge_testkit import EDGE_ID, TOKEN, FakeCloud, command, edge_cli, subprocess_env
 
 AHEAD = timedelta(minutes=5)
 
@@ -87,3 +90,39 @@ async def test_without_sent_at_an_older_gateway_keeps_the_wall_clock_rule(
     # 5 min ahead is beyond the 60 s expiry tolerance: refused, and nothing measured.
     assert final["status"] == "rejected" and final["error"]["code"] == "expired"
     assert final.get("clock_offset_ms") is None
+
+
+# The library itself (not the `faketime` wrapper, which would not pass SIGTERM on).
+LIBFAKETIME = next(iter(sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    LIBFAKETIME is None,
+    reason="libfaketime is missing: apt-get install faketime (scripts/test-tools.sh does)",
+)
+async def test_a_real_agent_process_under_libfaketime_5_min_ahead(
+    cloud: FakeCloud, bms: BmsSimulator, tmp_path: Path
+) -> None:
+    env = {**subprocess_env(), "LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": "+5m"}
+    args = [*edge_cli(
+        "edge", "--edge-id", EDGE_ID, "--gateway", cloud.url, "--token", TOKEN,
+        "--modbus", f"bms_main=127.0.0.1:{bms.port}", "--state-dir", str(tmp_path / "state"),
+        "--cycle-period-ms", "50", "--max-clock-offset-s", "600",
+    )]  # fmt: skip
+    log = tmp_path / "agent.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(*args, stdout=out, stderr=out, env=env)
+    try:
+        await cloud.wait_online(within_s=20)
+        for command_id, expiry_s in (("ft_short", 30), ("ft_long", 120)):
+            await cloud.route(timed(command_id, expiry_s, value=100 * expiry_s))
+            final = await cloud.wait_final(command_id)
+            assert final["status"] == "executed", (final, log.read_text())
+            assert 299_000 <= final["clock_offset_ms"] < 302_000
+            assert abs(parse(final["executed_at"]) - datetime.now(UTC)) < timedelta(seconds=2)
+        assert bms.active_power_w == 12000
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            assert await proc.wait() == 0, log.read_text()
