@@ -127,6 +127,7 @@ class Agent:
         self.metrics = EdgeMetrics()
         self.metrics_port: int | None = None
         self._unrecorded: dict[tuple[str, str | None], int] = {}
+        self._confirming = False  # the gateway sends ack_recorded (seen now or in the journal)
         self._resends: set[asyncio.Task[None]] = set()
         self.devices: DevicePort = devices if devices is not None else ModbusDevices()
         self.config_source: ConfigSource | None = None
@@ -168,6 +169,7 @@ class Agent:
             settings.state_dir / JOURNAL_FILE, on_commit=self._committed
         )
         try:
+            self._confirming = journal.confirms_acks()
             if settings.metrics_port is not None:
                 self.metrics_port = self.metrics.serve(settings.metrics_port)
                 log.info("edge.metrics.serving port=%d path=/metrics", self.metrics_port)
@@ -282,9 +284,7 @@ class Agent:
         journal = self._journal
         assert journal is not None
         settings = self.settings
-        unrecorded_since = (
-            time.time() - settings.ack_retention_s if journal.confirms_acks() else None
-        )
+        unrecorded_since = time.time() - settings.ack_retention_s if self._confirming else None
         return await journal.resend_since(
             lost_at - settings.ack_resend_window_s, unrecorded_since=unrecorded_since
         )
@@ -313,11 +313,13 @@ class Agent:
         error = notice.error
         command_id = notice.command_id
         if notice.type == "ack_recorded" and command_id is not None:
+            self._confirming = True
             self._unrecorded.pop((command_id, notice.status), None)
             await journal.mark_recorded(command_id, notice.status, "recorded")
             self._update_awaiting()
             return
         if notice.type == "ack_unrecorded" and command_id is not None:
+            self._confirming = True
             key = (command_id, notice.status)
             attempt = self._unrecorded.get(key, 0)
             self._unrecorded[key] = attempt + 1
@@ -460,7 +462,7 @@ class Agent:
         assert journal is not None
         self.metrics.acks_awaiting.set(
             journal.awaiting_count(time.time() - self.settings.ack_retention_s)
-            if journal.confirms_acks()
+            if self._confirming
             else journal.unsent_count()
         )
 

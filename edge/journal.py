@@ -239,6 +239,13 @@ class Journal:
         columns = {row[1] for row in writer.execute("PRAGMA table_info(outbox)")}
         if "recorded" not in columns:  # a journal from before ack notices
             writer.execute("ALTER TABLE outbox ADD COLUMN recorded TEXT")
+        writer.execute(
+            "CREATE INDEX IF NOT EXISTS outbox_unrecorded ON outbox (created_at)"
+            " WHERE recorded IS NULL"
+        )
+        writer.execute(
+            "CREATE INDEX IF NOT EXISTS outbox_recorded ON outbox (seq) WHERE recorded IS NOT NULL"
+        )
         # Reads on the caller's thread; a second connection so they never see a
         # half-built group commit.
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
