@@ -156,8 +156,10 @@ class ControllerState:
     running: bool
 
 
-CommitObserver = Callable[[float, int], None]  # (seconds in COMMIT, writes it carried)
-_Write = tuple[Callable[[sqlite3.Connection], Any], "concurrent.futures.Future[Any]"]
+CommitObserver = Callable[[float, int], None]  # (seconds in a durable COMMIT, its writes)
+# (write, its future, durable): a batch of only non-durable writes (bookkeeping whose loss
+# in a power cut costs at most a resent ack) commits without an fsync.
+_Write = tuple[Callable[[sqlite3.Connection], Any], "concurrent.futures.Future[Any]", bool]
 
 
 class _Writer(threading.Thread):
@@ -168,6 +170,7 @@ class _Writer(threading.Thread):
         self.db = db
         self.on_commit = on_commit
         self.pending: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self._full = True  # the connection's PRAGMA synchronous is FULL
 
     def run(self) -> None:
         stopping = False
@@ -191,16 +194,20 @@ class _Writer(threading.Thread):
     def _commit(self, batch: list[_Write]) -> None:
         # A caller cancelled before its turn: its write never happens (as if it crashed
         # first). Once running, a write cannot be cancelled, so its result always lands.
-        batch = [
-            (write, future) for write, future in batch if future.set_running_or_notify_cancel()
-        ]
+        batch = [item for item in batch if item[1].set_running_or_notify_cancel()]
         if not batch:
             return
         db = self.db
+        durable = any(item[2] for item in batch)
         outcomes: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
         try:
+            if durable != self._full:
+                # WAL + NORMAL: the commit reaches the log but is fsynced only by the next
+                # FULL commit; still atomic and consistent after a crash.
+                db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._full = durable
             db.execute("BEGIN IMMEDIATE")
-            for write, future in batch:
+            for write, future, _ in batch:
                 db.execute("SAVEPOINT one_write")
                 try:
                     result = write(db)
@@ -213,13 +220,13 @@ class _Writer(threading.Thread):
                 outcomes.append((future, result, None))
             started = time.perf_counter()
             db.execute("COMMIT")
-            if self.on_commit is not None:
+            if durable and self.on_commit is not None:
                 self.on_commit(time.perf_counter() - started, len(batch))
         except Exception as exc:  # the commit itself failed: nothing of the batch is durable
             log.exception("edge.journal.commit_failed writes=%d", len(batch))
             if db.in_transaction:
                 db.execute("ROLLBACK")
-            outcomes = [(future, None, exc) for _, future in batch]
+            outcomes = [(future, None, exc) for _, future, _ in batch]
         for future, result, error in outcomes:
             if error is None:
                 future.set_result(result)
@@ -267,12 +274,13 @@ class Journal:
             self._writer.join()
         self._db.close()
 
-    async def _write(self, write: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `write` inside the next group commit; returns once it is on disk."""
+    async def _write(self, write: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+        """Run `write` inside the next group commit; returns once it is committed (on disk
+        when `durable`)."""
         if not self._writer.is_alive():
             raise RuntimeError("Expected an open journal, but it is closed")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._writer.pending.put((write, future))
+        self._writer.pending.put((write, future, durable))
         return await asyncio.wrap_future(future)
 
     # -- commands ----------------------------------------------------------------------------
@@ -484,7 +492,8 @@ class Journal:
             now = time.time()
             db.executemany("UPDATE outbox SET sent_at = ? WHERE seq = ?", [(now, s) for s in seqs])
 
-        await self._write(write)
+        # Not worth an fsync: lost in a power cut, the ack is merely sent again.
+        await self._write(write, durable=False)
 
     async def resend_since(self, since: float, *, unrecorded_since: float | None = None) -> int:
         """Queue again the final acks that may have been lost.
@@ -516,7 +525,7 @@ class Journal:
             )
             return cur.rowcount
 
-        return await self._write(write)
+        return await self._write(write, durable=False)  # lost: the ack is merely resent
 
     async def requeue(self, command_id: str, status: str | None) -> int:
         """Send an ack again (the gateway could not record it now)."""
