@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import random
 from typing import Any
 
 import pytest
@@ -59,3 +61,55 @@ async def test_an_override_beyond_the_maximum_duration_is_refused(
     assert refused["error"]["code"] == "out_of_range"
     assert "exceeds the maximum 3600 s" in refused["error"]["message"]
     assert (await cloud.wait_final("ov_hour"))["status"] == "executed"
+
+
+def mangled_frames(count: int) -> dict[str, str]:
+    """Commands with one field broken in a different way each (fixed seed), by id."""
+    rng = random.Random(20261129)
+    breakers: list[Any] = [
+        lambda b: b | {"value": [1, 2]},
+        lambda b: b | {"value": {"x": 1}},
+        lambda b: b | {"value": "\x00" * 70},
+        lambda b: b | {"target": "bms_main"},
+        lambda b: b | {"target": {"edge_id": 5}},
+        lambda b: b | {"command_type": "teleport"},
+        lambda b: b | {"timestamp": "yesterday"},
+        lambda b: b | {"expires_at": None},
+        lambda b: b | {"expiry_sec": "300"},
+        lambda b: b | {"priority": "urgent!"},
+        lambda b: b | {"remaining_ms": "soon"},
+        lambda b: b | {"sent_at": 12},
+        lambda b: {k: v for k, v in b.items() if k != "source"},
+    ]
+    frames: dict[str, str] = {}
+    for i in range(count):
+        command_id = f"mangled_{i}"
+        body = command(command_id, value=rng.randint(0, 1000))
+        style = rng.randrange(3)
+        if style == 0:  # a broken field
+            frames[command_id] = json.dumps(rng.choice(breakers)(body))
+        elif style == 1:  # cut short at a random point after the id
+            text = json.dumps(body)
+            cut = text.index(command_id) + len(command_id) + 1
+            frames[command_id] = text[: rng.randrange(cut, len(text) - 1)]
+        else:  # a number JSON cannot hold
+            frames[command_id] = json.dumps(body | {"value": rng.choice([math.nan, math.inf])})
+    return frames
+
+
+async def test_forty_mangled_frames_each_get_exactly_one_answer(
+    cloud: FakeCloud, bms: BmsSimulator, start_agent: Any
+) -> None:
+    await start_agent(cloud, bms.port)
+    await cloud.wait_online()
+    frames = mangled_frames(40)
+    for text in frames.values():
+        await cloud.send_raw(text)
+    await cloud.wait_for(lambda: all(cloud.final(c) is not None for c in frames))
+    for command_id in frames:
+        (answer,) = cloud.acks_of(command_id)
+        assert answer["status"] == "rejected", (answer, frames[command_id])
+        assert answer["error"]["code"] in ("invalid_command", "wrong_type"), answer
+    assert bms.state.writes == []
+    await cloud.route(command("after_all_that", value=9))
+    assert (await cloud.wait_final("after_all_that"))["status"] == "executed"
