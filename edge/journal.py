@@ -325,7 +325,11 @@ class Journal:
             _event(db, now, meta.command_id, state.value, code=_code(ack), detail=_message(ack))
             _outbox(db, now, ack)
 
-        await self._write(write)
+        # No fsync of its own: the durable `executing` write, always before a device is
+        # touched, carries it to disk. A power cut before that loses only a command that
+        # was never executed (the gateway then times it out; a redelivery runs it once);
+        # a process crash loses nothing (WAL).
+        await self._write(write, durable=False)
 
     async def resend(self, command_id: str, delivery: int) -> Stored | None:
         """A redelivered command: log it and queue its latest ack again."""

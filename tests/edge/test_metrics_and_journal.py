@@ -55,8 +55,13 @@ async def test_concurrent_journal_writes_share_durable_commits_off_the_event_loo
 
     journal = Journal(tmp_path / JOURNAL_FILE, on_commit=observed)
     try:
-        # Hold the writer inside one commit while 40 writes queue up behind it, as they do
-        # behind a real fsync; they must then share the next commit.
+        metas = [CommandMeta(f"gc_{i}", "setpoint", "normal", "user_1") for i in range(40)]
+        for meta in metas:  # receipts: no fsync of their own
+            await journal.record(meta, b"{}", Ack(command_id=meta.command_id, status="accepted"))
+        assert commits == []
+        # Hold the writer inside one commit while 40 durable writes (`executing`, each
+        # before a device write) queue up behind it, as they do behind a real fsync; they
+        # must then share the next commit.
         gate, inside = threading.Event(), threading.Event()
 
         def hold(db: object) -> bool:
@@ -65,19 +70,14 @@ async def test_concurrent_journal_writes_share_durable_commits_off_the_event_loo
 
         held = asyncio.ensure_future(journal._write(hold))
         assert await asyncio.to_thread(inside.wait, 10)
-        metas = [CommandMeta(f"gc_{i}", "setpoint", "normal", "user_1") for i in range(40)]
-        writes = asyncio.gather(
-            *(journal.record(m, b"{}", Ack(command_id=m.command_id, status="accepted"))
-              for m in metas)
-        )  # fmt: skip
+        writes = asyncio.gather(*(journal.start(m.command_id) for m in metas))
         await asyncio.sleep(0)  # let every write reach the queue (the loop is not blocked)
         gate.set()
         assert await held is True
         await writes
-        assert sum(n for _, n in commits) == 41
         assert [n for _, n in commits] == [1, 40]
         assert {name for name, _ in commits} == {"journal-writer"}
-        assert all(journal.lookup(m.command_id) is not None for m in metas)
+        assert all(len(journal.events_of(m.command_id, "executing")) == 1 for m in metas)
         # One failing write (a duplicate id) fails alone; the others in its commit land.
         results = await asyncio.gather(
             journal.record(metas[0], b"{}", Ack(command_id="gc_0", status="accepted")),
