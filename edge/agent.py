@@ -104,6 +104,8 @@ class AgentSettings:
                 f"{HALF_OPEN_BOUND_S:g} s: a half-open "
                 "connection would go unnoticed too long; lower them"
             )
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port {self.metrics_port} is not 0-65535")
         if self.clock_skew_s < 0:
             raise ConfigError(f"clock skew tolerance must be >= 0, got {self.clock_skew_s}")
 
@@ -171,7 +173,13 @@ class Agent:
         try:
             self._confirming = journal.confirms_acks()
             if settings.metrics_port is not None:
-                self.metrics_port = self.metrics.serve(settings.metrics_port)
+                try:
+                    self.metrics_port = self.metrics.serve(settings.metrics_port)
+                except OSError as exc:
+                    raise ConfigError(
+                        f"cannot serve /metrics on 127.0.0.1:{settings.metrics_port}: {exc}; "
+                        "pick a free --metrics-port"
+                    ) from None
                 log.info("edge.metrics.serving port=%d path=/metrics", self.metrics_port)
             await self._load_initial_config()
             core = self._core = CoreCycle(
