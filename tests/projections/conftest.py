@@ -1,20 +1,91 @@
-"""Projection tests: the ledger waits an hour for acknowledgments.
+"""Projection tests run twice: on native partitions (the machine's PostgreSQL) and on a
+private TimescaleDB cluster started once per session (tests/timescale.py).
 
-Load-generated commands left `routed`/`delivered` must keep their status while a test
-projects and counts them; a 10 s ack timeout would let the projector's verdict loop turn
-them into `timed_out` halfway through.
+The ledger waits an hour for acknowledgments: load-generated commands left
+`routed`/`delivered` must keep their status while a test projects and counts them; a 10 s
+ack timeout would let the projector's verdict loop turn them into `timed_out` halfway
+through.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
 
+import psycopg
 import pytest
+import timescale
 from redis.asyncio import Redis
 
 from dispatch.settings import Settings
 from ledger.store import Ledger
+
+from support import DATABASE_URL
+
+NATIVE = "native"
+TIMESCALE = "timescaledb"
+# Modules that are not about the audit storage run once, on the machine's PostgreSQL.
+SINGLE_STORAGE = {"test_replay"}
+
+
+@dataclass(frozen=True)
+class StorageServer:
+    name: str
+    url: str  # the admin URL the projector migrates with
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "storage" in metafunc.fixturenames:
+        single = metafunc.module.__name__.rsplit(".", 1)[-1] in SINGLE_STORAGE
+        names = [NATIVE] if single else [NATIVE, TIMESCALE]
+        metafunc.parametrize("storage", names, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def timescale_clusters() -> Iterator[timescale.Clusters]:
+    reason = timescale.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"TimescaleDB storage not tested: {reason}")
+    with timescale.clusters() as made:
+        yield made
+
+
+@pytest.fixture(scope="session")
+def timescale_server(timescale_clusters: timescale.Clusters) -> str:
+    """The session's TimescaleDB cluster (preloaded, Apache edition): its database URL."""
+    return timescale_clusters.start().url
+
+
+@pytest.fixture
+def storage(request: pytest.FixtureRequest) -> StorageServer:
+    if request.param == TIMESCALE:
+        return StorageServer(TIMESCALE, request.getfixturevalue("timescale_server"))
+    return StorageServer(NATIVE, DATABASE_URL)
+
+
+@pytest.fixture
+def env(env: dict[str, str], storage: StorageServer, namespace: str) -> Iterator[dict[str, str]]:
+    yield {**env, "DISPATCH_DATABASE_URL": storage.url}
+    if storage.url != DATABASE_URL:
+        drop_schemas(storage.url, namespace)
+
+
+def drop_schemas(url: str, ns: str) -> None:
+    """The namespace's schemas and roles on a private server (tests/support does the rest)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for (name,) in conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname = %s OR nspname LIKE %s",
+            (ns, ns + "\\_%"),
+        ).fetchall():
+            conn.execute(
+                psycopg.sql.SQL("DROP SCHEMA {} CASCADE").format(psycopg.sql.Identifier(name))
+            )
+        for (role,) in conn.execute(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (ns + "\\_%",)
+        ).fetchall():
+            ident = psycopg.sql.Identifier(role)
+            conn.execute(psycopg.sql.SQL("DROP OWNED BY {} CASCADE").format(ident))
+            conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(ident))
 
 
 @pytest.fixture
