@@ -10,11 +10,11 @@ through.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-import psycopg
 import pytest
 import timescale
+from projection_support import NATIVE, TIMESCALE, StorageServer, drop_schemas
 from redis.asyncio import Redis
 
 from dispatch.settings import Settings
@@ -22,16 +22,8 @@ from ledger.store import Ledger
 
 from support import DATABASE_URL
 
-NATIVE = "native"
-TIMESCALE = "timescaledb"
 # Modules that are not about the audit storage run once, on the machine's PostgreSQL.
 SINGLE_STORAGE = {"test_replay"}
-
-
-@dataclass(frozen=True)
-class StorageServer:
-    name: str
-    url: str  # the admin URL the projector migrates with
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -68,24 +60,6 @@ def env(env: dict[str, str], storage: StorageServer, namespace: str) -> Iterator
     yield {**env, "DISPATCH_DATABASE_URL": storage.url}
     if storage.url != DATABASE_URL:
         drop_schemas(storage.url, namespace)
-
-
-def drop_schemas(url: str, ns: str) -> None:
-    """The namespace's schemas and roles on a private server (tests/support does the rest)."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        for (name,) in conn.execute(
-            "SELECT nspname FROM pg_namespace WHERE nspname = %s OR nspname LIKE %s",
-            (ns, ns + "\\_%"),
-        ).fetchall():
-            conn.execute(
-                psycopg.sql.SQL("DROP SCHEMA {} CASCADE").format(psycopg.sql.Identifier(name))
-            )
-        for (role,) in conn.execute(
-            "SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (ns + "\\_%",)
-        ).fetchall():
-            ident = psycopg.sql.Identifier(role)
-            conn.execute(psycopg.sql.SQL("DROP OWNED BY {} CASCADE").format(ident))
-            conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(ident))
 
 
 @pytest.fixture
