@@ -28,7 +28,11 @@ SINGLE_STORAGE = {"test_replay"}
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "storage" in metafunc.fixturenames:
-        single = metafunc.module.__name__.rsplit(".", 1)[-1] in SINGLE_STORAGE
+        # Tests that use the TimescaleDB server by name run once, beside the native one.
+        single = (
+            metafunc.module.__name__.rsplit(".", 1)[-1] in SINGLE_STORAGE
+            or "timescale_server" in metafunc.fixturenames
+        )
         names = [NATIVE] if single else [NATIVE, TIMESCALE]
         metafunc.parametrize("storage", names, indirect=True)
 
