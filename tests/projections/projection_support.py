@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import AsyncConnection, sql
@@ -44,6 +45,14 @@ def drop_schemas(url: str, ns: str) -> None:
         ).fetchall():
             conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def at_port(url: str, port: int) -> str:
+    """`url` (user, database, options kept) on another port of its host."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@" if userinfo else ""
+    return urlunsplit(parts._replace(netloc=f"{netloc}{parts.hostname or '127.0.0.1'}:{port}"))
 
 
 def streams(keys: Keys) -> list[str]:
