@@ -23,7 +23,7 @@ from ledger.store import Ledger
 from support import DATABASE_URL
 
 # Modules that are not about the audit storage run once, on the machine's PostgreSQL.
-SINGLE_STORAGE = {"test_replay"}
+SINGLE_STORAGE = {"test_replay", "test_projection_load"}  # the 10,000-command load: once
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -146,7 +146,7 @@ async def test_swapped_in_rebuild_keeps_being_projected(ledger: Ledger, settings
             path = await scalar(
                 conn,
                 "SELECT proconfig::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
-                " WHERE n.nspname = %s AND p.proname = 'ensure_day'",
+                " WHERE n.nspname = %s AND p.proname = 'sweep_retention'",
                 settings.namespace,
             )
             assert f"search_path={settings.namespace}, pg_temp" in path
