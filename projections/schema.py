@@ -557,7 +557,27 @@ async def _apply_migrations(conn: AsyncConnection, schema: str, storage: Storage
         await conn.execute(_q(ENSURE_DAY, schema))
     else:
         await _protect_chunks(conn, schema, storage.extension_schema)
+        await _remove_old_policy(conn, schema, storage.extension_schema)
     return applied
+
+
+async def _remove_old_policy(conn: AsyncConnection, schema: str, extension_schema: str) -> None:
+    """Earlier versions added a retention policy (licensed edition only): the sweep
+    replaces it, and two mechanisms would cut without recording."""
+    cur = await conn.execute(
+        "SELECT count(*) FROM timescaledb_information.jobs WHERE proc_name = 'policy_retention'"
+        " AND hypertable_schema = %s AND hypertable_name = 'events'",
+        (schema,),
+    )
+    row = await cur.fetchone()
+    if row and row[0]:
+        await conn.execute(
+            sql.SQL("SELECT {}.remove_retention_policy(%s::regclass)").format(
+                sql.Identifier(extension_schema)
+            ),
+            (sql.Identifier(schema, "events").as_string(conn),),
+        )
+        log.info("projector.retention.policy_removed schema=%s (the sweep replaces it)", schema)
 
 
 async def _protect_chunks(conn: AsyncConnection, schema: str, extension_schema: str) -> None:
