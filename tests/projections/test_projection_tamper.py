@@ -142,9 +142,13 @@ async def test_verify_finds_deleted_links_and_rewritten_command_rows(
     plans = await projected(ledger, settings)
     s = sql.Identifier(settings.namespace)
     edges = sorted({p.edge_id for p in plans if p.status == "executed"})
-    middle, last, view = edges[0], edges[1], edges[2]
+    middle, last, view, oldest = edges[0], edges[1], edges[2], edges[3]
     with admin(settings) as conn:
         conn.execute("SET session_replication_role = replica")
+        # The oldest links, with no retention cut recorded: the horizon check finds them.
+        conn.execute(
+            sql.SQL("DELETE FROM {}.events WHERE chain = %s AND seq <= 2").format(s), (oldest,)
+        )
         conn.execute(
             sql.SQL("DELETE FROM {}.events WHERE chain = %s AND seq = 5").format(s), (middle,)
         )
@@ -174,7 +178,8 @@ async def test_verify_finds_deleted_links_and_rewritten_command_rows(
     assert reasons[middle] == "links 5..5 are missing"
     assert "after the last stored are missing" in reasons[last]
     assert reasons[view].startswith(f"command {executed.command_id}: column status is 'failed'")
-    assert len(result.breaks) == 3
+    assert reasons[oldest] == "links 1..2 are missing"
+    assert len(result.breaks) == 4
 
 
 def old_event(edge: str, at: datetime, n: int) -> bytes:
