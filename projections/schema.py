@@ -174,7 +174,7 @@ END $$
 # days older than the horizon go: native day partitions by DROP TABLE, TimescaleDB chunks
 # by drop_chunks. Before a day goes, each chain's last link in it is recorded
 # (`chain_cuts`) so `dispatch audit verify` can tell retention from deletion; the sweep
-# itself is recorded in `retention_cuts`. `{drop}` is the storage's part.
+# itself is recorded in `retention_cuts`. `{parts}`, `{lock}`, `{drop_*}`: the storage's part.
 SWEEP_RETENTION = """
 CREATE OR REPLACE FUNCTION {s}.sweep_retention() RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = {s}, pg_temp AS $$
@@ -191,6 +191,7 @@ BEGIN
   END IF;
   horizon := ((now() AT TIME ZONE 'UTC')::date - keep_days)::timestamp AT TIME ZONE 'UTC';
   PERFORM pg_advisory_xact_lock(hashtext('dispatch-partitions:' || current_schema()));
+  {lock}
   FOR part IN {parts} LOOP
     EXECUTE format('INSERT INTO chain_cuts AS k (chain, seq, hash, cut_at) '
       'SELECT DISTINCT ON (chain) chain, seq, hash, now() FROM %s ORDER BY chain, seq DESC '
@@ -231,6 +232,7 @@ def sweep_function(kind: str, extension_schema: str = "") -> str:
         return SWEEP_RETENTION.format(
             s="{s}",
             parts=_NATIVE_PARTS,
+            lock="",  # day partitions are created under the advisory lock above
             drop_one="EXECUTE format('DROP TABLE %s', part);",
             drop_all="",
         )
@@ -238,6 +240,9 @@ def sweep_function(kind: str, extension_schema: str = "") -> str:
     return SWEEP_RETENTION.format(
         s="{s}",
         parts=_CHUNK_PARTS.format(ts=ts),
+        # Chunks appear as rows arrive: hold inserts back so drop_chunks drops exactly
+        # the chunks whose cuts were recorded (a few milliseconds, once an hour).
+        lock="LOCK TABLE events IN SHARE MODE;",
         drop_one="",
         drop_all=(
             f"PERFORM {ts}.drop_chunks(format('%I.events', current_schema())::regclass,"

@@ -24,6 +24,12 @@ from support import DATABASE_URL
 
 # Modules that are not about the audit storage run once, on the machine's PostgreSQL.
 SINGLE_STORAGE = {"test_replay", "test_projection_load"}  # the 10,000-command load: once
+# Slow tests of what does not depend on the storage (process kills, the CLI's printing):
+# the storage-specific paths they cross are covered by the cheaper doubled tests.
+SINGLE_STORAGE_TESTS = {
+    "test_projector_killed_mid_batch_resumes_without_gap_or_duplicate",
+    "test_audit_command_line",
+}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -31,6 +37,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         # Tests that use the TimescaleDB server by name run once, beside the native one.
         single = (
             metafunc.module.__name__.rsplit(".", 1)[-1] in SINGLE_STORAGE
+            or metafunc.function.__name__ in SINGLE_STORAGE_TESTS
             or "timescale_server" in metafunc.fixturenames
         )
         names = [NATIVE] if single else [NATIVE, TIMESCALE]
