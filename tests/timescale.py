@@ -107,9 +107,11 @@ class Installation:
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         user = _user()
         command = list(args)
-        if user is not None:
+        if user is not None and shutil.which("setpriv"):
             command = ["setpriv", f"--reuid={user[1]}", f"--regid={user[2]}", "--clear-groups"]
             command += list(args)
+        elif user is not None:
+            command = ["runuser", "-u", user[0], "--", *args]
         return subprocess.run(command, check=True, capture_output=True, text=True, cwd="/")
 
 
