@@ -596,6 +596,21 @@ async def _protect_chunks(conn: AsyncConnection, schema: str, extension_schema: 
             schema,
         )
     )
+    # Chunks made before this trigger existed (an earlier version's schema) get theirs now.
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT c::text FROM {}.show_chunks(%s::regclass) AS c WHERE NOT EXISTS"
+            " (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c AND t.tgname = 'events_no_truncate')"
+        ).format(sql.Identifier(extension_schema)),
+        (sql.Identifier(schema, "events").as_string(conn),),
+    )
+    for (chunk,) in await cur.fetchall():
+        await conn.execute(
+            sql.SQL(
+                "CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON {} FOR EACH STATEMENT"
+                " EXECUTE FUNCTION {}.refuse_change()"
+            ).format(sql.SQL(chunk), sql.Identifier(schema))
+        )
 
 
 async def _create_events(conn: AsyncConnection, schema: str, storage: Storage) -> None:
