@@ -17,9 +17,11 @@ from projections.worker import Database
 
 from support import Processes, http, user_token
 
-# Spread the commands over 30 hours (two or three UTC days), the same way on both servers.
+# Spread the commands over 30 hours (three UTC days) from a fixed time, the same way on both
+# servers (a time of its own: the run's clock could straddle an hour).
 SPREAD = (
-    "UPDATE {s}.commands c SET issued_at = c.issued_at - n.k * interval '1 hour'"
+    "UPDATE {s}.commands c SET issued_at = '2026-01-10T00:30:00Z'::timestamptz"
+    " - n.k * interval '1 hour'"
     " FROM (SELECT command_id, (row_number() OVER (ORDER BY command_id)) % 30 AS k"
     " FROM {s}.commands) n WHERE n.command_id = c.command_id"
 )
@@ -51,13 +53,22 @@ async def test_stats_are_the_same_on_native_partitions_and_timescaledb(
             {"bucket": "day"},
             {"bucket": "hour", "edge_id": plans[0].edge_id},
             {"bucket": "day", "since": "2000-01-01T00:00:00Z", "until": "2100-01-01T00:00:00Z"},
+            {"bucket": "hour", "since": "2026-01-09T12:00:00Z", "until": "2026-01-10T00:00:00Z"},
         ]
         for params in cases:
             a, b = await summary(native, ns, **params), await summary(hyper, ns, **params)
             assert a == b, params
+        window = await summary(
+            native, ns, bucket="hour", since="2026-01-09T12:00:00Z", until="2026-01-10T00:00:00Z"
+        )
+        assert [b["bucket"][11:13] for b in window] == [f"{h:02d}" for h in range(12, 24)]
         hourly = await summary(native, ns, bucket="hour")
         daily = await summary(native, ns, bucket="day")
-        assert len(hourly) == 30 and 2 <= len(daily) <= 3
+        assert len(hourly) == 30 and [b["bucket"] for b in daily] == [
+            "2026-01-08T00:00:00.000Z",
+            "2026-01-09T00:00:00.000Z",
+            "2026-01-10T00:00:00.000Z",
+        ]
         assert all(b["bucket"].endswith(":00:00.000Z") for b in hourly)
         assert all(b["bucket"].endswith("T00:00:00.000Z") for b in daily)
         wanted = Counter(p.status for p in plans)
