@@ -33,6 +33,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/commands", api.post_command, methods=["POST"]),
         Route("/api/commands", api.list_commands, methods=["GET"]),
         Route("/api/rejections", api.list_rejections, methods=["GET"]),
+        Route("/api/stats", api.get_stats, methods=["GET"]),
         Route("/api/commands/{command_id}", api.get_command, methods=["GET"]),
         Route("/api/commands/{command_id}/cancel", api.cancel_command, methods=["POST"]),
         Route("/api/edges/{edge_id}/config", api.edge_config, methods=["GET"]),
