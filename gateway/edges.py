@@ -12,6 +12,7 @@ from starlette.websockets import WebSocket
 from gateway import metrics
 from gateway.auth import AuthError
 from gateway.handshake import credentials, refuse
+from gateway.lifecycle_metrics import CLOCK_OFFSETS
 from gateway.sessions import EdgeSession, Outbox, protocol_refusal, ws_hard_limit_bytes
 from gateway.state import GatewayState
 from ledger.keys import SAFE_ID
@@ -91,6 +92,7 @@ async def _acknowledge(state: GatewayState, session: EdgeSession, raw: bytes, tu
         )
         session.outbox.put(_encode(notice).decode())
         return
+    CLOCK_OFFSETS.note(session.edge_id, ack.clock_offset_ms)
     result = await state.ledger.acknowledge(session.edge_id, ack, turn=turn)
     if result.applied:
         metrics.ACKS.labels(ack.status, "applied").inc()
