@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import websockets
-
-from support import DEMO_EDGE, Gateway, Processes, command, wait_until
-
 from obs_kit import scrape, value
 from test_e2e import cli_output, start_edge, start_site
+
+from support import DEMO_EDGE, Gateway, Processes, command, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -83,8 +82,10 @@ async def test_steps_move_and_projector_lag_rises_and_falls(
 
     processes.dispatch("projector", "projector")
     wait_until(
-        lambda: lag(gw, "dispatch_projector_lag_entries") == 0
-        and lag(gw, "dispatch_projector_lag_seconds") == 0,
+        lambda: (
+            lag(gw, "dispatch_projector_lag_entries") == 0
+            and lag(gw, "dispatch_projector_lag_seconds") == 0
+        ),
         30,
         what="projector lag to fall after the projector restarts",
     )
