@@ -18,7 +18,11 @@ def promtool() -> str:
     found = os.environ.get("DISPATCH_PROMTOOL") or shutil.which("promtool")
     if not found:
         setup = subprocess.run(
-            [str(ROOT / "scripts" / "promtool.sh")], capture_output=True, text=True, timeout=600
+            [str(ROOT / "scripts" / "promtool.sh")],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         found = shutil.which("promtool")
         if not found:
@@ -28,7 +32,7 @@ def promtool() -> str:
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [promtool(), *args], cwd=DOCS, capture_output=True, text=True, timeout=120
+        [promtool(), *args], check=False, cwd=DOCS, capture_output=True, text=True, timeout=120
     )
 
 
