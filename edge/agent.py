@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from dispatch import tracing
 from edge.capabilities import (
     ConfigSource,
     SiteConfig,
@@ -292,13 +293,14 @@ class Agent:
             )
             self._acks.set()
             return
-        verdict = validate(
-            cmd,
-            self.site,
-            utc_now(),
-            edge_id=self.settings.edge_id,
-            skew_s=self.settings.clock_skew_s,
-        )
+        with tracing.span("edge.validate", cmd.traceparent, command_id=cmd.command_id):
+            verdict = validate(
+                cmd,
+                self.site,
+                utc_now(),
+                edge_id=self.settings.edge_id,
+                skew_s=self.settings.clock_skew_s,
+            )
         if isinstance(verdict, Rejection):
             answer = ack(cmd.command_id, "rejected", code=verdict.code, message=verdict.message)
             meta = CommandMeta(cmd.command_id, cmd.command_type.value, cmd.priority, cmd.source)

@@ -24,6 +24,7 @@ from enum import StrEnum
 
 import msgspec
 
+from dispatch import tracing
 from edge.capabilities import Channel, Device, SiteConfig
 from edge.errors import DeviceError
 from edge.frames import ack, utc_now
@@ -308,6 +309,8 @@ class CoreCycle:
     # -- execution ---------------------------------------------------------------------------
     async def _execute(self, job: Job) -> None:
         cmd = job.cmd
+        waited_ns = round((time.monotonic() - job.received_mono) * 1e9)
+        tracing.record("edge.queue", cmd.traceparent, start_ns=time.time_ns() - waited_ns)
         site = self.site()
         # Check again: the command may have expired in the queue or the config changed.
         plan = validate(
@@ -341,7 +344,8 @@ class CoreCycle:
         log_transition(cmd.command_id, self.settings.edge_id, "executing", value=plan.value)
         started = time.time()
         try:
-            await self.devices.write(device, channel, plan.value)
+            with tracing.span("edge.modbus.write", cmd.traceparent, device=plan.device_id):
+                await self.devices.write(device, channel, plan.value)
         except DeviceError as exc:
             # A timed-out write may still land: an override then still needs its revert.
             keep_revert = restore is not None and exc.code is ErrorCode.DEVICE_TIMEOUT
@@ -400,6 +404,9 @@ class CoreCycle:
         )
         elapsed_ms = round((time.monotonic() - job.received_mono) * 1000)
         self._report(job.cmd.command_id, answer, elapsed_ms=elapsed_ms)
+        tracing.record(
+            "edge.ack", job.cmd.traceparent, start_ns=time.time_ns(), status=answer.status
+        )
 
     def _report(self, command_id: str, answer: Ack, **fields: object) -> None:
         code = None if answer.error is None else answer.error.code

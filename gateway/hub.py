@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 import msgspec
 
+from dispatch import tracing
 from gateway import metrics
 from gateway.grants import GrantCache
 from gateway.lifecycle_metrics import LifecycleMetrics
@@ -201,6 +202,13 @@ class Hub:
             if not session.outbox.put(delivery.frame().decode()):
                 break
             metrics.DELIVERIES.inc()
+            if tracing.enabled():
+                tracing.record(
+                    "dispatch.deliver",
+                    tracing.traceparent_in(delivery.body),
+                    start_ns=time.time_ns(),
+                    delivery=delivery.delivery,
+                )
         if len(deliveries) >= self.ledger.config.delivery_batch:
             self.want_delivery(session.edge_id)  # more waiting beyond this batch
 

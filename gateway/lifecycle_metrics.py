@@ -13,6 +13,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from dispatch.tracing import trace_id
 from gateway import metrics
 from schemas.errors import ErrorCode
 from schemas.events import (
@@ -54,14 +55,6 @@ class _Command:
     routed_at: int = 0
     delivered_at: int = 0
     routed_seen: bool = False
-
-
-def trace_id_of(traceparent: str | None) -> str:
-    """The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), or ''."""
-    if not traceparent:
-        return ""
-    parts = traceparent.split("-")
-    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else ""
 
 
 class LifecycleMetrics:
@@ -111,7 +104,7 @@ class LifecycleMetrics:
                 command_type=cmd.command_type.value,
                 priority=cmd.priority,
                 issued_at=event.at,
-                trace_id=trace_id_of(getattr(cmd, "traceparent", None)),
+                trace_id=trace_id(cmd.traceparent),
             )
             self._open[event.command_id] = record
             if len(self._open) > self.max_commands:

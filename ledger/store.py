@@ -146,6 +146,8 @@ class CommandRecord:
 
 def body_digest(cmd: Command) -> str:
     """Identity of a command body: a reused id with another digest is a duplicate."""
+    if cmd.traceparent is not None:  # trace context is not part of a command's identity
+        cmd = msgspec.structs.replace(cmd, traceparent=None)
     return hashlib.blake2b(_encode(cmd), digest_size=16).hexdigest()
 
 
@@ -255,6 +257,7 @@ class Ledger:
             duration_sec=cmd.duration_sec,
             expires_at=to_utc(expires_at),
             actor=actor,
+            traceparent=cmd.traceparent,
         )
         base = new_event_id()
         issued = Issued(
