@@ -83,10 +83,11 @@ class Settings:
     db_role_prefix: str = ""
     audit_retention_days: int = 400
     # Observability (docs/operations.md "Metrics"): the lifecycle step metrics and the
-    # transition log lines (switch off only to measure their cost), how often each
+    # gateway's transition log lines (which need them), how often each
     # gateway reads Redis for the fleet gauges, and per-edge series for the N edges with
     # the longest queues / largest clock offsets (0: no per-edge series at all).
     metrics_lifecycle: bool = True
+    log_transitions: bool = True  # one `command.transition` line per lifecycle event
     metrics_interval_s: float = 15.0
     metrics_top_edges: int = 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,7 +13,7 @@ from dispatch.settings import Settings
 from gateway import api
 from gateway.dashboard import dashboard_endpoint
 from gateway.edges import edge_endpoint
-from gateway.lifecycle_metrics import LifecycleMetrics
+from gateway.lifecycle_metrics import TRANSITION_LOGGER, LifecycleMetrics
 from gateway.observer import Observer, ObserverConfig
 from gateway.state import GatewayState
 
@@ -24,6 +25,8 @@ def create_app(settings: Settings) -> Starlette:
         app.state.gateway = state
         if settings.metrics_lifecycle:
             state.hub.lifecycle = LifecycleMetrics(settings.ack_timeout_ms)
+        if not settings.log_transitions:
+            logging.getLogger(TRANSITION_LOGGER).setLevel(logging.WARNING)
         observer = observer_for(settings, state)
         observer.start()
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from dispatch.tracing import trace_id
 from gateway import metrics
@@ -29,7 +30,8 @@ from schemas.events import (
     status_of,
 )
 
-log = logging.getLogger("dispatch.transition")
+TRANSITION_LOGGER = "dispatch.transition"
+log = logging.getLogger(TRANSITION_LOGGER)
 
 FINAL = frozenset(
     {
@@ -46,10 +48,24 @@ KNOWN_CODES = frozenset(code.value for code in ErrorCode)
 UNKNOWN = "unknown"
 
 
+STEPS = ("issued_routed", "routed_delivered", "delivered_executed", "issued_final")
+
+
+class _Series:
+    """The labelled children of one (command type, priority): resolved once, not per event."""
+
+    __slots__ = ("finals", "steps")
+
+    def __init__(self, command_type: str, priority: str) -> None:
+        self.steps = [metrics.STEP_SECONDS.labels(s, command_type, priority) for s in STEPS]
+        self.finals = {
+            status: metrics.FINALS.labels(status.value, command_type, priority) for status in FINAL
+        }
+
+
 @dataclass(slots=True)
 class _Command:
-    command_type: str
-    priority: str
+    series: _Series
     issued_at: int
     trace_id: str
     routed_at: int = 0
@@ -64,59 +80,63 @@ class LifecycleMetrics:
         self.ack_timeout_ms = ack_timeout_ms
         self.max_commands = max_commands
         self._open: OrderedDict[str, _Command] = OrderedDict()
+        self._series: dict[tuple[str, str], _Series] = {}
+        self._errors: dict[tuple[str, str], Any] = {}
 
     def __len__(self) -> int:
         return len(self._open)
 
     def observe(self, event: Event) -> None:
         """Account one lifecycle event (gateway-stage refusals are counted elsewhere)."""
-        if isinstance(event, Rejected) and event.stage == "gateway":
+        kind = type(event)
+        if kind is Rejected and event.stage == "gateway":  # type: ignore[attr-defined]
             return
         status = status_of(event)
-        record = self._track(event)
+        record = self._track(event) if kind is Issued else self._open.get(event.command_id)
         err = getattr(event, "error", None)
         if err is not None:
-            code = err.code if err.code in KNOWN_CODES else "other"
-            metrics.ERRORS.labels(status.value, code).inc()
-        if isinstance(event, Routed) and record is not None:
-            if not record.routed_seen:
-                record.routed_seen = True
-                self._step("issued_routed", record, event.at - record.issued_at)
-            record.routed_at = event.at
-        elif isinstance(event, Delivered) and record is not None and not record.delivered_at:
-            record.delivered_at = event.at
-            if record.routed_at:
-                self._step("routed_delivered", record, event.at - record.routed_at)
-        elif isinstance(event, Executed) and record is not None and record.delivered_at:
-            self._step("delivered_executed", record, event.at - record.delivered_at)
-        self._verdict_lag(event)
+            self._error(status, err.code)
+        if record is not None:
+            at = event.at
+            if kind is Routed:
+                if not record.routed_seen:
+                    record.routed_seen = True
+                    record.series.steps[0].observe(_seconds(at - record.issued_at))
+                record.routed_at = at
+            elif kind is Delivered and not record.delivered_at:
+                record.delivered_at = at
+                if record.routed_at:
+                    record.series.steps[1].observe(_seconds(at - record.routed_at))
+            elif kind is Executed and record.delivered_at:
+                record.series.steps[2].observe(_seconds(at - record.delivered_at))
+        if kind is TimedOut or kind is Expired:
+            self._verdict_lag(event)
         if log.isEnabledFor(logging.INFO):
             self._log(event, status, record)
-        if status in FINAL and record is not None:
+        if record is not None and status in FINAL:
             del self._open[event.command_id]
-            self._step("issued_final", record, event.at - record.issued_at)
-            metrics.FINALS.labels(status.value, record.command_type, record.priority).inc()
+            record.series.steps[3].observe(_seconds(event.at - record.issued_at))
+            record.series.finals[status].inc()
 
-    def _track(self, event: Event) -> _Command | None:
-        if isinstance(event, Issued):
-            cmd = event.command
-            record = _Command(
-                command_type=cmd.command_type.value,
-                priority=cmd.priority,
-                issued_at=event.at,
-                trace_id=trace_id(cmd.traceparent),
-            )
-            self._open[event.command_id] = record
-            if len(self._open) > self.max_commands:
-                self._open.popitem(last=False)
-            return record
-        return self._open.get(event.command_id)
+    def _track(self, event: Event) -> _Command:
+        assert isinstance(event, Issued)
+        cmd = event.command
+        key = (cmd.command_type.value, cmd.priority)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Series(*key)
+        record = _Command(series=series, issued_at=event.at, trace_id=trace_id(cmd.traceparent))
+        self._open[event.command_id] = record
+        if len(self._open) > self.max_commands:
+            self._open.popitem(last=False)
+        return record
 
-    @staticmethod
-    def _step(step: str, record: _Command, elapsed_ms: int) -> None:
-        metrics.STEP_SECONDS.labels(step, record.command_type, record.priority).observe(
-            max(elapsed_ms, 0) / 1000
-        )
+    def _error(self, status: Status, code: str) -> None:
+        key = (status.value, code if code in KNOWN_CODES else "other")
+        child = self._errors.get(key)
+        if child is None:
+            child = self._errors[key] = metrics.ERRORS.labels(*key)
+        child.inc()
 
     def _verdict_lag(self, event: Event) -> None:
         if isinstance(event, TimedOut) and event.routed_at:
@@ -150,6 +170,10 @@ class LifecycleMetrics:
                 "event_id": event.event_id,
             },
         )
+
+
+def _seconds(elapsed_ms: int) -> float:
+    return elapsed_ms / 1000 if elapsed_ms > 0 else 0.0
 
 
 class ClockOffsets:

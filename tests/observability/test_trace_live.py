@@ -8,12 +8,14 @@ the gateway's transition lines carry the trace id.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from pathlib import Path
 from typing import Any
 
 import pytest
+import websockets
 from test_e2e import cli_output, start_edge, start_site
 from test_metrics_live import run_command
 
@@ -53,6 +55,17 @@ async def test_one_command_yields_one_cross_process_trace(
     body = command(traceparent=f"00-{trace_id}-{dashboard_span}-01")
 
     await run_command(gw, token, body)
+    # A resend with another trace context is the same command, not a reused id.
+    async with websockets.connect(
+        f"{gw.ws}/ws/dashboard", additional_headers={"Authorization": f"Bearer {token}"}
+    ) as ws:
+        await ws.send(
+            json.dumps(
+                {**body, "traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"}
+            )
+        )
+        reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert reply["command_id"] == body["command_id"] and reply["status"] == "executed", reply
 
     def complete() -> list[dict[str, Any]] | None:
         found = spans(traces, trace_id)
