@@ -87,7 +87,15 @@ class LifecycleMetrics:
         return len(self._open)
 
     def observe(self, event: Event) -> None:
-        """Account one lifecycle event (gateway-stage refusals are counted elsewhere)."""
+        """Account one lifecycle event; never raises (the hub must go on broadcasting)."""
+        try:
+            self._observe(event)
+        except Exception:
+            metrics.OBSERVER_ERRORS.labels("lifecycle").inc()
+            log.exception("gateway.metrics.failed event_id=%s", event.event_id)
+
+    def _observe(self, event: Event) -> None:
+        # Gateway-stage refusals are no commands: dispatch_rejections_total counts them.
         kind = type(event)
         if kind is Rejected and event.stage == "gateway":  # type: ignore[attr-defined]
             return

@@ -84,6 +84,8 @@ async def test_one_command_yields_one_cross_process_trace(
     assert {s["service"] for s in found} == {"dispatch-gateway", "dispatch-edge"}
 
     gateway_log = next(p for p in processes.procs if p.name == "gateway").log()
+    not_json = [line for line in gateway_log.splitlines() if not line.startswith("{")]
+    assert not not_json, f"DISPATCH_LOG_FORMAT=json left plain lines: {not_json[:3]}"
     transitions = [
         line
         for line in json_lines(gateway_log)
