@@ -117,12 +117,12 @@ POSTGRES_UP = Gauge(
     "dispatch_postgres_up", "1 when PostgreSQL answered the last probe", registry=REGISTRY
 )
 CLOCK_OFFSET_MAX = Gauge(
-    "dispatch_edge_clock_offset_max_seconds",
+    "dispatch_ack_clock_offset_max_seconds",
     "Largest |edge clock - gateway clock| among edges connected here (from their acks)",
     registry=REGISTRY,
 )
 CLOCK_OFFSET = Gauge(
-    "dispatch_edge_clock_offset_seconds",
+    "dispatch_ack_clock_offset_seconds",
     "Edge clock minus gateway clock from the edge's latest ack (DISPATCH_METRICS_TOP_EDGES > 0)",
     ["edge_id"],
     registry=REGISTRY,
