@@ -34,11 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logformat.configure(verbose=args.verbose)
-    if args.command in tracing.TRACED_COMMANDS:
-        tracing.configure(f"dispatch-{args.command}")
     try:
+        if args.command in tracing.TRACED_COMMANDS:
+            tracing.configure(f"dispatch-{args.command}")
         return int(args.func(args) or 0)
-    except SettingsError as exc:
+    except (SettingsError, tracing.TracingError) as exc:
         print(f"dispatch: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

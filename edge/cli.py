@@ -278,8 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logformat.configure(verbose=args.verbose)
-    if args.command in tracing.TRACED_COMMANDS:
-        tracing.configure(f"dispatch-{args.command}")
+    try:
+        if args.command in tracing.TRACED_COMMANDS:
+            tracing.configure(f"dispatch-{args.command}")
+    except tracing.TracingError as exc:
+        print(f"dispatch: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

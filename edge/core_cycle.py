@@ -171,7 +171,8 @@ class CoreCycle:
             return answer
         answer = ack(cmd.command_id, "accepted")
         self.journal.record(meta, body, answer, plan=_plan_encoder.encode(plan))
-        self._report(cmd.command_id, answer, queued=self._live + 1)
+        trace = tracing.trace_id(cmd.traceparent) or None
+        self._report(cmd.command_id, answer, queued=self._live + 1, trace_id=trace)
         self._seq += 1
         job = Job(cmd=cmd, plan=plan, rank=rank, seq=self._seq, received_mono=time.monotonic())
         if cmd.command_type is CommandType.SETPOINT and isinstance(plan, WritePlan):
@@ -403,7 +404,8 @@ class CoreCycle:
             cancel_override_of=cancel_override_of,
         )
         elapsed_ms = round((time.monotonic() - job.received_mono) * 1000)
-        self._report(job.cmd.command_id, answer, elapsed_ms=elapsed_ms)
+        trace = tracing.trace_id(job.cmd.traceparent) or None
+        self._report(job.cmd.command_id, answer, elapsed_ms=elapsed_ms, trace_id=trace)
         tracing.record(
             "edge.ack", job.cmd.traceparent, start_ns=time.time_ns(), status=answer.status
         )

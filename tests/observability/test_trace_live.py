@@ -101,7 +101,10 @@ async def test_one_command_yields_one_cross_process_trace(
     ]
     assert {t["trace_id"] for t in transitions} == {trace_id}
     edge_log = next(p for p in processes.procs if p.name == "edge").log()
-    assert any(
-        line.get("event") == "command.transition" and line.get("status") == "executed"
+    edge_transitions = [
+        line
         for line in json_lines(edge_log)
-    ), edge_log[-2000:]
+        if line.get("event") == "command.transition" and line["command_id"] == body["command_id"]
+    ]
+    assert [t["status"] for t in edge_transitions] == ["accepted", "executing", "executed"]
+    assert edge_transitions[-1]["trace_id"] == trace_id, edge_log[-2000:]
