@@ -95,13 +95,17 @@ class Observer:
 
     async def observe_once(self) -> None:
         """One round of every probe; each failure is counted and logged, never raised."""
-        for name, probe in (
-            ("redis", self._redis),
-            ("postgres", self._postgres),
-            ("clock_offsets", self._clock_offsets),
+        # Reachability answers within PROBE_TIMEOUT_S or counts as down; reading the
+        # fleet may take longer on a large one (it is not a health check).
+        fleet_timeout_s = max(self.config.interval_s, 10.0)
+        for name, probe, timeout_s in (
+            ("redis", self._redis, PROBE_TIMEOUT_S),
+            ("ledger", self._ledger, fleet_timeout_s),
+            ("postgres", self._postgres, PROBE_TIMEOUT_S * 2),
+            ("clock_offsets", self._clock_offsets, PROBE_TIMEOUT_S),
         ):
             try:
-                await asyncio.wait_for(probe(), timeout=max(PROBE_TIMEOUT_S, 1.0))
+                await asyncio.wait_for(probe(), timeout=timeout_s)
             except Exception as exc:
                 metrics.OBSERVER_ERRORS.labels(name).inc()
                 log.warning("gateway.observer.failed probe=%s error=%s", name, exc or type(exc))
@@ -113,8 +117,11 @@ class Observer:
 
     # -- Redis -----------------------------------------------------------------------------
     async def _redis(self) -> None:
-        seconds, micros = await self.redis.time()
+        await self.redis.ping()
         metrics.REDIS_UP.set(1)
+
+    async def _ledger(self) -> None:
+        seconds, micros = await self.redis.time()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         await self._partitions(now_ms)
         await self._edges()

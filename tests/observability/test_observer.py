@@ -15,7 +15,7 @@ from schemas.commands import Command, EdgeCommand
 from schemas.errors import ErrorObject
 from schemas.events import Issued, Routed, TimedOut
 
-from support import command
+from support import command, free_port
 
 DECODE = msgspec.json.Decoder(Command)
 
@@ -90,3 +90,18 @@ def test_timeouts_count_once_with_their_verdict_lag_and_error_code() -> None:
     assert after[2] - before[2] == 2  # every event with an error counts
     assert round(after[3] - before[3], 3) == 0.55  # 250 ms + 300 ms after the deadline
     assert len(tracker) == 0
+
+
+async def test_unreachable_redis_reads_as_down_and_the_observer_goes_on(ledger: Ledger) -> None:
+    dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
+    observer = Observer(dead, ledger.keys, ObserverConfig())
+    failures = metrics.OBSERVER_ERRORS.labels("redis")
+    before = failures._value.get()
+    metrics.REDIS_UP.set(1)
+    try:
+        await observer.observe_once()  # must not raise
+    finally:
+        await dead.aclose()
+    assert gauge(metrics.REDIS_UP) == 0
+    assert failures._value.get() == before + 1
+    assert observer.rounds == 1
