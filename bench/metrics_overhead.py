@@ -11,10 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import statistics
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
 import uvloop
@@ -39,7 +43,21 @@ class SwitchedBench(Bench):
         return {**super().env, **self.extra}
 
 
-def one_run(lifecycle: bool, args: argparse.Namespace) -> float:
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def admitted(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    match = re.search(r'^dispatch_commands_total\{outcome="admitted"\} (\S+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def one_run(lifecycle: bool, args: argparse.Namespace) -> tuple[float, float]:
+    """Commands/s under load, and the gateway's CPU microseconds per admitted command."""
     # Transition lines off in both: their cost is printed apart (metrics_cpu_per_command).
     switch = {
         "DISPATCH_METRICS_LIFECYCLE": "1" if lifecycle else "0",
@@ -47,13 +65,15 @@ def one_run(lifecycle: bool, args: argparse.Namespace) -> float:
     }
     b = SwitchedBench(extra=switch)
     try:
-        _, port = b.gateway()
+        proc, port = b.gateway()
+        idle_cpu_s = cpu_s(proc.pid)
         rate, _ = uvloop.run(
             measure(b, port, args.edges, args.dashboards, args.window, args.seconds)
         )
+        per_command_us = (cpu_s(proc.pid) - idle_cpu_s) / max(admitted(port), 1) * 1e6
     finally:
         b.close()
-    return rate
+    return rate, per_command_us
 
 
 def main(argv: list[str]) -> int:
@@ -67,14 +87,26 @@ def main(argv: list[str]) -> int:
     raise_fd_limit()
     on: list[float] = []
     off: list[float] = []
+    cpu_on: list[float] = []
+    cpu_off: list[float] = []
     for _ in range(args.rounds):
-        off.append(one_run(False, args))
-        on.append(one_run(True, args))
+        rate, cpu = one_run(False, args)
+        off.append(rate)
+        cpu_off.append(cpu)
+        rate, cpu = one_run(True, args)
+        on.append(rate)
+        cpu_on.append(cpu)
     rate_on, rate_off = statistics.median(on), statistics.median(off)
     detail = f"median of {args.rounds} alternating runs of {args.seconds:.0f} s, 1 gateway"
     print(f"metrics_on_throughput: {rate_on:.0f} commands/s ({detail}; runs {on_list(on)})")
     print(f"metrics_off_throughput: {rate_off:.0f} commands/s ({detail}; runs {on_list(off)})")
     print(f"metrics_overhead_ratio: {rate_on / rate_off:.3f} (on / off; 1.000 = no cost)")
+    gw_on, gw_off = statistics.median(cpu_on), statistics.median(cpu_off)
+    print(
+        f"gateway_cpu_per_command: {gw_on:.0f} us on, {gw_off:.0f} us off "
+        f"(ratio {gw_on / gw_off:.3f}; CPU time of the gateway process under load / commands "
+        "admitted; steadier than throughput on a shared machine)"
+    )
     bare_us, logged_us = cost_per_command_us()
     print(
         f"metrics_cpu_per_command: {bare_us:.1f} us (LifecycleMetrics.observe over 5 events; "
