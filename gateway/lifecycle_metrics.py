@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from dispatch.tracing import enabled as tracing_enabled
 from dispatch.tracing import trace_id
 from gateway import metrics
 from schemas.errors import ErrorCode
@@ -67,7 +68,12 @@ class _Series:
 class _Command:
     series: _Series
     issued_at: int
-    trace_id: str
+    traceparent: str | None  # the gateway's admission span, when tracing was on
+
+    @property
+    def trace_id(self) -> str:
+        return trace_id(self.traceparent)
+
     routed_at: int = 0
     delivered_at: int = 0
     routed_seen: bool = False
@@ -133,11 +139,16 @@ class LifecycleMetrics:
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = _Series(*key)
-        record = _Command(series=series, issued_at=event.at, trace_id=trace_id(cmd.traceparent))
+        record = _Command(series=series, issued_at=event.at, traceparent=cmd.traceparent)
         self._open[event.command_id] = record
         if len(self._open) > self.max_commands:
             self._open.popitem(last=False)
         return record
+
+    def traceparent(self, command_id: str) -> str | None:
+        """The trace context of a command still in flight (None if unknown or untraced)."""
+        record = self._open.get(command_id)
+        return record.traceparent if record is not None else None
 
     def _error(self, status: Status, code: str) -> None:
         key = (status.value, code if code in KNOWN_CODES else "other")
@@ -158,6 +169,7 @@ class LifecycleMetrics:
     @staticmethod
     def _log(event: Event, status: Status, record: _Command | None) -> None:
         err = getattr(event, "error", None)
+        trace = record.trace_id if record is not None else ""
         log.info(
             "command.transition command_id=%s edge_id=%s status=%s elapsed_ms=%s "
             "error=%s trace_id=%s event_id=%s",
@@ -166,7 +178,7 @@ class LifecycleMetrics:
             status.value,
             event.at - record.issued_at if record is not None else "",
             err.code if err is not None else "",
-            record.trace_id if record is not None else "",
+            trace,
             event.event_id,
             extra={
                 "command_id": event.command_id,
@@ -174,7 +186,7 @@ class LifecycleMetrics:
                 "status": status.value,
                 "elapsed_ms": event.at - record.issued_at if record is not None else None,
                 "error_code": err.code if err is not None else None,
-                "trace_id": record.trace_id if record is not None and record.trace_id else None,
+                "trace_id": trace or None,
                 "event_id": event.event_id,
             },
         )
@@ -182,6 +194,13 @@ class LifecycleMetrics:
 
 def _seconds(elapsed_ms: int) -> float:
     return elapsed_ms / 1000 if elapsed_ms > 0 else 0.0
+
+
+def traceparent_of(lifecycle: LifecycleMetrics | None, command_id: str) -> str | None:
+    """The command's trace context for spans of this gateway (None: tracing off/unknown)."""
+    if lifecycle is None or not tracing_enabled():
+        return None
+    return lifecycle.traceparent(command_id)
 
 
 class ClockOffsets:

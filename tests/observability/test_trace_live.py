@@ -23,7 +23,7 @@ from support import DEMO_EDGE, Processes, command, wait_until
 
 pytestmark = pytest.mark.slow
 
-GATEWAY_SPANS = {"dispatch.admit", "dispatch.deliver"}
+GATEWAY_SPANS = {"dispatch.admit", "dispatch.deliver", "dispatch.ack"}
 EDGE_SPANS = {"edge.validate", "edge.queue", "edge.modbus.write", "edge.ack"}
 
 
@@ -80,7 +80,10 @@ async def test_one_command_yields_one_cross_process_trace(
     for name in EDGE_SPANS:
         assert by_name[name]["service"] == "dispatch-edge", name
         assert by_name[name]["parent_span_id"] == admit["span_id"], name
-    assert by_name["dispatch.deliver"]["parent_span_id"] == admit["span_id"]
+    acks = [s for s in found if s["name"] == "dispatch.ack"]
+    assert {s["attributes"]["status"] for s in acks} == {"accepted", "executed"}
+    for name in ("dispatch.deliver", "dispatch.ack"):
+        assert by_name[name]["parent_span_id"] == admit["span_id"], name
     assert {s["service"] for s in found} == {"dispatch-gateway", "dispatch-edge"}
 
     gateway_log = next(p for p in processes.procs if p.name == "gateway").log()
