@@ -77,14 +77,14 @@ def test_timeouts_count_once_with_their_verdict_lag_and_error_code() -> None:
     finals = metrics.FINALS.labels("timed_out", "setpoint", "normal")
     errors = metrics.ERRORS.labels("timed_out", "timeout")
     lag = metrics.VERDICT_LAG.labels("timed_out")
-    before = (step._sum.get(), finals._value.get(), errors._value.get(), lag._sum.get())
+    before = (step.sum, finals._value.get(), errors._value.get(), lag._sum.get())
     tracker = LifecycleMetrics(ack_timeout_ms=10_000)
     timeout = ErrorObject(code="timeout", message="no ack")
     tracker.observe(Issued(at=1_000, event_id="1", command=edge_cmd, digest="d", **head))
     tracker.observe(Routed(at=2_000, event_id="2", gateway="g", **head))
     tracker.observe(TimedOut(at=12_250, event_id="3", error=timeout, routed_at=2_000, **head))
     tracker.observe(TimedOut(at=12_300, event_id="4", error=timeout, routed_at=2_000, **head))
-    after = (step._sum.get(), finals._value.get(), errors._value.get(), lag._sum.get())
+    after = (step.sum, finals._value.get(), errors._value.get(), lag._sum.get())
     assert after[0] - before[0] == 11.25  # issued -> timed_out, counted once
     assert after[1] - before[1] == 1
     assert after[2] - before[2] == 2  # every event with an error counts
