@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Gauge
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from gateway import metrics
@@ -246,7 +247,8 @@ class Observer:
             if row is None or not row[0]:
                 metrics.QUARANTINED.set(-1)
                 return
-            cur = await conn.execute(f'SELECT count(*) FROM "{self.config.schema}".quarantine')
+            count = sql.SQL("SELECT count(*) FROM {}.quarantine")
+            cur = await conn.execute(count.format(sql.Identifier(self.config.schema)))
             counted = await cur.fetchone()
             metrics.QUARANTINED.set(int(counted[0]) if counted else -1)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import msgspec
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from gateway import metrics
@@ -15,7 +17,7 @@ from schemas.commands import Command, EdgeCommand
 from schemas.errors import ErrorObject
 from schemas.events import Issued, Routed, TimedOut
 
-from support import command, free_port
+from support import DATABASE_URL, command, free_port
 
 DECODE = msgspec.json.Decoder(Command)
 
@@ -105,3 +107,32 @@ async def test_unreachable_redis_reads_as_down_and_the_observer_goes_on(ledger: 
     assert gauge(metrics.REDIS_UP) == 0
     assert failures._value.get() == before + 1
     assert observer.rounds == 1
+
+
+async def test_quarantine_is_counted_when_the_table_exists(ledger: Ledger, namespace: str) -> None:
+    pool = AsyncConnectionPool(DATABASE_URL, min_size=1, max_size=1, open=False)
+    await pool.open()
+    observer = Observer(
+        Redis.from_url(ledger.url), ledger.keys, ObserverConfig(schema=namespace), pg=pool
+    )
+    try:
+        await observer.observe_once()
+        assert gauge(metrics.POSTGRES_UP) == 1
+        assert gauge(metrics.QUARANTINED) == -1  # no quarantine table: not known
+        async with pool.connection() as conn:
+            await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(namespace)))
+            await conn.execute(
+                sql.SQL("CREATE TABLE {}.quarantine (entry_id text)").format(
+                    sql.Identifier(namespace)
+                )
+            )
+            await conn.execute(
+                sql.SQL("INSERT INTO {}.quarantine VALUES ('1-0'), ('2-0')").format(
+                    sql.Identifier(namespace)
+                )
+            )
+        await observer.observe_once()
+        assert gauge(metrics.QUARANTINED) == 2
+    finally:
+        await observer.redis.aclose()
+        await pool.close()
