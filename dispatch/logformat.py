@@ -1,9 +1,9 @@
 """Log set-up for every process: plain text for people, JSON lines for log shippers.
 
 `DISPATCH_LOG_FORMAT=json` writes one JSON object per line with `ts`, `level`, `logger`,
-`message`, the fields a line passes in `extra` (e.g. `command_id`, `edge_id`,
-`status`, `elapsed_ms`, `trace_id`), the `key=value` pairs of the message itself, and
-`exc` for a traceback. Anything else (the default, `text`) keeps the plain format.
+`message`, `event` (the dotted first word), the message's own `key=value` pairs as
+string fields (`command_id`, `edge_id`, `status`, `elapsed_ms`, `trace_id`, ...; empty
+ones left out), fields a line passes in `extra`, and `exc` for a traceback. Anything else (the default, `text`) keeps the plain format.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ class JsonFormatter(logging.Formatter):
         if "." in event and "=" not in event:
             line["event"] = event
         for key, raw in _PAIR.findall(message):
-            line.setdefault(key, _unquote(raw))
+            if raw:  # `trace_id=` with nothing after it: the field is absent
+                line.setdefault(key, _unquote(raw))
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_") and value is not None:
                 line[key] = value

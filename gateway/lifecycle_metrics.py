@@ -180,15 +180,6 @@ class LifecycleMetrics:
             err.code if err is not None else "",
             trace,
             event.event_id,
-            extra={
-                "command_id": event.command_id,
-                "edge_id": event.edge_id,
-                "status": status.value,
-                "elapsed_ms": event.at - record.issued_at if record is not None else None,
-                "error_code": err.code if err is not None else None,
-                "trace_id": trace or None,
-                "event_id": event.event_id,
-            },
         )
 
 
