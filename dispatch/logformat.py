@@ -76,4 +76,6 @@ def configure(*, verbose: bool = False, env: Mapping[str, str] | None = None) ->
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    # No format here shows threads or processes: skip looking them up for every record.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
