@@ -64,7 +64,7 @@ async def test_steps_move_and_projector_lag_rises_and_falls(
     wait_until(lambda: lag(gw, "dispatch_postgres_up") == 1, 10, what="PostgreSQL reachable")
     # The projector stores everything: no lag once it caught up.
     wait_until(
-        lambda: lag(gw, "dispatch_projector_lag_entries") == 0, 20, what="the projector to catch up"
+        lambda: lag(gw, "dispatch_projector_lag_entries") == 0, 45, what="the projector to catch up"
     )
 
     projector.stop()
@@ -86,6 +86,6 @@ async def test_steps_move_and_projector_lag_rises_and_falls(
             lag(gw, "dispatch_projector_lag_entries") == 0
             and lag(gw, "dispatch_projector_lag_seconds") == 0
         ),
-        30,
+        45,
         what="projector lag to fall after the projector restarts",
     )
