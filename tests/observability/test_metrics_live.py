@@ -39,6 +39,7 @@ async def test_steps_move_and_projector_lag_rises_and_falls(
 ) -> None:
     processes.env.update(FAST)
     gw = processes.gateway()
+    other = processes.gateway()  # sees the same fleet: its copy must match, not add up
     projector = processes.dispatch("projector", "projector")
     modbus_port, cred = start_site(processes, gw, tmp_path)
     start_edge(processes, gw, modbus_port, cred, tmp_path)
@@ -50,15 +51,25 @@ async def test_steps_move_and_projector_lag_rises_and_falls(
 
     await run_command(gw, token, command(priority="emergency"))
 
-    def final_observed() -> dict[tuple[str, frozenset[tuple[str, str]]], float] | None:
-        now = scrape(gw.http)
-        final = value(now, "dispatch_command_step_seconds_count", step="issued_final", **labels)
-        return now if final else None
+    def final_in(scraped: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> bool:
+        return bool(
+            value(scraped, "dispatch_command_step_seconds_count", step="issued_final", **labels)
+        )
 
-    after = wait_until(final_observed, 10, what="the issued->final step to be observed")
+    def final_observed(at: Gateway) -> dict[tuple[str, frozenset[tuple[str, str]]], float] | None:
+        now = scrape(at.http)
+        return now if final_in(now) else None
+
+    after = wait_until(lambda: final_observed(gw), 10, what="the issued->final step to be observed")
     for step in STEPS:
         assert value(after, "dispatch_command_step_seconds_count", step=step, **labels) == 1, step
     assert value(after, "dispatch_command_finals_total", status="executed", **labels) == 1
+    copy = wait_until(lambda: final_observed(other), 10, what="the other gateway's copy")
+    for step in STEPS:
+        assert value(copy, "dispatch_command_step_seconds_count", step=step, **labels) == 1
+        assert value(copy, "dispatch_command_step_seconds_sum", step=step, **labels) == value(
+            after, "dispatch_command_step_seconds_sum", step=step, **labels
+        ), f"{step}: both gateways compute it from the same Redis timestamps"
     assert value(after, "dispatch_redis_up") == 1
     wait_until(lambda: lag(gw, "dispatch_edges_online") == 1, 10, what="one edge online")
     wait_until(lambda: lag(gw, "dispatch_postgres_up") == 1, 10, what="PostgreSQL reachable")
