@@ -146,9 +146,11 @@ class CommandRecord:
 
 def body_digest(cmd: Command) -> str:
     """Identity of a command body: a reused id with another digest is a duplicate."""
-    if cmd.traceparent is not None:  # trace context is not part of a command's identity
-        cmd = msgspec.structs.replace(cmd, traceparent=None)
-    return hashlib.blake2b(_encode(cmd), digest_size=16).hexdigest()
+    # The trace context is not part of a command's identity: leave the field out, so the
+    # digest is also the one computed before the field existed.
+    fields = msgspec.structs.asdict(cmd)
+    del fields["traceparent"]
+    return hashlib.blake2b(_encode(fields), digest_size=16).hexdigest()
 
 
 def _statuses(values: frozenset[Status]) -> str:
