@@ -46,7 +46,6 @@ FINAL = frozenset(
     }
 )
 KNOWN_CODES = frozenset(code.value for code in ErrorCode)
-UNKNOWN = "unknown"
 
 
 STEPS = ("issued_routed", "routed_delivered", "delivered_executed", "issued_final")
