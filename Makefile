@@ -22,6 +22,7 @@ demo: $(STAMP) services
 test: $(STAMP) services
 	@scripts/browser.sh
 	@scripts/test-tools.sh
+	@scripts/promtool.sh
 	@trap 'scripts/services.sh stop' EXIT; $(BIN)/pytest -q
 
 lint: $(STAMP)

@@ -82,6 +82,14 @@ class Settings:
     projector_database_url: str = ""
     db_role_prefix: str = ""
     audit_retention_days: int = 400
+    # Observability (docs/operations.md "Metrics"): the lifecycle step metrics and the
+    # gateway's transition log lines (which need them), how often each
+    # gateway reads Redis for the fleet gauges, and per-edge series for the N edges with
+    # the longest queues / largest clock offsets (0: no per-edge series at all).
+    metrics_lifecycle: bool = True
+    log_transitions: bool = True  # one `command.transition` line per lifecycle event
+    metrics_interval_s: float = 15.0
+    metrics_top_edges: int = 0
 
     def __post_init__(self) -> None:
         for name, scheme in (
@@ -113,6 +121,15 @@ class Settings:
                 raise SettingsError(
                     f"DISPATCH_{name.upper()} must be positive, got {getattr(self, name)}"
                 )
+        if not 0 < self.metrics_interval_s < float("inf"):
+            raise SettingsError(
+                f"DISPATCH_METRICS_INTERVAL_S={self.metrics_interval_s} must be a positive number of seconds"
+            )
+        if not 0 <= self.metrics_top_edges <= 1000:
+            raise SettingsError(
+                f"DISPATCH_METRICS_TOP_EDGES={self.metrics_top_edges} must be 0..1000: it bounds "
+                "how many per-edge series /metrics carries"
+            )
         if self.port > 65535:
             raise SettingsError(f"DISPATCH_PORT must be at most 65535, got {self.port}")
         if self.socket_send_buffer_bytes < 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,6 +13,8 @@ from dispatch.settings import Settings
 from gateway import api
 from gateway.dashboard import dashboard_endpoint
 from gateway.edges import edge_endpoint
+from gateway.lifecycle_metrics import TRANSITION_LOGGER, LifecycleMetrics
+from gateway.observer import Observer, ObserverConfig
 from gateway.state import GatewayState
 
 
@@ -20,9 +23,16 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = await GatewayState.open(settings)
         app.state.gateway = state
+        if settings.metrics_lifecycle:
+            state.hub.lifecycle = LifecycleMetrics(settings.ack_timeout_ms)
+        if not settings.log_transitions:
+            logging.getLogger(TRANSITION_LOGGER).setLevel(logging.WARNING)
+        observer = observer_for(settings, state)
+        observer.start()
         try:
             yield
         finally:
+            await observer.stop()
             await state.close()
 
     routes = [
@@ -41,3 +51,14 @@ def create_app(settings: Settings) -> Starlette:
         WebSocketRoute("/ws/edge/{edge_id}", edge_endpoint),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+def observer_for(settings: Settings, state: GatewayState) -> Observer:
+    config = ObserverConfig(
+        interval_s=settings.metrics_interval_s,
+        top_edges=settings.metrics_top_edges,
+        schema=settings.namespace,
+    )
+    return Observer(
+        state.redis, state.ledger.keys, config, pg=state.pg, connected_edges=state.hub.edges.keys
+    )

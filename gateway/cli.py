@@ -9,6 +9,7 @@ from typing import Any
 
 import uvicorn
 
+from dispatch import logformat
 from dispatch.settings import Settings
 from gateway.app import create_app
 from gateway.sessions import ws_hard_limit_bytes
@@ -29,6 +30,8 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         port=settings.port,
         log_level=log_level,
         access_log=False,
+        # JSON logs: uvicorn's own lines go through the root handler too (dispatch/logformat.py).
+        log_config=None if logformat.log_format() == "json" else uvicorn.config.LOGGING_CONFIG,
         ws_max_size=ws_hard_limit_bytes(settings.max_message_bytes),
         ws_per_message_deflate=False,  # compression costs ~45 % throughput and opens zip bombs
         ws_ping_interval=20.0,
