@@ -1,0 +1,63 @@
+/** Statuses after which nothing more happens to a command. */
+export const FINAL = new Set([
+    "executed",
+    "failed",
+    "rejected",
+    "expired",
+    "cancelled",
+]);
+// A later status never goes back to an earlier one; a result after `timed_out` or `lost`
+// (marked late) replaces them.
+const RANK = {
+    issued: 0,
+    authorized: 1,
+    queued: 2,
+    routed: 3,
+    delivered: 4,
+    timed_out: 5,
+    lost: 5,
+    executed: 6,
+    failed: 6,
+    rejected: 6,
+    expired: 6,
+    cancelled: 6,
+};
+export function rank(status) {
+    return RANK[status] ?? -1;
+}
+/** True when `next` should replace `current` as the command's current status. */
+export function replaces(current, next) {
+    if (current === undefined)
+        return true;
+    const a = rank(current.status);
+    const b = rank(next.status);
+    if (b !== a)
+        return b > a;
+    return next.at >= current.at;
+}
+/** A failure that is not an operator's concern: a newer setpoint replaced this one. */
+export function isSuperseded(update) {
+    return update.error?.code === "superseded";
+}
+/** The command has its answer: no need to keep the Send button disabled for it. */
+export function answered(status) {
+    return FINAL.has(status) || status === "queued" || status === "timed_out" || status === "lost";
+}
+const CLOSE_WORDS = {
+    1000: "closed normally",
+    1001: "the gateway is shutting down or restarting; reconnecting",
+    1005: "the connection closed without a reason",
+    1006: "the connection was lost (network down, gateway unreachable, or the sign-in was refused)",
+    1007: "the gateway refused a frame that is not UTF-8",
+    1008: "the gateway refused the connection (policy)",
+    1009: "a frame was larger than the gateway accepts",
+    1011: "the gateway hit an internal error",
+    1012: "the gateway is restarting; reconnecting",
+    1013: "the gateway dropped this page because it read too slowly; reconnecting",
+    4001: "another connection replaced this one",
+    4003: "your token expired or was revoked: sign in again",
+};
+/** A WebSocket close code in plain words. */
+export function closeCodeWords(code) {
+    return CLOSE_WORDS[code] ?? `the connection closed (code ${code})`;
+}
