@@ -25,7 +25,7 @@ EDGE = "site1_edge_prod"
 OPERATOR = "operator"
 # The simulated BMS refuses |SetActivePower| above this: a value the edge's own limits
 # (100 kW) let through but the device refuses.
-DEVICE_POWER_LIMIT_W = 40_000
+DEVICE_POWER_LIMIT_W = 60_000
 ROOT = Path(__file__).resolve().parents[2]
 
 
