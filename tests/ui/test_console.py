@@ -6,6 +6,8 @@ later ones build on the edge state the earlier ones leave (online, killed, back)
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from playwright.sync_api import Page, expect
 
@@ -30,8 +32,10 @@ def send_setpoint(page: Page, value: str, unit: str = "kW") -> None:
 
 
 def shot(page: Page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    """Screenshots for the README, refreshed only when asked (DISPATCH_SCREENSHOTS=1)."""
+    if os.environ.get("DISPATCH_SCREENSHOTS") == "1":
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
 def test_sign_in_shows_the_edge_online_and_keeps_the_token_out_of_the_url(
