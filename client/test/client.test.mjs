@@ -126,3 +126,17 @@ test("form checks refuse empty, blank, hex and exponent input in plain words", (
   assert.match(checkChannelValue("100.5", power, "kW").message, /Out of range/);
   assert.match(checkChannelValue("0.0005", power, "kW").message, /steps of 1 W/);
 });
+
+test("the current status never steps back; a late result replaces timed_out", async () => {
+  const { CommandHandle } = await import("../../gateway/static/client/index.js");
+  const handle = new CommandHandle("c1");
+  const at = (s) => `2026-02-15T14:30:${s}Z`;
+  handle.add({ command_id: "c1", status: "routed", at: at("00.100") });
+  handle.add({ command_id: "c1", status: "timed_out", at: at("10.100") });
+  handle.add({ command_id: "c1", status: "delivered", at: at("00.050") }); // arrives late
+  assert.equal(handle.current.status, "timed_out");
+  handle.add({ command_id: "c1", status: "executed", at: at("11.000"), late: true });
+  assert.equal(handle.current.status, "executed");
+  assert.equal(handle.add({ command_id: "c1", status: "executed", at: at("11.000") }), false);
+  assert.deepEqual(handle.updates.map((u) => u.status), ["delivered", "routed", "timed_out", "executed"]);
+});

@@ -707,6 +707,11 @@ function wire() {
   $("h-export").addEventListener("click", exportHistory);
   $("refusals-load").addEventListener("click", loadRefusals);
   onTypeChange();
+  if (location.hash || location.search) {
+    // Old demo links carried the token in the URL: drop it from the address bar and
+    // do not use it (a token in a URL ends up in browser history files).
+    history.replaceState(null, "", location.pathname);
+  }
   const token = sessionStorage.getItem(TOKEN_KEY);
   if (token) signIn(token); else showSignIn("");
 }

@@ -28,6 +28,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         "DISPATCH_PARTITIONS": "4",
         "XDG_STATE_HOME": str(tmp / "state"),
         "PYTHONUNBUFFERED": "1",
+        "DISPATCH_JWT_LEEWAY_S": "0",  # an ended token closes the console's socket at once
     }
     procs = Processes(env, tmp)
     try:

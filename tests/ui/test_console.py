@@ -7,6 +7,7 @@ later ones build on the edge state the earlier ones leave (online, killed, back)
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect
@@ -55,9 +56,17 @@ def test_sign_in_shows_the_edge_online_and_keeps_the_token_out_of_the_url(
 
 
 def test_50_kw_shows_every_step_and_reaches_the_register(page: Page, site: Site) -> None:
+    sent: list[str] = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda f: sent.append(str(f))))
     sign_in(page, site)
-    send_setpoint(page, "50")
+    page.select_option("#f-channel", "bms_main/SetActivePower")
+    page.select_option("#f-unit", "kW")
+    page.fill("#f-value", "50")
+    page.dblclick("#send")  # an impatient double click sends one command
     page.wait_for_selector(row(page, "executed"), timeout=15_000)
+    assert len([f for f in sent if "command_type" in f]) == 1, sent
+    expect(page.locator(row(page))).to_have_count(1)
+    expect(page.locator("#announce")).to_contain_text("executed")
     first = page.locator(row(page, "executed")).first
     expect(first).to_contain_text("setpoint")
     expect(first).to_contain_text("50 kW (50000 W)")
@@ -74,10 +83,10 @@ def test_50_kw_shows_every_step_and_reaches_the_register(page: Page, site: Site)
 def test_empty_blank_hex_and_out_of_range_values_are_blocked_at_the_field(
     page: Page, site: Site
 ) -> None:
-    sign_in(page, site)
-    page.select_option("#f-unit", "kW")
     sent: list[str] = []
     page.on("websocket", lambda ws: ws.on("framesent", lambda f: sent.append(str(f))))
+    sign_in(page, site)
+    page.select_option("#f-unit", "kW")
     for value, words in [
         ("", "Enter a value"),
         ("   ", "Enter a value"),
@@ -94,7 +103,7 @@ def test_empty_blank_hex_and_out_of_range_values_are_blocked_at_the_field(
     page.fill("#f-value", "100")
     expect(page.locator("#f-value-error")).to_be_empty()
     expect(page.locator("#send")).to_be_enabled()
-    assert sent == []
+    assert [f for f in sent if "command_type" in f] == []
 
 
 def test_a_large_value_asks_first_and_the_device_refusal_shows_its_reason(
@@ -157,6 +166,10 @@ def test_reload_keeps_history_and_gateway_restart_fills_the_gap(page: Page, site
     page.reload()
     page.wait_for_selector("#conn[data-state=open]", timeout=15_000)
     expect(page.locator(row(page))).to_have_count(before, timeout=10_000)
+    with page.expect_download() as download:
+        page.click("#h-export")
+    csv = Path(download.value.path()).read_text()
+    assert csv.startswith("command_id,") and csv.count("\n") >= before, csv[:300]
     # The edge goes away; a command waits for it; the gateway restarts meanwhile.
     site.kill_edge()
     send_setpoint(page, "7")
@@ -247,3 +260,10 @@ def test_capability_config_needs_can_view(site: Site) -> None:
         "peak_shaving",
         "balancing",
     ]
+
+
+def test_an_ended_token_signs_out_with_the_reason_in_words(page: Page, site: Site) -> None:
+    sign_in(page, site, user_token("operator", control=[EDGE], ttl_s=4))
+    expect(page.locator("#token-error")).to_contain_text("token expired", timeout=15_000)
+    expect(page.locator("#signin")).to_be_visible()
+    assert page.evaluate("sessionStorage.getItem('dispatch.token')") is None
