@@ -39,6 +39,13 @@ function el(tag, props = {}, ...children) {
   return node;
 }
 
+/** Replace a container's children without losing the keyboard focus inside it. */
+function replaceKeepingFocus(container, children) {
+  const key = document.activeElement?.dataset?.focusKey;
+  container.replaceChildren(...children);
+  if (key) container.querySelector(`[data-focus-key="${CSS.escape(key)}"]`)?.focus();
+}
+
 function announce(text) {
   const region = $("announce");
   region.textContent = "";
@@ -134,6 +141,9 @@ function showConnection(event) {
   conn.dataset.state = event.state;
   if (event.state === "open") {
     conn.textContent = "Connected";
+    // A command sent just before the drop may never be answered on this socket: its row
+    // shows what the ledger says after the re-sync; Send is free again.
+    state.inFlight = null;
     if (state.wasDown) { state.wasDown = false; loadRecent(); }
   } else if (event.state === "connecting") {
     conn.textContent = "Connecting…";
@@ -176,7 +186,7 @@ function renderEdges() {
   const items = [];
   for (const edge of state.edges.values()) {
     const config = state.configs.get(edge.edge_id);
-    const details = el("details", {}, el("summary", { text: "Devices and controllers" }));
+    const details = el("details", {}, el("summary", { text: "Devices and controllers", "data-focus-key": `edge:${edge.edge_id}` }));
     if (config) {
       const ul = el("ul");
       for (const device of config.devices) {
@@ -203,7 +213,7 @@ function renderEdges() {
   const open = new Set([...list.querySelectorAll("li[data-edge]")]
     .filter((li) => li.querySelector("details")?.open).map((li) => li.dataset.edge));
   for (const li of items) if (open.has(li.dataset.edge)) li.querySelector("details").open = true;
-  list.replaceChildren(...items);
+  replaceKeepingFocus(list, items);
   $("edges-empty").hidden = items.length > 0;
   updateFormAccess();
 }
@@ -399,6 +409,10 @@ async function onSend(event) {
   }
   const command = { ...built.command, timestamp: new Date().toISOString() };
   state.inFlight = command.command_id;
+  // Every frame gets an answer; should none come, Send does not stay locked forever.
+  setTimeout(() => {
+    if (state.inFlight === command.command_id) { state.inFlight = null; validate(); }
+  }, 15000);
   let handle;
   try {
     handle = state.client.send(command);
@@ -545,27 +559,29 @@ function renderRows() {
     if (current?.error) statusCell.append(el("span", { class: "reason", text: isSuperseded(current) ? "a newer setpoint replaced it" : current.error.message }));
     const actions = el("td");
     const expand = el("button", { type: "button", class: "secondary", text: row.expanded ? "Hide steps" : "Steps",
-      "aria-expanded": String(row.expanded), "aria-controls": `tl-${row.id}` });
+      "aria-expanded": String(row.expanded), "aria-controls": `tl-${row.id}`, "data-focus-key": `${row.id}:steps` });
     expand.addEventListener("click", () => { row.expanded = !row.expanded; renderRows(); });
     actions.append(expand);
     if (current?.status === "queued" && edge?.can_control) {
-      const cancel = el("button", { type: "button", class: "secondary", text: "Cancel", "aria-label": `Cancel ${describe(row)}` });
+      const cancel = el("button", { type: "button", class: "secondary", text: "Cancel", "aria-label": `Cancel ${describe(row)}`, "data-focus-key": `${row.id}:cancel` });
       cancel.addEventListener("click", () => cancelCommand(row, cancel));
       actions.append(cancel);
     }
+    statusCell.dataset.label = "Status";
+    actions.dataset.label = "";
     const tr = el("tr", { "data-command": row.id, "data-status": status },
-      el("td", { text: c?.command_type ?? h?.command_type ?? "" }),
-      el("td", { text: c ? `${c.target.edge_id} / ${c.target.device_id} / ${c.target.channel}` : h ? `${h.edge_id} / ${h.device_id} / ${h.channel}` : "" }),
-      el("td", { text: c ? showValue(c.value, c.unit) : h ? showValue(h.value, h.unit) : "" }),
-      el("td", { text: (row.actor || "").replace(/^user:/, "") || c?.source || h?.source || "" }),
-      el("td", { text: c?.priority ?? h?.priority ?? "normal" }),
+      el("td", { "data-label": "Type", text: c?.command_type ?? h?.command_type ?? "" }),
+      el("td", { "data-label": "Target", text: c ? `${c.target.edge_id} / ${c.target.device_id} / ${c.target.channel}` : h ? `${h.edge_id} / ${h.device_id} / ${h.channel}` : "" }),
+      el("td", { "data-label": "Value", text: c ? showValue(c.value, c.unit) : h ? showValue(h.value, h.unit) : "" }),
+      el("td", { "data-label": "User", text: (row.actor || "").replace(/^user:/, "") || c?.source || h?.source || "" }),
+      el("td", { "data-label": "Priority", text: c?.priority ?? h?.priority ?? "normal" }),
       statusCell,
-      el("td", { class: "age", "data-at": firstAt(row), text: age(firstAt(row)) }),
+      el("td", { class: "age", "data-label": "Age", "data-at": firstAt(row), text: age(firstAt(row)) }),
       actions);
     trs.push(tr);
     if (row.expanded) trs.push(timelineRow(row));
   }
-  body.replaceChildren(...trs);
+  replaceKeepingFocus(body, trs);
   $("commands-empty").hidden = rows.length > 0;
   renderOverrides();
 }

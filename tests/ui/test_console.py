@@ -80,6 +80,43 @@ def test_50_kw_shows_every_step_and_reaches_the_register(page: Page, site: Site)
     shot(page, "console-executed")
 
 
+def test_forms_follow_the_capabilities_and_work_from_the_keyboard(page: Page, site: Site) -> None:
+    sign_in(page, site)
+    # A controller mode: pickers from the capability config, no free text.
+    page.select_option("#f-type", "mode_change")
+    expect(page.locator("#f-controller option")).to_have_text(["peak shaving", "balancing"])
+    expect(page.locator("#f-mode option")).to_have_text(["disabled", "enabled"])
+    page.select_option("#f-mode", "enabled")
+    page.click("#send")
+    mode = page.locator(row(page)).first
+    expect(mode).to_have_attribute("data-status", "executed", timeout=15_000)
+    expect(mode).to_contain_text("site1_edge_prod / core / peak_shaving")
+    # A restart asks first; Escape keeps it unsent.
+    page.select_option("#f-type", "system")
+    page.select_option("#f-system", "restart")
+    page.focus("#send")
+    page.keyboard.press("Enter")
+    expect(page.locator("#confirm")).to_contain_text("restarts the edge")
+    page.keyboard.press("Escape")
+    expect(page.locator("#confirm")).to_be_hidden()
+    expect(page.locator(row(page))).to_have_count(1)
+    # An override needs its duration (no silent default), then counts down.
+    page.select_option("#f-type", "config_override")
+    page.select_option("#f-channel", "bms_main/MinSoc")
+    page.focus("#f-value")
+    page.keyboard.type("20")
+    page.focus("#f-duration")
+    page.keyboard.press("Tab")
+    expect(page.locator("#f-duration-error")).to_contain_text("Enter the duration")
+    expect(page.locator("#send")).to_be_disabled()
+    page.focus("#f-duration")
+    page.keyboard.type("1")
+    page.keyboard.press("Enter")
+    override = page.locator(row(page)).first
+    expect(override).to_have_attribute("data-status", "executed", timeout=15_000)
+    expect(page.locator("#overrides li")).to_contain_text("MinSoc = 20 %: ends in 0 min")
+
+
 def test_empty_blank_hex_and_out_of_range_values_are_blocked_at_the_field(
     page: Page, site: Site
 ) -> None:
@@ -246,6 +283,8 @@ def test_page_responses_carry_the_security_headers(site: Site) -> None:
         assert "unsafe-inline" not in csp
         assert headers["x-content-type-options"] == "nosniff"
         assert headers["referrer-policy"] == "no-referrer"
+    status, icon_headers, _ = http("GET", site.url + "/static/favicon.svg")
+    assert status == 200 and icon_headers["content-type"].startswith("image/svg+xml")
     _, page_headers, body = http("GET", site.url + "/")
     assert page_headers["cache-control"] == "no-store"
     assert "<script>" not in str(body)  # no inline script
