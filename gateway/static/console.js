@@ -499,12 +499,16 @@ async function loadRecent() {
   try {
     const page = await state.client.rest.history({ limit: HISTORY_ROWS });
     for (const r of page.rows) {
-      const row = state.rows.get(r.command_id) ?? upsertRow(r.command_id, {});
-      row.history = r;
-      if (!row.actor) row.actor = r.actor ?? "";
+      const known = state.rows.get(r.command_id);
+      const row = upsertRow(r.command_id, { history: r, actor: known?.actor || r.actor || "" });
       if (!FINAL.has(r.status)) state.client.track(r.command_id);
+      if (r.command_type === "config_override" && r.status === "executed" && !row.fetched) {
+        fetchCommand(row); // its duration, for the active overrides' countdown
+      }
     }
-    const open = page.rows.filter((r) => !FINAL.has(r.status)).map((r) => r.command_id);
+    const open = page.rows
+      .filter((r) => !FINAL.has(r.status) || r.command_type === "config_override")
+      .map((r) => r.command_id);
     // The projection may lag: the ledger has the truth for the unfinished ones.
     await state.client.resync(open);
   } catch {
