@@ -25,6 +25,14 @@ needs_npm = pytest.mark.skipif(
 )
 
 
+def websocket_flag() -> list[str]:
+    """Node 20 has a global WebSocket only behind a flag; Node 22 and later always."""
+    probe = subprocess.run(
+        ["node", "-e", "process.exit(typeof WebSocket === 'undefined' ? 1 : 0)"], check=False
+    )
+    return [] if probe.returncode == 0 else ["--experimental-websocket"]
+
+
 def test_committed_typescript_types_are_current() -> None:
     committed = (CLIENT / "src" / "types.ts").read_text()
     assert committed == typescript.render(), (
@@ -82,7 +90,7 @@ def test_node_suite_passes_against_the_real_gateway(processes: Processes) -> Non
 
     wait_until(online, 20, what="the edge agent online")
     run = subprocess.run(
-        ["node", "--experimental-websocket", "--test", "--test-reporter=tap", "test/"],
+        ["node", *websocket_flag(), "--test", "--test-reporter=tap", "test/"],
         check=False,
         cwd=CLIENT,
         env={
