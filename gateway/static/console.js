@@ -689,6 +689,11 @@ async function loadRefusals() {
   $("refusals-error").textContent = "";
   try {
     const page = await state.client.rest.rejections({ limit: HISTORY_ROWS });
+    if (page.rows.length === 0) {
+      $("refusals").tBodies[0].replaceChildren(el("tr", {}, el("td", { colSpan: 5,
+        text: "No refusal is recorded for the edges you may view." })));
+      return;
+    }
     $("refusals").tBodies[0].replaceChildren(...page.rows.map((r) => el("tr", {},
       el("td", { text: clock(String(r.at ?? "")) }),
       el("td", { text: String(r.actor ?? "") }),

@@ -207,6 +207,12 @@ def test_reload_keeps_history_and_gateway_restart_fills_the_gap(page: Page, site
     page.wait_for_selector("#conn[data-state=open]", timeout=15_000)
     for command_id in before:  # mine: sent from this tab, and the history of the user
         expect(page.locator(f"#commands tr[data-command='{command_id}']")).to_be_visible()
+    page.select_option("#h-status", "cancelled")
+    page.click("#history-form button[type=submit]")
+    cancelled = page.locator("#history tbody tr")
+    expect(cancelled.first).to_contain_text("cancelled")
+    assert all("cancelled" in t for t in cancelled.all_inner_texts())
+    page.select_option("#h-status", "")
     with page.expect_download() as download:
         page.click("#h-export")
     csv = Path(download.value.path()).read_text()
@@ -243,6 +249,10 @@ def test_view_only_user_sees_the_form_disabled(page: Page, site: Site) -> None:
     expect(page.locator("#send")).to_be_disabled()
     page.get_by_label("All").check()
     expect(page.locator(row(page)).first).to_be_visible(timeout=10_000)
+    expect(page.locator(f"{row(page)} button", has_text="Cancel")).to_have_count(0)
+    page.click("#refusals-load")
+    expect(page.locator("#refusals tbody tr").first).to_be_visible()
+    expect(page.locator("#refusals-error")).to_be_empty()
 
 
 def test_phone_width_has_no_horizontal_scroll(page: Page, site: Site) -> None:
