@@ -316,7 +316,7 @@ def test_capability_config_needs_can_view(site: Site) -> None:
 
 
 def test_an_ended_token_signs_out_with_the_reason_in_words(page: Page, site: Site) -> None:
-    sign_in(page, site, user_token("operator", control=[EDGE], ttl_s=4))
+    sign_in(page, site, user_token("operator", control=[EDGE], ttl_s=6))
     expect(page.locator("#token-error")).to_contain_text("token expired", timeout=15_000)
     expect(page.locator("#signin")).to_be_visible()
     assert page.evaluate("sessionStorage.getItem('dispatch.token')") is None
