@@ -158,7 +158,8 @@ def test_a_large_value_asks_first_and_the_device_refusal_shows_its_reason(
     page.click("#confirm-yes")
     failed = page.locator(row(page, "failed")).first
     expect(failed).to_be_visible(timeout=15_000)
-    expect(failed.locator(".reason")).to_contain_text("the device refused")
+    expect(failed.locator(".reason")).to_contain_text("The device refused or failed the write.")
+    expect(failed.locator(".reason")).to_contain_text("Modbus exception 3")
     expect(failed).to_contain_text("emergency")
     # The emergency flag does not stick to the next command.
     expect(page.locator("#f-emergency")).not_to_be_checked()

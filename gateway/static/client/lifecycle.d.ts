@@ -10,3 +10,8 @@ export declare function isSuperseded(update: StatusUpdate): boolean;
 export declare function answered(status: string): boolean;
 /** A WebSocket close code in plain words. */
 export declare function closeCodeWords(code: number): string;
+/** An error in plain words, followed by the gateway's or edge's detail. */
+export declare function errorWords(error: {
+    code: string;
+    message: string;
+}): string;

@@ -61,3 +61,40 @@ const CLOSE_WORDS = {
 export function closeCodeWords(code) {
     return CLOSE_WORDS[code] ?? `the connection closed (code ${code})`;
 }
+const ERROR_WORDS = {
+    malformed_json: "The gateway could not read the command",
+    invalid_command: "The command's format was refused",
+    too_large: "The command is too large",
+    unauthenticated: "Your sign-in is no longer valid",
+    forbidden: "You may not control this edge",
+    rate_limited: "Too many commands: wait a moment",
+    unknown_edge: "The edge is not enrolled",
+    duplicate: "This command id was already used for another command",
+    expired: "It expired before the edge could run it",
+    clock_skew: "This computer's clock is ahead of the gateway's",
+    unavailable: "The gateway's store did not answer: try again",
+    not_cancellable: "Too late to cancel: it was already sent",
+    unknown_device: "The edge has no such device",
+    unknown_channel: "The device has no such channel",
+    not_writable: "This channel is read-only",
+    out_of_range: "Outside the channel's limits",
+    wrong_type: "The value has the wrong type for this channel",
+    wrong_unit: "The edge cannot convert this unit",
+    unknown_controller: "The edge has no such controller",
+    unknown_mode: "The controller has no such mode",
+    wrong_target: "This command type does not apply to that target",
+    edge_busy: "The edge's queue is full: try again",
+    device_error: "The device refused or failed the write",
+    device_timeout: "The device did not answer",
+    readback_mismatch: "The device reads back another value",
+    outcome_unknown: "Unknown whether the device took the value: check it",
+    interrupted: "The edge stopped while running it",
+    timeout: "No answer from the edge within 10 s",
+    cancelled: "Cancelled before it was sent",
+    lost: "Its delivery record vanished: check the device",
+};
+/** An error in plain words, followed by the gateway's or edge's detail. */
+export function errorWords(error) {
+    const words = ERROR_WORDS[error.code];
+    return words ? `${words}. ${error.message}` : error.message;
+}

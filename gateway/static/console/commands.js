@@ -1,6 +1,6 @@
 // One row per command with its current status and timeline; cancel; active overrides;
 // re-sync after a reload.
-import { FINAL, answered, isSuperseded } from "../client/index.js";
+import { FINAL, answered, errorWords, isSuperseded } from "../client/index.js";
 import { SENT_KEY, HISTORY_ROWS, state } from "./state.js";
 import { el, replaceKeepingFocus, announce, age, clock, showValue, $ } from "./dom.js";
 import { validate } from "./form.js";
@@ -95,7 +95,7 @@ export function statusWords(update) {
   if (isSuperseded(update)) return "superseded by a newer setpoint";
   let text = update.status.replace("_", " ");
   if (update.late) text += " (late)";
-  if (update.error && !isSuperseded(update)) text += `: ${update.error.message}`;
+  if (update.error && !isSuperseded(update)) text += `: ${errorWords(update.error)}`;
   return text;
 }
 
@@ -125,7 +125,7 @@ export function renderRows() {
     const status = current ? (isSuperseded(current) ? "superseded" : current.status) : "sent";
     const edge = state.edges.get(c?.target.edge_id ?? h?.edge_id);
     const statusCell = el("td", { class: `st st-${status}` }, el("span", { text: status.replace("_", " ") + (current?.late ? " (late)" : "") }));
-    if (current?.error) statusCell.append(el("span", { class: "reason", text: isSuperseded(current) ? "a newer setpoint replaced it" : current.error.message }));
+    if (current?.error) statusCell.append(el("span", { class: "reason", text: isSuperseded(current) ? "a newer setpoint replaced it" : errorWords(current.error) }));
     const actions = el("td");
     const expand = el("button", { type: "button", class: "secondary", text: row.expanded ? "Hide steps" : "Steps",
       "aria-expanded": String(row.expanded), "aria-controls": `tl-${row.id}`, "data-focus-key": `${row.id}:steps` });
