@@ -176,6 +176,8 @@ def test_killed_edge_shows_offline_and_queued_commands_run_when_it_returns(
     queued = page.locator(row(page, "queued")).first
     expect(queued).to_be_visible(timeout=10_000)
     kept = queued.get_attribute("data-command")
+    meta = page.locator(f"#edges li[data-edge={EDGE}] .edge-meta")
+    expect(meta).to_contain_text("queue 1", timeout=5_000)
     # A second one, for another channel, is cancelled while it waits.
     page.select_option("#f-channel", "bms_main/MinSoc")
     expect(page.locator("#f-unit option")).to_have_text(["%"])
