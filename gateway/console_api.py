@@ -47,46 +47,49 @@ async def me(request: Request, user: User) -> Response:
 async def list_edges(request: Request, user: User) -> Response:
     """The enrolled edges the user may view, with presence and queue depth."""
     state = _state(request)
-    enrolled = sorted(
-        e.decode() if isinstance(e, bytes) else str(e)
-        for e in await state.redis.smembers(state.ledger.keys.edges())
-    )
+    keys = state.ledger.keys
+    enrolled = sorted(_text(e) for e in await state.redis.smembers(keys.edges()))
     visible = await state.grants.visible_edges(user)
+    shown = [e for e in enrolled if visible is None or e in visible]
+    # One round trip for all of them: the console polls this every few seconds.
+    pipe = state.redis.pipeline(transaction=False)
+    for edge_id in shown:
+        pipe.pttl(keys.presence(edge_id))
+        pipe.xinfo_groups(keys.edge_stream(edge_id))
+    replies = await pipe.execute(raise_on_error=False) if shown else []
     edges = [
-        await _edge_summary(state, user, e) for e in enrolled if visible is None or e in visible
+        {
+            "edge_id": edge_id,
+            **_presence(state, replies[2 * i]),
+            "queue_depth": _queue_depth(replies[2 * i + 1]),
+            "can_control": await state.grants.allows(user, edge_id, CAN_CONTROL) is not None,
+        }
+        for i, edge_id in enumerate(shown)
     ]
     return JSONResponse({"edges": edges})
 
 
-async def _edge_summary(state: GatewayState, user: User, edge_id: str) -> dict[str, Any]:
-    keys = state.ledger.keys
-    ttl_ms = int(await state.redis.pttl(keys.presence(edge_id)))
-    online = ttl_ms > 0
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _presence(state: GatewayState, ttl_ms: Any) -> dict[str, Any]:
+    online = isinstance(ttl_ms, int) and ttl_ms > 0
     # The gateway holding the edge refreshes its presence every third of the TTL: the
-    # TTL left says when it last did (when the edge was last seen alive).
+    # TTL left says when it last did, i.e. when the edge was last seen alive.
     last_seen: str | None = None
     if online:
         age_s = max(0.0, (state.settings.presence_ttl_ms - ttl_ms) / 1000)
         last_seen = _iso(time.time() - age_s)
-    return {
-        "edge_id": edge_id,
-        "online": online,
-        "last_seen": last_seen,
-        "queue_depth": await _queue_depth(state, edge_id),
-        "can_control": await state.grants.allows(user, edge_id, CAN_CONTROL) is not None,
-        "config_version": None,
-    }
+    return {"online": online, "last_seen": last_seen}
 
 
-async def _queue_depth(state: GatewayState, edge_id: str) -> int | None:
+def _queue_depth(groups: Any) -> int | None:
     """Entries of the edge's stream not yet handed to it (None when Redis cannot tell)."""
-    try:
-        groups = await state.redis.xinfo_groups(state.ledger.keys.edge_stream(edge_id))
-    except Exception:  # no stream yet: nothing was ever sent to this edge
+    if isinstance(groups, Exception):  # no stream yet: nothing was ever sent to this edge
         return 0
     for group in groups:
-        name = group.get("name")
-        if (name.decode() if isinstance(name, bytes) else name) == EDGE_GROUP:
+        if _text(group.get("name")) == EDGE_GROUP:
             lag = group.get("lag")
             return None if lag is None else int(lag)
     return 0

@@ -67,7 +67,6 @@ export interface EdgeSummary {
   last_seen: string | null;
   queue_depth: number | null;
   can_control: boolean;
-  config_version: string | null;
 }
 
 export interface ChannelConfig {
