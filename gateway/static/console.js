@@ -26,13 +26,18 @@ async function signIn(token) {
   try {
     me = await client.rest.me();
   } catch (err) {
-    sessionStorage.removeItem(TOKEN_KEY);
-    const why = err instanceof GatewayError && err.status === 401
-      ? `The gateway refused this token: ${err.message}`
-      : `The gateway could not be reached (${err.message}). Try again.`;
-    showSignIn(why);
+    if (err instanceof GatewayError && err.status === 401) {
+      sessionStorage.removeItem(TOKEN_KEY);
+      showSignIn(`The gateway refused this token: ${err.message}`);
+      return;
+    }
+    // The gateway is away (restarting?): keep the token and try again by ourselves.
+    sessionStorage.setItem(TOKEN_KEY, token);
+    showSignIn(`The gateway could not be reached (${err.message}); trying again every 3 s.`);
+    state.retry = setTimeout(() => signIn(token), 3000);
     return;
   }
+  clearTimeout(state.retry);
   sessionStorage.setItem(TOKEN_KEY, token);
   state.client = client;
   state.me = me;
@@ -99,6 +104,7 @@ function showConnection(event) {
 function wire() {
   $("signin-form").addEventListener("submit", (event) => {
     event.preventDefault();
+    clearTimeout(state.retry);
     const token = $("token").value.trim();
     if (!token) { $("token-error").textContent = "Paste your access token first."; $("token").setAttribute("aria-invalid", "true"); return; }
     signIn(token);

@@ -16,4 +16,5 @@ export const state = {
   scope: "mine",
   inFlight: null,        // command id whose answer Send waits for
   timers: [],
+  retry: undefined,      // the next sign-in attempt while the gateway is unreachable
 };
