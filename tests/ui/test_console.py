@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
-from console_kit import EDGE, ROOT, Site, sign_in
-from support import http, user_token, wait_until
+from console_kit import EDGE, OPERATOR, ROOT, Site, sign_in
+from support import command, http, user_token, wait_until
 
 pytestmark = pytest.mark.slow
 SHOTS = ROOT / "docs" / "screenshots"
@@ -245,13 +245,23 @@ def test_reload_keeps_history_and_gateway_restart_fills_the_gap(page: Page, site
 
 
 def test_view_only_user_sees_the_form_disabled(page: Page, site: Site) -> None:
+    body = command(value=1000, source=OPERATOR)
+    status, _, _ = http("POST", f"{site.url}/api/commands", site.operator_token(), body)
+    assert status == 202
+
+    def projected() -> bool:
+        _, _, listing = http("GET", f"{site.url}/api/commands?limit=20", site.viewer_token())
+        return any(r["command_id"] == body["command_id"] for r in listing["commands"])
+
+    wait_until(projected, 15, what="the operator's command in the audit history")
     sign_in(page, site, site.viewer_token())
     expect(page.locator("#send-readonly")).to_be_visible()
     expect(page.locator("#f-value")).to_be_disabled()
     expect(page.locator("#f-type")).to_be_disabled()
     expect(page.locator("#send")).to_be_disabled()
     page.get_by_label("All").check()
-    expect(page.locator(row(page)).first).to_be_visible(timeout=10_000)
+    seen = page.locator(f"#commands tr[data-command='{body['command_id']}']")
+    expect(seen).to_contain_text("operator", timeout=10_000)
     expect(page.locator(f"{row(page)} button", has_text="Cancel")).to_have_count(0)
     page.click("#refusals-load")
     expect(page.locator("#refusals tbody tr").first).to_be_visible()
