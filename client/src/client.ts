@@ -4,6 +4,9 @@ import { answered, closeCodeWords, FINAL, replaces } from "./lifecycle.js";
 import { GatewayError, Rest } from "./rest.js";
 import type { Command, StatusUpdate, Subscribed } from "./types.js";
 
+/** At most this many commands are re-subscribed and re-read after a reconnect. */
+export const RESYNC_LIMIT = 256;
+
 export type ConnectionState = "connecting" | "open" | "reconnecting" | "closed";
 
 export interface ConnectionEvent {
@@ -195,7 +198,12 @@ export class DispatchClient {
 
   /** Re-read the tracked, unfinished commands from the ledger (after a gap). */
   async resync(ids?: string[]): Promise<void> {
-    const wanted = ids ?? [...this.tracked.values()].filter((h) => !h.final).map((h) => h.commandId);
+    const wanted =
+      ids ??
+      [...this.tracked.values()]
+        .filter((h) => !h.final)
+        .map((h) => h.commandId)
+        .slice(-RESYNC_LIMIT);
     const read = await Promise.all(
       wanted.map(async (id) => {
         try {
@@ -247,12 +255,17 @@ export class DispatchClient {
   }
 
   private async afterOpen(socket: WebSocket): Promise<void> {
-    const pending = [...this.tracked.values()].filter((h) => !h.final).map((h) => h.commandId);
+    // The newest unfinished commands (a console follows a few; a fleet's backlog stays
+    // in the history view rather than costing a ledger read each on every reconnect).
+    const pending = [...this.tracked.values()]
+      .filter((h) => !h.final)
+      .map((h) => h.commandId)
+      .slice(-RESYNC_LIMIT);
     if (pending.length === 0) return;
     // Ask the gateway to follow them again; the ledger fills the gap either way (a
     // gateway without `subscribe` answers it with a refusal the client swallows).
     this.subscribePending = true;
-    socket.send(JSON.stringify({ type: "subscribe", command_ids: pending.slice(0, 256) }));
+    socket.send(JSON.stringify({ type: "subscribe", command_ids: pending }));
     await this.resync(pending);
   }
 

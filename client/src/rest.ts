@@ -150,11 +150,8 @@ export class Rest {
     return this.json("GET", `/api/commands/${encodeURIComponent(commandId)}`);
   }
 
-  cancel(commandId: string): Promise<StatusUpdate> {
-    return this.cancelAnswer(commandId);
-  }
-
-  private async cancelAnswer(commandId: string): Promise<StatusUpdate> {
+  /** The gateway's answer to a cancel: `cancelled`, or why not (`not_cancellable`...). */
+  async cancel(commandId: string): Promise<StatusUpdate> {
     const response = await this.fetchImpl(
       `${this.baseUrl}/api/commands/${encodeURIComponent(commandId)}/cancel`,
       { method: "POST", headers: { Authorization: `Bearer ${this.token()}` } },

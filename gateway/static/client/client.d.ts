@@ -1,5 +1,7 @@
 import { Rest } from "./rest.js";
 import type { Command, StatusUpdate } from "./types.js";
+/** At most this many commands are re-subscribed and re-read after a reconnect. */
+export declare const RESYNC_LIMIT = 256;
 export type ConnectionState = "connecting" | "open" | "reconnecting" | "closed";
 export interface ConnectionEvent {
     state: ConnectionState;

@@ -2,6 +2,8 @@
 // lifecycle, reconnect with backoff and fill the gap from the ledger.
 import { answered, closeCodeWords, FINAL, replaces } from "./lifecycle.js";
 import { GatewayError, Rest } from "./rest.js";
+/** At most this many commands are re-subscribed and re-read after a reconnect. */
+export const RESYNC_LIMIT = 256;
 /** One command this client follows: every status as it arrives, and the current one. */
 export class CommandHandle {
     commandId;
@@ -157,7 +159,11 @@ export class DispatchClient {
     }
     /** Re-read the tracked, unfinished commands from the ledger (after a gap). */
     async resync(ids) {
-        const wanted = ids ?? [...this.tracked.values()].filter((h) => !h.final).map((h) => h.commandId);
+        const wanted = ids ??
+            [...this.tracked.values()]
+                .filter((h) => !h.final)
+                .map((h) => h.commandId)
+                .slice(-RESYNC_LIMIT);
         const read = await Promise.all(wanted.map(async (id) => {
             try {
                 const view = await this.rest.command(id);
@@ -210,13 +216,18 @@ export class DispatchClient {
         };
     }
     async afterOpen(socket) {
-        const pending = [...this.tracked.values()].filter((h) => !h.final).map((h) => h.commandId);
+        // The newest unfinished commands (a console follows a few; a fleet's backlog stays
+        // in the history view rather than costing a ledger read each on every reconnect).
+        const pending = [...this.tracked.values()]
+            .filter((h) => !h.final)
+            .map((h) => h.commandId)
+            .slice(-RESYNC_LIMIT);
         if (pending.length === 0)
             return;
         // Ask the gateway to follow them again; the ledger fills the gap either way (a
         // gateway without `subscribe` answers it with a refusal the client swallows).
         this.subscribePending = true;
-        socket.send(JSON.stringify({ type: "subscribe", command_ids: pending.slice(0, 256) }));
+        socket.send(JSON.stringify({ type: "subscribe", command_ids: pending }));
         await this.resync(pending);
     }
     retry(code) {

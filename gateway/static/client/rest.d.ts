@@ -94,8 +94,8 @@ export declare class Rest {
     edges(): Promise<EdgeSummary[]>;
     capabilities(edgeId: string): Promise<SiteConfig>;
     command(commandId: string): Promise<CommandView>;
+    /** The gateway's answer to a cancel: `cancelled`, or why not (`not_cancellable`...). */
     cancel(commandId: string): Promise<StatusUpdate>;
-    private cancelAnswer;
     history(params?: HistoryQuery): Promise<Page<HistoryRow>>;
     rejections(params?: RefusalQuery): Promise<Page<Record<string, unknown>>>;
     /** Every matching history row as CSV text (the gateway streams the export). */

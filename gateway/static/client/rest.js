@@ -63,10 +63,8 @@ export class Rest {
     command(commandId) {
         return this.json("GET", `/api/commands/${encodeURIComponent(commandId)}`);
     }
-    cancel(commandId) {
-        return this.cancelAnswer(commandId);
-    }
-    async cancelAnswer(commandId) {
+    /** The gateway's answer to a cancel: `cancelled`, or why not (`not_cancellable`...). */
+    async cancel(commandId) {
         const response = await this.fetchImpl(`${this.baseUrl}/api/commands/${encodeURIComponent(commandId)}/cancel`, { method: "POST", headers: { Authorization: `Bearer ${this.token()}` } });
         // Every answer (cancelled, not_cancellable, unknown_command...) is a status update.
         return (await response.json());
