@@ -7,12 +7,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Route, WebSocketRoute
 
 from dispatch.settings import Settings
-from gateway import api
+from gateway import api, console_api
 from gateway.dashboard import dashboard_endpoint
 from gateway.edges import edge_endpoint
+from gateway.headers import SecurityHeaders
 from gateway.lifecycle_metrics import TRANSITION_LOGGER, LifecycleMetrics
 from gateway.observer import Observer, ObserverConfig
 from gateway.state import GatewayState
@@ -49,8 +51,9 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/edges/{edge_id}/config", api.edge_config, methods=["GET"]),
         WebSocketRoute("/ws/dashboard", dashboard_endpoint),
         WebSocketRoute("/ws/edge/{edge_id}", edge_endpoint),
+        *console_api.routes(),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(SecurityHeaders)])
 
 
 def observer_for(settings: Settings, state: GatewayState) -> Observer:
