@@ -6,23 +6,29 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Route, WebSocketRoute
 
 from dispatch.settings import Settings
 from gateway import api
+from gateway.admission import Admission, AdmissionLimits, AdmissionMiddleware
 from gateway.dashboard import dashboard_endpoint
 from gateway.edges import edge_endpoint
 from gateway.state import GatewayState
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, admission: Admission | None = None) -> Starlette:
+    admission = admission or Admission(AdmissionLimits())
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = await GatewayState.open(settings)
         app.state.gateway = state
+        admission.attach(state.ledger.record_rejection)  # refusals go to the audit stream
         try:
             yield
         finally:
+            await admission.close()
             await state.close()
 
     routes = [
@@ -39,4 +45,10 @@ def create_app(settings: Settings) -> Starlette:
         WebSocketRoute("/ws/dashboard", dashboard_endpoint),
         WebSocketRoute("/ws/edge/{edge_id}", edge_endpoint),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(AdmissionMiddleware, admission=admission)],
+    )
+    app.state.admission = admission
+    return app

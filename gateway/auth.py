@@ -12,6 +12,7 @@ checking a token is a refusal.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -92,6 +93,7 @@ class AuthConfig:
     leeway_s: int = 10
     max_lifetime_s: int = 7 * 86_400
     edge_max_lifetime_s: int = 2 * 366 * 86_400
+    hmac_key_id: str = ""  # the only `kid` an HS256 user token may carry ("" = none)
 
 
 def signing_key(secret: str) -> OctKey:
@@ -134,6 +136,37 @@ def claimed(token: str | None) -> str:
         return f"unreadable token of {len(token)} characters"
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise AuthError(
+                f"token refused: member {key[:40]!r} appears twice in the token's JSON; "
+                "a parser that keeps the first and one that keeps the last would disagree"
+            )
+        seen[key] = value
+    return seen
+
+
+def check_unique_members(token: str) -> None:
+    """Refuse a token whose header or payload repeats a JSON member (ambiguous claims)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return  # not compact JWS: the decoder refuses it with its own message
+    for segment in parts[:2]:
+        padded = segment + "=" * (-len(segment) % 4)
+        try:
+            text = base64.urlsafe_b64decode(padded.encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            return  # the decoder refuses bad base64 itself
+        try:
+            json.loads(text, object_pairs_hook=_unique_keys)
+        except AuthError:
+            raise
+        except ValueError:
+            return
+
+
 def _edges(value: Any, claim: str) -> frozenset[str]:
     if value is None:
         return frozenset()
@@ -173,7 +206,9 @@ class Authenticator:
     def leeway_s(self) -> int:
         return self.config.leeway_s
 
-    async def _key(self, header: dict[str, Any], allowed: tuple[str, ...]) -> tuple[str, Any]:
+    async def _key(
+        self, header: dict[str, Any], allowed: tuple[str, ...], *, edge: bool
+    ) -> tuple[str, Any]:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in allowed:
             raise AuthError(
@@ -181,6 +216,17 @@ class Authenticator:
                 f"(accepted: {', '.join(allowed)})"
             )
         if alg == HMAC_ALGORITHM:
+            kid = header.get("kid")
+            expected = "" if edge else self.config.hmac_key_id
+            if kid is not None and (not expected or kid != expected):
+                raise AuthError(
+                    f"token refused: unknown kid {str(kid)[:64]!r} for HS256 "
+                    + (
+                        f"(the configured key id is {expected!r})"
+                        if expected
+                        else "(none is configured)"
+                    )
+                )
             return alg, None  # the caller's own secret
         if self.jwks is None:
             raise AuthError(f"token refused: no key set is configured for {alg}")
@@ -202,9 +248,10 @@ class Authenticator:
         try:
             if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
                 raise AuthError(f"token refused: longer than {MAX_TOKEN_BYTES} bytes")
+            check_unique_members(token)
             header = jws.extract_compact(token.encode()).headers()
             allowed = (HMAC_ALGORITHM,) if edge else cfg.algorithms
-            alg, key = await self._key(header, allowed)
+            alg, key = await self._key(header, allowed, edge=edge)
             if key is None:
                 key = self._edge_key if edge else self._user_key
             decoded = jwt.decode(token, key, algorithms=[alg], registry=self._registries[alg])

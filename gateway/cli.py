@@ -10,7 +10,10 @@ from typing import Any
 import uvicorn
 
 from dispatch.settings import Settings
+from gateway import logfilter
+from gateway.admission import Admission, AdmissionLimits
 from gateway.app import create_app
+from gateway.http_limits import AnsweringWebSocketProtocol, HeadLimits, limited_protocol
 from gateway.sessions import ws_hard_limit_bytes
 
 
@@ -21,14 +24,39 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def admission_limits(settings: Settings) -> AdmissionLimits:
+    return AdmissionLimits(
+        refusals_per_s=settings.handshake_refusals_per_s,
+        refusal_burst=settings.handshake_refusal_burst,
+        summary_window_s=settings.handshake_summary_window_s,
+        max_sockets_per_user=settings.max_sockets_per_user,
+    )
+
+
+def head_limits(settings: Settings) -> HeadLimits:
+    return HeadLimits(
+        max_line_bytes=settings.http_max_line_bytes,
+        max_head_bytes=settings.http_max_head_bytes,
+        max_headers=settings.http_max_headers,
+        timeout_s=settings.handshake_timeout_s,
+    )
+
+
 def serve(settings: Settings, *, log_level: str = "info") -> None:
     raise_fd_limit()
+    admission = Admission(admission_limits(settings))
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, admission),
         host=settings.host,
         port=settings.port,
         log_level=log_level,
         access_log=False,
+        # Our own protocols: bounded request heads (431/408) and answered refusals.
+        http=limited_protocol(head_limits(settings), admission),
+        ws=AnsweringWebSocketProtocol,
+        # X-Forwarded-* only from the proxies named; otherwise the socket's peer counts.
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=list(settings.forwarded_allow_ips),
         ws_max_size=ws_hard_limit_bytes(settings.max_message_bytes),
         ws_per_message_deflate=False,  # compression costs ~45 % throughput and opens zip bombs
         ws_ping_interval=20.0,
@@ -36,6 +64,7 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
+    logfilter.install()  # after uvicorn configured logging: its handlers exist now
     server = uvicorn.Server(config)
     if not settings.socket_send_buffer_bytes:
         server.run()

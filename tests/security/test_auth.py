@@ -116,6 +116,28 @@ def hs256_raw(header: dict[str, Any], payload: dict[str, Any], secret: str = SEC
     return f"{unsigned}.{b64(sig)}"
 
 
+def hs256_text(header: str, payload: str) -> str:
+    """HS256 over header and payload given as JSON text (e.g. with a repeated member)."""
+    import hashlib  # noqa: PLC0415
+    import hmac  # noqa: PLC0415
+
+    unsigned = f"{b64(header.encode())}.{b64(payload.encode())}"
+    sig = hmac.new(SECRET.encode(), unsigned.encode(), hashlib.sha256).digest()
+    return f"{unsigned}.{b64(sig)}"
+
+
+def repeated_payload_member() -> str:
+    """`user_id` twice: a last-wins parser sees alice, a first-wins one mallory."""
+    body = json.dumps(claims())[:-1] + ', "user_id": "mallory"}'
+    body = body.replace('"user_id": "alice"', '"user_id": "mallory"', 1)
+    body = body[: body.rindex('"mallory"')] + '"alice"}'
+    return hs256_text('{"alg": "HS256", "typ": "JWT"}', body)
+
+
+def repeated_header_member() -> str:
+    return hs256_text('{"alg": "none", "alg": "HS256", "typ": "JWT"}', json.dumps(claims()))
+
+
 def oversized() -> str:
     pad = 5800
     while len(token := hs256(claims(pad="p" * pad))) <= 8000:
@@ -204,6 +226,10 @@ BAD_TOKENS: list[tuple[str, Callable[[], str], str]] = [
     ("missing_user_id", lambda: hs256(claims(user_id=None)), "user_id"),
     ("user_id_json_injection", lambda: hs256(claims(user_id='x","actor":"admin')), "user_id"),
     ("user_id_too_long", lambda: hs256(claims(user_id="u" * 500)), "user_id"),
+    ("user_id_trailing_newline", lambda: hs256(claims(user_id="alice\n")), "user_id"),
+    ("hs256_unknown_kid", lambda: hs256(claims(), kid="rotated-key-2"), "unknown kid"),
+    ("repeated_payload_member", repeated_payload_member, "twice"),
+    ("repeated_header_member", repeated_header_member, "twice"),
     ("can_control_not_a_list", lambda: hs256(claims(can_control="*")), "can_control"),
     ("payload_not_an_object", lambda: raw_token({"alg": "HS256"}, [1, 2]), "refused"),
     ("garbage", lambda: "not.a.token", "refused"),

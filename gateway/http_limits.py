@@ -1,0 +1,233 @@
+"""Bounded request heads: uvicorn's httptools protocol with size limits and a deadline.
+
+uvicorn's httptools protocol accepts request heads of any size and waits for them
+forever: a header line over 8 KiB on a WebSocket upgrade was handed to the websockets
+parser, which refused it with a 431 that was never written, and the socket stayed open;
+a half-sent request, or a connection that sends nothing, stayed open without bound.
+This subclass (used through `http=` in the uvicorn config) answers instead:
+
+- a request line or header line over `DISPATCH_HTTP_MAX_LINE_BYTES`, a head over
+  `DISPATCH_HTTP_MAX_HEAD_BYTES` or with more than `DISPATCH_HTTP_MAX_HEADERS` fields:
+  **431** and close;
+- a head not complete `DISPATCH_HANDSHAKE_TIMEOUT_S` after the connection opened (or
+  after the previous response, on a kept-alive connection): **408** and close.
+
+Each such refusal is charged to the client's address and recorded (or summarised) in the
+audit stream through `Admission`. The WebSocket protocol is subclassed too, so a request
+its own parser refuses is answered rather than left hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
+
+from gateway.admission import Admission
+from schemas.errors import ErrorCode, error
+
+log = logging.getLogger("gateway.http")
+
+
+@dataclass(frozen=True, slots=True)
+class HeadLimits:
+    # websockets refuses lines over 8192 bytes and more than 128 headers: stay within.
+    max_line_bytes: int = 8192
+    max_head_bytes: int = 32 * 1024
+    max_headers: int = 100
+    timeout_s: float = 10.0
+
+
+class HeadRefused(Exception):
+    """The request head broke a limit; carries the HTTP status and the reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class LimitedHttpProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol whose request heads are bounded in size and time."""
+
+    limits: HeadLimits = HeadLimits()
+    admission: Admission | None = None
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._reading_head = True
+        self._head_bytes = 0  # request line and header lines reported by the parser
+        self._received_in_head = 0  # bytes received since the head began
+        self._header_count = 0
+        self._url_bytes = 0
+        self._deadline: asyncio.TimerHandle | None = None
+        self._refused = False
+
+    # -- the deadline ------------------------------------------------------------------
+    def _arm(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self.limits.timeout_s, self._head_timed_out)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _head_timed_out(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        self._refuse(
+            HeadRefused(
+                408,
+                f"request head not complete within {self.limits.timeout_s:g} s "
+                "(DISPATCH_HANDSHAKE_TIMEOUT_S); send the whole request at once",
+            )
+        )
+
+    def _idle(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    # -- protocol and parser callbacks -------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._unset_keepalive_if_required()
+        if self._idle() and not self._reading_head:
+            self._arm()  # bytes of a next request on a kept-alive connection
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, HeadRefused):
+                self._refuse(cause)
+                return
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
+            return
+        if self._reading_head:
+            # An unfinished head: what the parser buffers counts before it reports it.
+            self._received_in_head += len(data)
+            if self._received_in_head > self.limits.max_head_bytes:
+                self._refuse(self._head_too_large())
+
+    def _head_too_large(self) -> HeadRefused:
+        return HeadRefused(
+            431,
+            f"request head over {self.limits.max_head_bytes} bytes (DISPATCH_HTTP_MAX_HEAD_BYTES)",
+        )
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reading_head = True
+        self._head_bytes = self._header_count = self._url_bytes = self._received_in_head = 0
+        self._arm()
+
+    def on_url(self, url: bytes) -> None:
+        self._url_bytes += len(url)
+        if self._url_bytes > self.limits.max_line_bytes:
+            raise HeadRefused(
+                431, f"request line over {self.limits.max_line_bytes} bytes: use a shorter URL"
+            )
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.limits.max_headers:
+            raise HeadRefused(
+                431,
+                f"more than {self.limits.max_headers} header fields (DISPATCH_HTTP_MAX_HEADERS)",
+            )
+        if len(name) + len(value) + 4 > self.limits.max_line_bytes:
+            raise HeadRefused(
+                431,
+                f"header {name[:40].decode('latin-1')!r} is over "
+                f"{self.limits.max_line_bytes} bytes (DISPATCH_HTTP_MAX_LINE_BYTES)",
+            )
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes + self._url_bytes > self.limits.max_head_bytes:
+            raise self._head_too_large()
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        self._disarm()
+        super().on_headers_complete()
+
+    # -- answering ---------------------------------------------------------------------
+    def _refuse(self, refused: HeadRefused) -> None:
+        """Answer `refused.status` with the reason, close, and account for it."""
+        self._refused = True
+        self._disarm()
+        status = http.HTTPStatus(refused.status)
+        body = f"{refused.reason}\n".encode()
+        head = (
+            f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+            "content-type: text/plain; charset=utf-8\r\n"
+            f"content-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n"
+        ).encode()
+        self.transport.write(head + body)
+        self.transport.close()
+        host, port = self.client or ("unknown", 0)
+        log.info(
+            "gateway.http.refused client=%s:%s status=%d reason=%s",
+            host,
+            port,
+            status.value,
+            refused.reason,
+        )
+        if self.admission is not None:
+            code = ErrorCode.TOO_LARGE if refused.status == 431 else ErrorCode.PROTOCOL_ERROR
+            self.admission.refused_before_app(
+                host, port, error(code, refused.reason), f"request head refused {status.value}"
+            )
+
+
+class AnsweringWebSocketProtocol(WebSocketsSansIOProtocol):
+    """Writes the answer websockets prepared when its parser refuses a request."""
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.handshake_exc is not None and not self.handshake_initiated:
+            pending = self.conn.data_to_send()
+            if pending and not self.transport.is_closing():
+                self.transport.write(b"".join(pending))
+            self.transport.close()
+
+
+def limited_protocol(limits: HeadLimits, admission: Admission) -> type[LimitedHttpProtocol]:
+    """A protocol class with these limits, for `uvicorn.Config(http=...)`."""
+    return type(
+        "GatewayHttpProtocol",
+        (LimitedHttpProtocol,),
+        {"limits": limits, "admission": admission},
+    )
