@@ -98,9 +98,7 @@ def test_500_oversized_header_lines_are_all_answered_431_and_closed(site: Site) 
     head = upgrade_head("/ws/dashboard", "X-Padding: " + "a" * 9000)
 
     async def flood() -> list[tuple[int | None, bytes, float]]:
-        return await asyncio.gather(
-            *(exchange(site.gw.port, source, head, 30) for _ in range(500))
-        )
+        return await asyncio.gather(*(exchange(site.gw.port, source, head, 30) for _ in range(500)))
 
     started = time.monotonic()
     results = asyncio.run(flood())
@@ -233,9 +231,7 @@ def test_forwarded_for_is_believed_only_from_configured_proxies(site: Site) -> N
         connect_from(site, source, None, additional_headers=spoof)
     wait_until(lambda: refusals_from(site, source), 5, what="the refusal")
     assert not refusals_from(site, "6.6.6.6")
-    proxied = start_gateway(
-        site.processes, {**NO_LIMITS, "DISPATCH_FORWARDED_ALLOW_IPS": source}
-    )
+    proxied = start_gateway(site.processes, {**NO_LIMITS, "DISPATCH_FORWARDED_ALLOW_IPS": source})
     sock = socket.create_connection(("127.0.0.1", proxied.port), source_address=(source, 0))
     with pytest.raises(InvalidStatus):
         ws_connect(f"{proxied.ws}/ws/dashboard", None, sock=sock, additional_headers=spoof)
@@ -260,7 +256,9 @@ def test_origin_must_match_scheme_host_and_port(site: Site) -> None:
 def tokens() -> Iterator[dict[str, str]]:
     yield {
         name: user_token(f"logged_{i}", control=[])
-        for i, name in enumerate(("token", "access_token", "JWT", "Bearer", "auth", "Authorization"))
+        for i, name in enumerate(
+            ("token", "access_token", "JWT", "Bearer", "auth", "Authorization")
+        )
     }
 
 
