@@ -35,6 +35,7 @@ from gateway.admission import Admission
 from schemas.errors import ErrorCode, error
 
 log = logging.getLogger("gateway.http")
+REQUEST_LINE_EXTRA = len("OPTIONS  HTTP/1.1\r\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +154,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def on_url(self, url: bytes) -> None:
         self._url_bytes += len(url)
-        if self._url_bytes > self.limits.max_line_bytes:
+        # The method, the version and the line end take up to REQUEST_LINE_EXTRA bytes more.
+        if self._url_bytes + REQUEST_LINE_EXTRA > self.limits.max_line_bytes:
             raise HeadRefused(
                 431, f"request line over {self.limits.max_line_bytes} bytes: use a shorter URL"
             )

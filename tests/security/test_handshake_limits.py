@@ -131,6 +131,9 @@ def test_oversized_head_and_too_many_headers_are_answered_431(site: Site) -> Non
     fields = [f"X-F{i}: x" for i in range(120)]
     status, reply, _ = asyncio.run(exchange(site.gw.port, source, upgrade_head("/", *fields), 10))
     assert status == 431 and b"DISPATCH_HTTP_MAX_HEADERS" in reply
+    long_url = upgrade_head("/ws/dashboard?" + "q" * 8180)
+    status, reply, _ = asyncio.run(exchange(site.gw.port, source, long_url, 10))
+    assert status == 431 and b"request line" in reply
     # Plain HTTP requests are bounded the same way.
     api = f"GET /api/commands HTTP/1.1\r\nHost: x\r\nX-Pad: {'c' * 9000}\r\n\r\n".encode()
     status, _, _ = asyncio.run(exchange(site.gw.port, source, api, 10))
