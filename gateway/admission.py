@@ -16,6 +16,7 @@ one gateway; one more is refused with HTTP 429 naming the cap.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import time
@@ -158,10 +159,11 @@ class Admission:
     def refused_before_app(self, address: str, port: int, err: ErrorObject, detail: str) -> None:
         """A request head the protocol layer refused (431/408): charged, recorded or summarised."""
         REFUSED.labels(err.code).inc()
-        if self.retry_after_s(address) is not None:
-            self.throttled(address, "(request head)")
+        key = bucket_key(address)
+        if self.retry_after_s(key) is not None:
+            self.throttled(key, "(request head)")
             return
-        self.charge(address)
+        self.charge(key)
         self.record(refusal_event(f"anonymous@{address}:{port}", err, detail))
 
     def throttled(self, address: str, path: str) -> None:
@@ -188,9 +190,9 @@ class Admission:
             return
         err = error(
             ErrorCode.RATE_LIMITED,
-            f"{summary.count} handshake(s) from {address} answered 429 within "
-            f"{self.limits.summary_window_s:g} s: too many refusals from this address; "
-            "they are counted here, not recorded one by one",
+            f"{summary.count} refused handshake(s) from {address} within "
+            f"{self.limits.summary_window_s:g} s beyond the limit (answered 429, or 431/408 "
+            "for bad request heads); counted here, not recorded one by one",
         )
         err = ErrorObject(code=err.code, message=err.message, limit=self.limits.describe)
         excerpt = f"throttled {summary.count} from {address}: {', '.join(sorted(summary.paths))}"
@@ -236,6 +238,23 @@ class Admission:
         return self._sockets.get(user_id, 0)
 
 
+def bucket_key(address: str) -> str:
+    """What a refusal bucket belongs to: the IPv4 address, or the IPv6 /64 around it.
+
+    One IPv6 host usually holds a whole /64; per address it could refresh its budget at
+    will.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address  # "unknown", a unix socket path
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 def _client(scope: Scope) -> tuple[str, int]:
     client = scope.get("client")
     if not client:
@@ -271,7 +290,7 @@ class AdmissionMiddleware:
         if not _guarded(scope):
             await self.app(scope, receive, send)
             return
-        address, _ = _client(scope)
+        address = bucket_key(_client(scope)[0])
         retry = self.admission.retry_after_s(address)
         if retry is not None:
             self.admission.throttled(address, str(scope.get("path", "")))

@@ -22,6 +22,9 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection
 
+from gateway.admission import Admission, AdmissionLimits, bucket_key
+from gateway.logfilter import redact
+
 from .conftest import NO_LIMITS, Site, start_gateway, ws_connect
 from support import user_token, wait_until
 
@@ -82,7 +85,7 @@ def summarised(entries: list[dict[str, Any]]) -> int:
     total = 0
     for entry in entries:
         if entry["error"]["code"] == "rate_limited":
-            found = re.match(r"(\d+) handshake", entry["error"]["message"])
+            found = re.match(r"(\d+) refused handshake", entry["error"]["message"])
             assert found, entry
             total += int(found.group(1))
     return total
@@ -279,3 +282,45 @@ def test_no_token_in_any_log_line(site: Site, tokens: dict[str, str]) -> None:
     for token in tokens.values():
         assert token not in log
         assert token.rsplit(".", 1)[1] not in log  # not even the signature
+
+
+JWT = user_token("someone")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        f'127.0.0.1:5 - "WebSocket /ws/dashboard?token={JWT}" 401',
+        f"GET /api/commands?x=1&ACCESS_TOKEN={JWT}&y=2",
+        f"/ws/dashboard?%61uth={JWT}",  # percent-encoded parameter name
+        f"/ws/dashboard?a=b;jwt={JWT}",
+        f"Authorization: Bearer {JWT}",
+        f"Sec-WebSocket-Protocol: dispatch.v1, bearer.{JWT}",
+        f"a token pasted anywhere: {JWT}.",
+    ],
+)
+def test_redact_removes_the_credential(line: str) -> None:
+    cleaned = redact(line)
+    assert JWT not in cleaned and JWT.rsplit(".", 1)[1] not in cleaned
+    assert "[redacted]" in cleaned
+
+
+def test_redact_keeps_everything_else() -> None:
+    line = '127.0.0.1:5 - "WebSocket /ws/dashboard?view=all&tokens_left=3" 403'
+    assert redact(line) == line
+    hint = "no bearer token: send `Authorization: Bearer <token>`"
+    assert redact(hint) == hint
+
+
+def test_refusal_bucket_refills_and_groups_ipv6_by_64() -> None:
+    now = [0.0]
+    admission = Admission(AdmissionLimits(refusals_per_s=2, refusal_burst=3), lambda: now[0])
+    for _ in range(3):
+        assert admission.retry_after_s("10.0.0.1") is None
+        admission.charge("10.0.0.1")
+    assert admission.retry_after_s("10.0.0.1") == pytest.approx(0.5)
+    assert admission.retry_after_s("10.0.0.2") is None
+    now[0] = 0.5
+    assert admission.retry_after_s("10.0.0.1") is None
+    assert bucket_key("2001:db8::1") == bucket_key("2001:db8::ffff:1") == "2001:db8::/64"
+    assert bucket_key("::ffff:10.0.0.1") == "10.0.0.1"
