@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from dispatch.settings import Settings
 from gateway.handshake import denial_body, refuse_with
 from gateway.metrics import REGISTRY
 from ledger.ids import new_event_id
@@ -53,6 +54,7 @@ MAX_ADDRESSES = 100_000
 AUTH_STATUSES = frozenset({401, 403})  # no or bad token, foreign origin, no permission
 CHARGED_STATUSES = AUTH_STATUSES | {400}  # handshakes: a bad edge id in the path too
 SLOT_KEY = "dispatch.socket_user"  # scope key: the user whose socket slot this connection holds
+ADMISSION_KEY = "dispatch.admission"  # scope key: the Admission that guards this connection
 
 Recorder = Callable[[Rejected], Awaitable[None]]
 
@@ -63,6 +65,15 @@ class AdmissionLimits:
     refusal_burst: int = 30
     summary_window_s: float = 60.0
     max_sockets_per_user: int = 16  # 0: no cap
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AdmissionLimits:
+        return cls(
+            refusals_per_s=settings.handshake_refusals_per_s,
+            refusal_burst=settings.handshake_refusal_burst,
+            summary_window_s=settings.handshake_summary_window_s,
+            max_sockets_per_user=settings.max_sockets_per_user,
+        )
 
     @property
     def describe(self) -> str:
@@ -280,13 +291,21 @@ def _throttle_error(retry_after_s: float, limits: AdmissionLimits) -> ErrorObjec
 
 
 class AdmissionMiddleware:
-    """ASGI middleware: answers throttled addresses 429, charges every refusal it sees."""
+    """ASGI middleware: answers throttled addresses 429, charges every refusal it sees.
+
+    It also follows the lifespan: once the application has started, refusals are recorded
+    through its ledger; before it shuts down, open summaries are written.
+    """
 
     def __init__(self, app: ASGIApp, admission: Admission) -> None:
         self.app = app
         self.admission = admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, self._before_shutdown(receive), self._after_startup(scope, send))
+            return
+        scope[ADMISSION_KEY] = self.admission
         if not _guarded(scope):
             await self.app(scope, receive, send)
             return
@@ -328,10 +347,27 @@ class AdmissionMiddleware:
                 REFUSED.labels("app").inc()
                 self.admission.charge(address)
 
+    def _after_startup(self, scope: Scope, send: Send) -> Send:
+        async def watch(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                self.admission.attach(scope["app"].state.gateway.ledger.record_rejection)
+            await send(message)
+
+        return watch
+
+    def _before_shutdown(self, receive: Receive) -> Receive:
+        async def watch() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.admission.close()  # while the ledger is still open
+            return message
+
+        return watch
+
 
 async def admit_user_socket(ws: WebSocket, user_id: str, actor: str) -> bool:
     """Claim a socket slot for `user_id`; at the cap, refuse with 429 (audited) and say so."""
-    admission: Admission = ws.app.state.admission
+    admission: Admission = ws.scope[ADMISSION_KEY]
     if admission.claim_socket(ws.scope, user_id):
         return True
     cap = admission.limits.max_sockets_per_user

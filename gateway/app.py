@@ -18,17 +18,13 @@ from gateway.state import GatewayState
 
 
 def create_app(settings: Settings, admission: Admission | None = None) -> Starlette:
-    admission = admission or Admission(AdmissionLimits())
-
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = await GatewayState.open(settings)
         app.state.gateway = state
-        admission.attach(state.ledger.record_rejection)  # refusals go to the audit stream
         try:
             yield
         finally:
-            await admission.close()
             await state.close()
 
     routes = [
@@ -45,10 +41,6 @@ def create_app(settings: Settings, admission: Admission | None = None) -> Starle
         WebSocketRoute("/ws/dashboard", dashboard_endpoint),
         WebSocketRoute("/ws/edge/{edge_id}", edge_endpoint),
     ]
-    app = Starlette(
-        routes=routes,
-        lifespan=lifespan,
-        middleware=[Middleware(AdmissionMiddleware, admission=admission)],
-    )
-    app.state.admission = admission
-    return app
+    admission = admission or Admission(AdmissionLimits.from_settings(settings))
+    guard = Middleware(AdmissionMiddleware, admission=admission)  # docs/security.md
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[guard])

@@ -24,27 +24,9 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def admission_limits(settings: Settings) -> AdmissionLimits:
-    return AdmissionLimits(
-        refusals_per_s=settings.handshake_refusals_per_s,
-        refusal_burst=settings.handshake_refusal_burst,
-        summary_window_s=settings.handshake_summary_window_s,
-        max_sockets_per_user=settings.max_sockets_per_user,
-    )
-
-
-def head_limits(settings: Settings) -> HeadLimits:
-    return HeadLimits(
-        max_line_bytes=settings.http_max_line_bytes,
-        max_head_bytes=settings.http_max_head_bytes,
-        max_headers=settings.http_max_headers,
-        timeout_s=settings.handshake_timeout_s,
-    )
-
-
 def serve(settings: Settings, *, log_level: str = "info") -> None:
     raise_fd_limit()
-    admission = Admission(admission_limits(settings))
+    admission = Admission(AdmissionLimits.from_settings(settings))
     config = uvicorn.Config(
         create_app(settings, admission),
         host=settings.host,
@@ -52,7 +34,7 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         log_level=log_level,
         access_log=False,
         # Our own protocols: bounded request heads (431/408) and answered refusals.
-        http=limited_protocol(head_limits(settings), admission),
+        http=limited_protocol(HeadLimits.from_settings(settings), admission),
         ws=AnsweringWebSocketProtocol,
         # X-Forwarded-* only from the proxies named; otherwise the socket's peer counts.
         proxy_headers=bool(settings.forwarded_allow_ips),

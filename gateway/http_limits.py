@@ -31,6 +31,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
+from dispatch.settings import Settings
 from gateway.admission import Admission
 from schemas.errors import ErrorCode, error
 
@@ -45,6 +46,15 @@ class HeadLimits:
     max_head_bytes: int = 32 * 1024
     max_headers: int = 100
     timeout_s: float = 10.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HeadLimits:
+        return cls(
+            max_line_bytes=settings.http_max_line_bytes,
+            max_head_bytes=settings.http_max_head_bytes,
+            max_headers=settings.http_max_headers,
+            timeout_s=settings.handshake_timeout_s,
+        )
 
 
 class HeadRefused(Exception):
