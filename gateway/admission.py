@@ -33,7 +33,7 @@ from dispatch.settings import Settings
 from gateway.handshake import denial_body, refuse_with
 from gateway.metrics import REGISTRY
 from ledger.ids import new_event_id
-from schemas.errors import ErrorCode, ErrorObject, error
+from schemas.errors import ErrorCode, ErrorObject
 from schemas.events import Rejected
 
 log = logging.getLogger("gateway.admission")
@@ -45,8 +45,8 @@ THROTTLED = Counter(
 )
 REFUSED = Counter(
     "dispatch_handshakes_refused_total",
-    "Refused handshakes and /api requests, by cause",
-    ["cause"],
+    "Refused handshakes and /api requests charged to their address, by HTTP status",
+    ["status"],
     registry=REGISTRY,
 )
 # Addresses remembered at most; the least recently refused are forgotten first.
@@ -167,9 +167,11 @@ class Admission:
             bucket = self._bucket(address)
             bucket.tokens = max(0.0, bucket.tokens - 1)
 
-    def refused_before_app(self, address: str, port: int, err: ErrorObject, detail: str) -> None:
+    def refused_before_app(
+        self, address: str, port: int, status: int, err: ErrorObject, detail: str
+    ) -> None:
         """A request head the protocol layer refused (431/408): charged, recorded or summarised."""
-        REFUSED.labels(err.code).inc()
+        REFUSED.labels(str(status)).inc()
         key = bucket_key(address)
         if self.retry_after_s(key) is not None:
             self.throttled(key, "(request head)")
@@ -199,13 +201,13 @@ class Admission:
         summary = self._summaries.pop(address, None)
         if summary is None:
             return
-        err = error(
-            ErrorCode.RATE_LIMITED,
-            f"{summary.count} refused handshake(s) from {address} within "
+        err = ErrorObject(
+            code=ErrorCode.RATE_LIMITED,
+            message=f"{summary.count} refused handshake(s) from {address} within "
             f"{self.limits.summary_window_s:g} s beyond the limit (answered 429, or 431/408 "
             "for bad request heads); counted here, not recorded one by one",
+            limit=self.limits.describe,
         )
-        err = ErrorObject(code=err.code, message=err.message, limit=self.limits.describe)
         excerpt = f"throttled {summary.count} from {address}: {', '.join(sorted(summary.paths))}"
         self.record(refusal_event(f"anonymous@{address}", err, excerpt))
 
@@ -323,7 +325,7 @@ class AdmissionMiddleware:
                 await JSONResponse(denial_body(err), 429, headers)(scope, receive, send)
             return
         accepted = False
-        refused = False
+        refused: int | None = None  # the status of a refusal charged to the address
 
         async def watch(message: Message) -> None:
             nonlocal accepted, refused
@@ -334,17 +336,18 @@ class AdmissionMiddleware:
                 # Refusals of who or where the caller is; a user at the socket cap (429)
                 # is known and audited by name, and is not charged to the address.
                 charged = CHARGED_STATUSES if kind.startswith("websocket") else AUTH_STATUSES
-                refused = refused or message["status"] in charged
+                if message["status"] in charged:
+                    refused = message["status"]
             elif kind == "websocket.close" and not accepted:
-                refused = True
+                refused = 403  # what uvicorn answers for a close before accept
             await send(message)
 
         try:
             await self.app(scope, receive, watch)
         finally:
             self.admission.release_socket(scope)
-            if refused:
-                REFUSED.labels("app").inc()
+            if refused is not None:
+                REFUSED.labels(str(refused)).inc()
                 self.admission.charge(address)
 
     def _after_startup(self, scope: Scope, send: Send) -> Send:

@@ -220,7 +220,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self.admission is not None:
             code = ErrorCode.TOO_LARGE if refused.status == 431 else ErrorCode.PROTOCOL_ERROR
             self.admission.refused_before_app(
-                host, port, error(code, refused.reason), f"request head refused {status.value}"
+                host,
+                port,
+                status.value,
+                error(code, refused.reason),
+                f"request head refused {status.value}",
             )
 
 

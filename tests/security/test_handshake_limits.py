@@ -26,6 +26,7 @@ from gateway.admission import Admission, AdmissionLimits, bucket_key
 from gateway.logfilter import redact
 
 from .conftest import NO_LIMITS, Site, start_gateway, ws_connect
+from support import http as http_call
 from support import user_token, wait_until
 
 TIMEOUT_S = 2.0
@@ -198,6 +199,9 @@ def test_refused_handshakes_are_throttled_per_address(site: Site) -> None:
     )
     assert [e["error"]["code"] for e in entries].count("unauthenticated") == BURST
     assert [e["error"]["code"] for e in entries].count("rate_limited") == 1
+    _, _, metrics = http_call("GET", f"{site.gw.http}/metrics")
+    counted = re.search(r"^dispatch_handshakes_throttled_total (\S+)$", metrics, re.M)
+    assert counted and float(counted.group(1)) >= throttled
 
 
 def test_sockets_per_user_are_capped(site: Site) -> None:
