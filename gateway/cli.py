@@ -13,7 +13,7 @@ from dispatch.settings import Settings
 from gateway import logfilter
 from gateway.admission import Admission, AdmissionLimits
 from gateway.app import create_app
-from gateway.http_limits import AnsweringWebSocketProtocol, HeadLimits, limited_protocol
+from gateway.http_limits import HeadLimits, answering_ws_protocol, limited_protocol
 from gateway.sessions import ws_hard_limit_bytes
 
 
@@ -35,7 +35,7 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         access_log=False,
         # Our own protocols: bounded request heads (431/408) and answered refusals.
         http=limited_protocol(HeadLimits.from_settings(settings), admission),
-        ws=AnsweringWebSocketProtocol,
+        ws=answering_ws_protocol(admission),
         # X-Forwarded-* only from the proxies named; otherwise the socket's peer counts.
         proxy_headers=bool(settings.forwarded_allow_ips),
         forwarded_allow_ips=list(settings.forwarded_allow_ips),

@@ -199,45 +199,65 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         """Answer `refused.status` with the reason, close, and account for it."""
         self._refused = True
         self._disarm()
-        status = http.HTTPStatus(refused.status)
-        body = f"{refused.reason}\n".encode()
-        head = (
-            f"HTTP/1.1 {status.value} {status.phrase}\r\n"
-            "content-type: text/plain; charset=utf-8\r\n"
-            f"content-length: {len(body)}\r\n"
-            "connection: close\r\n\r\n"
-        ).encode()
-        self.transport.write(head + body)
-        self.transport.close()
-        host, port = self.client or ("unknown", 0)
-        log.info(
-            "gateway.http.refused client=%s:%s status=%d reason=%s",
-            host,
-            port,
-            status.value,
-            refused.reason,
-        )
-        if self.admission is not None:
-            code = ErrorCode.TOO_LARGE if refused.status == 431 else ErrorCode.PROTOCOL_ERROR
-            self.admission.refused_before_app(
-                host,
-                port,
-                status.value,
-                error(code, refused.reason),
-                f"request head refused {status.value}",
-            )
+        answer(self.transport, self.client, refused, self.admission)
+
+
+def answer(
+    transport: asyncio.Transport,
+    client: tuple[str, int] | None,
+    refused: HeadRefused,
+    admission: Admission | None,
+) -> None:
+    """Write a plain-text HTTP answer naming the reason, close, log and account for it."""
+    status = http.HTTPStatus(refused.status)
+    body = f"{refused.reason}\n".encode()
+    head = (
+        f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+        "content-type: text/plain; charset=utf-8\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    ).encode()
+    if not transport.is_closing():
+        transport.write(head + body)
+        transport.close()
+    host, port = client or ("unknown", 0)
+    log.info(
+        "gateway.http.refused client=%s:%s status=%d reason=%s",
+        host,
+        port,
+        status.value,
+        refused.reason,
+    )
+    if admission is not None:
+        code = ErrorCode.TOO_LARGE if refused.status == 431 else ErrorCode.PROTOCOL_ERROR
+        err = error(code, refused.reason)
+        admission.refused_before_app(host, port, status.value, err, f"request refused {status}")
 
 
 class AnsweringWebSocketProtocol(WebSocketsSansIOProtocol):
-    """Writes the answer websockets prepared when its parser refuses a request."""
+    """Answers a request the websockets parser refuses, instead of holding the socket.
+
+    uvicorn's protocol leaves websockets' own refusal unsent (its 431/414) or sends
+    nothing at all ("did not receive a valid HTTP request", e.g. a GET upgrade with a
+    body): the socket stayed open. Its prepared answer is written, or else a 400 naming
+    the cause, and the connection is closed.
+    """
+
+    admission: Admission | None = None
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.conn.handshake_exc is not None and not self.handshake_initiated:
-            pending = self.conn.data_to_send()
-            if pending and not self.transport.is_closing():
-                self.transport.write(b"".join(pending))
+        exc = self.conn.handshake_exc
+        if exc is None or self.handshake_initiated or self.transport.is_closing():
+            return
+        prepared = b"".join(self.conn.data_to_send())
+        if prepared:
+            self.transport.write(prepared)
             self.transport.close()
+            return
+        cause = exc.__cause__ or exc
+        reason = f"not a valid WebSocket upgrade request: {str(cause)[:200]}"
+        answer(self.transport, self.client, HeadRefused(400, reason), self.admission)
 
 
 def limited_protocol(limits: HeadLimits, admission: Admission) -> type[LimitedHttpProtocol]:
@@ -247,3 +267,8 @@ def limited_protocol(limits: HeadLimits, admission: Admission) -> type[LimitedHt
         (LimitedHttpProtocol,),
         {"limits": limits, "admission": admission},
     )
+
+
+def answering_ws_protocol(admission: Admission) -> type[AnsweringWebSocketProtocol]:
+    """The WebSocket protocol class, for `uvicorn.Config(ws=...)`."""
+    return type("GatewayWebSocketProtocol", (AnsweringWebSocketProtocol,), {"admission": admission})

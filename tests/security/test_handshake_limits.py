@@ -328,3 +328,19 @@ def test_refusal_bucket_refills_and_groups_ipv6_by_64() -> None:
     assert admission.retry_after_s("10.0.0.1") is None
     assert bucket_key("2001:db8::1") == bucket_key("2001:db8::ffff:1") == "2001:db8::/64"
     assert bucket_key("::ffff:10.0.0.1") == "10.0.0.1"
+
+
+@pytest.mark.parametrize("header", ["Content-Length: 5", "Transfer-Encoding: chunked"])
+def test_upgrade_the_websocket_parser_refuses_is_closed_not_held(site: Site, header: str) -> None:
+    """A request httptools passes but websockets refuses: answered or closed at once."""
+    source = "127.0.0.12"
+    status, reply, seconds = asyncio.run(
+        exchange(site.gw.port, source, upgrade_head("/ws/dashboard", header), 10)
+    )
+    assert seconds < TIMEOUT_S, (status, reply)
+    assert status == 400 and b"not a valid WebSocket upgrade request" in reply, reply
+    wait_until(
+        lambda: any(e["error"]["code"] == "protocol_error" for e in refusals_from(site, source)),
+        5,
+        what="the audit record",
+    )
