@@ -376,7 +376,7 @@ async def test_jwks_file_source_reads_public_keys_only(tmp_path: Path) -> None:
     assert rsa is not None and not rsa.is_private
 
 
-def test_issuer_and_audience_when_configured(processes: Processes) -> None:
+def test_issuer_audience_and_hs256_key_id_when_configured(processes: Processes) -> None:
     enroll(processes, EDGE)
     gw = start_gateway(
         processes,
@@ -384,6 +384,7 @@ def test_issuer_and_audience_when_configured(processes: Processes) -> None:
             **NO_LIMITS,
             "DISPATCH_JWT_ISSUER": "https://auth.example",
             "DISPATCH_JWT_AUDIENCE": "dispatch",
+            "DISPATCH_JWT_KEY_ID": "django-2026",
         },
     )
     url = f"{gw.http}/api/commands"
@@ -397,6 +398,11 @@ def test_issuer_and_audience_when_configured(processes: Processes) -> None:
         assert status == 401 and reply["error"]["code"] == "unauthenticated", reply
     status, _, reply = http("POST", url, hs256(good), command(edge_id=EDGE))
     assert status == 202, reply
+    # The configured key id is accepted; any other is not.
+    status, _, reply = http("POST", url, hs256(good, kid="django-2026"), command(edge_id=EDGE))
+    assert status == 202, reply
+    status, _, reply = http("POST", url, hs256(good, kid="django-2025"), command(edge_id=EDGE))
+    assert status == 401 and "unknown kid" in reply["error"]["message"], reply
 
 
 def test_edge_credentials_cannot_be_forged_with_the_user_key_when_separated(
