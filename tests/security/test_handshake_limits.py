@@ -26,8 +26,8 @@ from gateway.admission import Admission, AdmissionLimits, bucket_key
 from gateway.logfilter import redact
 
 from .conftest import NO_LIMITS, Site, start_gateway, ws_connect
+from support import Gateway, user_token, wait_until
 from support import http as http_call
-from support import user_token, wait_until
 
 TIMEOUT_S = 2.0
 BURST = 5
@@ -233,23 +233,47 @@ def test_sockets_per_user_are_capped(site: Site) -> None:
         ws.close()
 
 
-def test_forwarded_for_is_believed_only_from_configured_proxies(site: Site) -> None:
+PROXY = "127.0.0.9"
+CONSOLE = "https://console.example"
+
+
+@pytest.fixture(scope="module")
+def behind_proxy(site: Site) -> Iterator[Gateway]:
+    """A second gateway that trusts PROXY's forwarded headers and allows CONSOLE pages."""
+    gw = start_gateway(
+        site.processes,
+        {**NO_LIMITS, "DISPATCH_FORWARDED_ALLOW_IPS": PROXY, "DISPATCH_ALLOWED_ORIGINS": CONSOLE},
+    )
+    yield gw
+    gw.proc.stop()
+
+
+def via(gw: Gateway, source: str, token: str | None, **headers: str) -> ClientConnection:
+    sock = socket.create_connection(("127.0.0.1", gw.port), source_address=(source, 0))
+    return ws_connect(f"{gw.ws}/ws/dashboard", token, sock=sock, additional_headers=headers)
+
+
+def test_forwarded_for_is_believed_only_from_configured_proxies(
+    site: Site, behind_proxy: Gateway
+) -> None:
     # From 127.0.0.1, which uvicorn trusts by default: here the socket's peer counts.
     spoof = {"X-Forwarded-For": "6.6.6.6"}
     with pytest.raises(InvalidStatus):
         ws_connect(f"{site.gw.ws}/ws/dashboard?spoofed", None, additional_headers=spoof)
     site.audit_for(code="unauthenticated", actor="anonymous@127.0.0.1:")
     assert not refusals_from(site, "6.6.6.6")
-    source = "127.0.0.9"
-    proxied = start_gateway(site.processes, {**NO_LIMITS, "DISPATCH_FORWARDED_ALLOW_IPS": source})
-    sock = socket.create_connection(("127.0.0.1", proxied.port), source_address=(source, 0))
+    # Through the configured proxy, the forwarded address is the client's.
     with pytest.raises(InvalidStatus):
-        ws_connect(f"{proxied.ws}/ws/dashboard", None, sock=sock, additional_headers=spoof)
+        via(behind_proxy, PROXY, None, **spoof)
     wait_until(lambda: refusals_from(site, "6.6.6.6"), 5, what="the proxied client's address")
-    proxied.proc.stop()
+    # The same header from anyone else is ignored.
+    with pytest.raises(InvalidStatus):
+        via(behind_proxy, "127.0.0.13", None, **{"X-Forwarded-For": "7.7.7.7"})
+    wait_until(lambda: refusals_from(site, "127.0.0.13"), 5, what="the direct client's address")
+    assert not refusals_from(site, "7.7.7.7")
 
 
-def test_origin_must_match_scheme_host_and_port(site: Site) -> None:
+def test_origin_must_match_scheme_host_and_port(site: Site, behind_proxy: Gateway) -> None:
     source = "127.0.0.8"
     port = site.gw.port
     for origin in (f"https://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"):
@@ -260,6 +284,16 @@ def test_origin_must_match_scheme_host_and_port(site: Site) -> None:
         site, source, site.token(), additional_headers={"Origin": f"http://127.0.0.1:{port}"}
     ):
         pass
+    # Configured origins compare the same way (the default port may be spelled out) ...
+    token = site.token()
+    via(behind_proxy, source, token, Origin=f"{CONSOLE}:443").close()
+    with pytest.raises(InvalidStatus):
+        via(behind_proxy, source, token, Origin="http://console.example")
+    # ... and behind a TLS proxy the gateway's own origin is https.
+    own = f"https://127.0.0.1:{behind_proxy.port}"
+    via(behind_proxy, PROXY, token, Origin=own, **{"X-Forwarded-Proto": "https"}).close()
+    with pytest.raises(InvalidStatus):
+        via(behind_proxy, source, token, Origin=own, **{"X-Forwarded-Proto": "https"})
 
 
 @pytest.fixture
