@@ -169,15 +169,17 @@ class Admission:
 
     def refused_before_app(
         self, address: str, port: int, status: int, err: ErrorObject, detail: str
-    ) -> None:
-        """A request head the protocol layer refused (431/408): charged, recorded or summarised."""
+    ) -> bool:
+        """A request the protocol layer refused (431/408/400): charged, then recorded (True)
+        or, beyond the address's budget, only summarised (False)."""
         REFUSED.labels(str(status)).inc()
         key = bucket_key(address)
         if self.retry_after_s(key) is not None:
             self.throttled(key, "(request head)")
-            return
+            return False
         self.charge(key)
         self.record(refusal_event(f"anonymous@{address}:{port}", err, detail))
+        return True
 
     def throttled(self, address: str, path: str) -> None:
         """Count a 429 for `address`; the first one in a window opens its summary."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httptools
+from uvicorn._types import ASGISendEvent
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -221,17 +222,19 @@ def answer(
         transport.write(head + body)
         transport.close()
     host, port = client or ("unknown", 0)
-    log.info(
-        "gateway.http.refused client=%s:%s status=%d reason=%s",
-        host,
-        port,
-        status.value,
-        refused.reason,
-    )
-    if admission is not None:
-        code = ErrorCode.TOO_LARGE if refused.status == 431 else ErrorCode.PROTOCOL_ERROR
-        err = error(code, refused.reason)
-        admission.refused_before_app(host, port, status.value, err, f"request refused {status}")
+    code = ErrorCode.TOO_LARGE if refused.status == 431 else ErrorCode.PROTOCOL_ERROR
+    err = error(code, refused.reason)
+    if admission is None or admission.refused_before_app(
+        host, port, status.value, err, f"request refused {status.value}"
+    ):
+        # Logged like the audit record: one by one within the budget, then summarised.
+        log.info(
+            "gateway.http.refused client=%s:%s status=%d reason=%s",
+            host,
+            port,
+            status.value,
+            refused.reason,
+        )
 
 
 class AnsweringWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -244,6 +247,13 @@ class AnsweringWebSocketProtocol(WebSocketsSansIOProtocol):
     """
 
     admission: Admission | None = None
+
+    async def send(self, message: ASGISendEvent) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body"):
+            # uvicorn forgets that a denial response completes the handshake and then logs
+            # "ASGI callable returned without completing handshake." at ERROR for each one.
+            self.handshake_complete = True
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

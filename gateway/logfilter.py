@@ -68,12 +68,31 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+# uvicorn's two lines per refused handshake, for the 429s of throttled addresses and the
+# socket cap: those are counted in /metrics and summarised in the audit instead, so that
+# a client hammering the gateway cannot flood its log either.
+_THROTTLED_LINES = re.compile(r'(" 429$)|(^connection rejected \(429 )')
+
+
+class QuietThrottled(logging.Filter):
+    """Drops uvicorn's per-connection lines about 429 answers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            return _THROTTLED_LINES.search(record.getMessage()) is None
+        except Exception:
+            return True
+
+
 def install() -> RedactSecrets:
     """Attach the filter to the request loggers and every handler that exists now.
 
     A logger's filter sees only records logged on that logger; a handler's sees every
     record it writes, propagated ones included. Call after logging is configured.
     """
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, QuietThrottled) for f in uvicorn_error.filters):
+        uvicorn_error.addFilter(QuietThrottled())
     secret_filter = RedactSecrets()
     loggers = [logging.getLogger(), *(logging.getLogger(name) for name in LOGGERS)]
     for logger in loggers:

@@ -123,6 +123,10 @@ def test_500_oversized_header_lines_are_all_answered_431_and_closed(site: Site) 
         accounting, 2 * WINDOW_S + 10, what="every refusal recorded or summarised"
     )
     assert (individual, total) == (BURST, 500 - BURST)
+    # The log, too, has one line per recorded refusal and one warning for the throttle.
+    log = site.gw.proc.log()
+    assert log.count(f"gateway.http.refused client={source}:") == BURST
+    assert log.count(f"gateway.admission.throttled address={source} ") >= 1
     site.assert_edge_got_nothing()
 
 
@@ -199,6 +203,9 @@ def test_refused_handshakes_are_throttled_per_address(site: Site) -> None:
     )
     assert [e["error"]["code"] for e in entries].count("unauthenticated") == BURST
     assert [e["error"]["code"] for e in entries].count("rate_limited") == 1
+    log = site.gw.proc.log()
+    assert not re.search(rf'{source}:\d+ - "WebSocket /ws/dashboard" 429', log)
+    assert "without completing handshake" not in log  # uvicorn's spurious ERROR per denial
     _, _, metrics = http_call("GET", f"{site.gw.http}/metrics")
     counted = re.search(r"^dispatch_handshakes_throttled_total (\S+)$", metrics, re.M)
     assert counted and float(counted.group(1)) >= throttled
