@@ -12,6 +12,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from dispatch.settings import Settings
 from gateway import api, console_api
+from gateway.admission import Admission, AdmissionLimits, AdmissionMiddleware
 from gateway.dashboard import dashboard_endpoint
 from gateway.edges import edge_endpoint
 from gateway.headers import SecurityHeaders
@@ -20,7 +21,7 @@ from gateway.observer import Observer, ObserverConfig
 from gateway.state import GatewayState
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, admission: Admission | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = await GatewayState.open(settings)
@@ -53,7 +54,11 @@ def create_app(settings: Settings) -> Starlette:
         WebSocketRoute("/ws/edge/{edge_id}", edge_endpoint),
         *console_api.routes(),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(SecurityHeaders)])
+    admission = admission or Admission(AdmissionLimits.from_settings(settings))
+    guard = Middleware(AdmissionMiddleware, admission=admission)  # docs/security.md
+    # Headers outermost, so refusals of the admission guard carry them too.
+    middleware = [Middleware(SecurityHeaders), guard]
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
 
 
 def observer_for(settings: Settings, state: GatewayState) -> Observer:
