@@ -82,6 +82,9 @@ class Settings:
     projector_database_url: str = ""
     db_role_prefix: str = ""
     audit_retention_days: int = 400
+    # The projector's own Prometheus endpoint (127.0.0.1:PORT/metrics; 0 = not served):
+    # quarantined log entries are counted there (docs/audit.md).
+    projector_metrics_port: int = 0
 
     def __post_init__(self) -> None:
         for name, scheme in (
@@ -113,6 +116,11 @@ class Settings:
                 raise SettingsError(
                     f"DISPATCH_{name.upper()} must be positive, got {getattr(self, name)}"
                 )
+        if not 0 <= self.projector_metrics_port <= 65535:
+            raise SettingsError(
+                f"DISPATCH_PROJECTOR_METRICS_PORT={self.projector_metrics_port} must be a port "
+                "(1-65535), or 0 to serve no metrics"
+            )
         if self.port > 65535:
             raise SettingsError(f"DISPATCH_PORT must be at most 65535, got {self.port}")
         if self.socket_send_buffer_bytes < 0:

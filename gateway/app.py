@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,6 +14,7 @@ from gateway import api
 from gateway.dashboard import dashboard_endpoint
 from gateway.edges import edge_endpoint
 from gateway.state import GatewayState
+from ledger.verdicts import VerdictLoop
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -20,9 +22,14 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = await GatewayState.open(settings)
         app.state.gateway = state
+        # Verdicts need Redis only: every gateway reaches them, whatever the audit does.
+        loop = VerdictLoop(state.ledger, f"gateway:{state.gateway_id}", process="gateway")
+        verdicts = asyncio.create_task(loop.run(), name="verdicts")
         try:
             yield
         finally:
+            verdicts.cancel()
+            await asyncio.gather(verdicts, return_exceptions=True)
             await state.close()
 
     routes = [
