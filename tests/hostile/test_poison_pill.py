@@ -12,14 +12,14 @@ import csv
 import io
 import json
 import urllib.parse
+import urllib.request
 import uuid
 
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from support import command, http, wait_until
-
 from .conftest import EDGE, Site, ws_connect
+from support import command, http, wait_until
 
 ESCAPED_NUL = "\\u0000"  # what the audit's text columns hold for a NUL (docs/audit.md)
 
@@ -37,8 +37,6 @@ def get(site: Site, path: str) -> tuple[int, object]:
 
 
 def csv_rows(site: Site, path: str) -> list[dict[str, str]]:
-    import urllib.request
-
     req = urllib.request.Request(f"{site.gw.http}{path}")
     req.add_header("Authorization", f"Bearer {site.token()}")
     with urllib.request.urlopen(req, timeout=20) as resp:
