@@ -110,7 +110,7 @@ class AckingEdge:
         self._thread.join(5)
 
 
-@dataclass
+@dataclass(repr=False)
 class Site:
     gw: Gateway
     namespace: str
@@ -120,13 +120,16 @@ class Site:
     metrics_port: int = 0
     env: dict[str, str] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        return f"Site(namespace={self.namespace!r}, gateway={self.gw.http})"
+
     def token(self, **kwargs: Any) -> str:
         kwargs.setdefault("control", [EDGE])
         kwargs.setdefault("view", ["*"])
         return user_token(kwargs.pop("user", OPERATOR), **kwargs)
 
-    def dashboard(self) -> ClientConnection:
-        return ws_connect(f"{self.gw.ws}/ws/dashboard", self.token())
+    def dashboard(self, token: str | None = None) -> ClientConnection:
+        return ws_connect(f"{self.gw.ws}/ws/dashboard", token or self.token())
 
     def status(self, command_id: str) -> str | None:
         code, _, body = http("GET", f"{self.gw.http}/api/commands/{command_id}", self.token())
