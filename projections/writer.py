@@ -179,7 +179,8 @@ class Writer:
                 key=lambda q: entry_key(q.entry_id),
             )
             # Both are sorted: their first and last entries bound the batch.
-            ends = [x.entry_id for x in (*fresh[:1], *fresh[-1:], *held[:1], *held[-1:])]
+            ends = [x.entry_id for x in (*fresh[:1], *fresh[-1:])]
+            ends += [q.entry_id for q in (*held[:1], *held[-1:])]
             if not ends and not to_end:
                 return Applied(0, done)
             first = min(ends, key=entry_key) if ends else "+"
