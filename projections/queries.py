@@ -299,7 +299,7 @@ def _filters(
         args.append(sorted(visible))
     if cursor is not None:
         where.append(sql.SQL("({}, {}) < (%s, %s)").format(t, sql.Identifier(key_column)))
-        args.extend([cursor.at, cursor.key])
+        args.extend([cursor.at, pg_text(cursor.key)])
     return where, args
 
 
@@ -362,14 +362,14 @@ async def show_command(
         sql.SQL("SELECT {cols} FROM {s}.commands WHERE command_id = %s").format(
             cols=sql.SQL(", ").join(map(sql.Identifier, COLUMNS)), s=s
         ),
-        [command_id],
+        [pg_text(command_id)],
     )
     events = await _fetch(
         conn,
         sql.SQL(
             "SELECT {cols} FROM {s}.events WHERE command_id = %s AND chain <> %s ORDER BY seq"
         ).format(cols=sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS)), s=s),
-        [command_id, REFUSALS_CHAIN],
+        [pg_text(command_id), REFUSALS_CHAIN],
     )
     return (view(rows[0]) if rows else None), [view(e) for e in events]
 

@@ -8,6 +8,8 @@ runs the audit tables' retention sweep. Verdicts (`timed_out`, `expired`) are re
 for every partition by atomic ledger scripts (ledger/verdicts.py; every gateway runs them too), so each command
 gets exactly one; they need Redis only and go on while PostgreSQL is away. The Redis
 streams are trimmed below what is stored (projections/retention.py) for held partitions.
+No entry can stop it: one it cannot decode or store is quarantined (projections/
+quarantine.py, projections/isolation.py) and it goes on with the next.
 
 It connects twice: once as the admin (DISPATCH_DATABASE_URL) to apply migrations, then
 as the writer role for everything else: DISPATCH_PROJECTOR_DATABASE_URL when set,
@@ -21,7 +23,6 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -36,13 +37,12 @@ from ledger.keys import PROJECTOR_GROUP
 from ledger.retention import RetentionConfig
 from ledger.store import Ledger
 from ledger.verdicts import VerdictConfig, VerdictLoop
-from projections import quarantine, schema
+from projections import isolation, quarantine, schema
 from projections.leases import Leases
 from projections.logs import LogReader, decode
-from projections.quarantine import UNSTORABLE, Quarantined
 from projections.retention import RetentionLoop
 from projections.schema import Roles
-from projections.writer import Applied, Entry, Gap, Writer, entry_key
+from projections.writer import Gap, Writer, entry_key
 
 log = logging.getLogger("projections.worker")
 
@@ -325,12 +325,14 @@ class Projector:
             fetched: list[str] = []
             before = self.progress.positions.get(stream)
             fetch = self._fetcher(reader, fetched)
-            applied = await self._guarded(
+            refusals = self._is_refusals(stream)
+            applied = await isolation.guarded(
                 writer,
                 reader,
                 stream,
-                writer.catch_up(stream, fetch, refusals=self._is_refusals(stream)),
+                writer.catch_up(stream, fetch, refusals=refusals),
                 upto="+",
+                refusals=refusals,
             )
             await self._settle(redis, stream, fetched, applied.new, applied.position)
             if not fetched or applied.position == before:
@@ -357,60 +359,10 @@ class Projector:
             bad=bad,
         )
         upto = max(ids, key=entry_key) if ids else "+"
-        applied = await self._guarded(writer, reader, stream, step, upto=upto)
+        applied = await isolation.guarded(
+            writer, reader, stream, step, upto=upto, refusals=self._is_refusals(stream)
+        )
         await self._settle(redis, stream, [*fetched, *ids], applied.new, applied.position)
-
-    async def _guarded(
-        self,
-        writer: Writer,
-        reader: LogReader,
-        stream: str,
-        step: Coroutine[Any, Any, Applied],
-        *,
-        upto: str,
-    ) -> Applied:
-        """Run one batch; when an entry's content fails it, store the entries one at a
-        time and quarantine the ones that cannot be stored (no event stops the worker)."""
-        try:
-            return await step
-        except Exception as exc:
-            if not quarantine.blames_entry(exc):
-                raise
-            log.warning(
-                "projector.batch.failed stream=%s error=%s; storing its entries one at a time",
-                stream,
-                quarantine.reason_of(exc),
-            )
-        return await self._isolate(writer, reader, stream, upto)
-
-    async def _isolate(self, writer: Writer, reader: LogReader, stream: str, upto: str) -> Applied:
-        """One bounded step from the stored position to `upto`, entry by entry."""
-        refusals = self._is_refusals(stream)
-        position = await writer.position(stream)
-        gap = await reader.fetch(stream, position, "+", upto=upto)
-        items: list[Entry | Quarantined] = [*gap.entries, *gap.bad]
-        items.sort(key=lambda item: entry_key(item.entry_id))
-        new = 0
-        for item in items:
-            if isinstance(item, Quarantined):
-                applied = await writer.apply(
-                    stream, [], reader.fetch, refusals=refusals, bad=[item]
-                )
-            else:
-                try:
-                    applied = await writer.apply(stream, [item], reader.fetch, refusals=refusals)
-                except Exception as exc:
-                    if not quarantine.blames_entry(exc):
-                        raise
-                    held = Quarantined(
-                        stream, item.entry_id, item.raw, UNSTORABLE, quarantine.reason_of(exc)
-                    )
-                    applied = await writer.apply(
-                        stream, [], reader.fetch, refusals=refusals, bad=[held]
-                    )
-            new += applied.new
-            position = applied.position
-        return Applied(new, position)
 
     async def _settle(
         self, redis: Redis, stream: str, ids: list[str], new: int, position: str

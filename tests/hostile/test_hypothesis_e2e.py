@@ -98,11 +98,11 @@ def test_arbitrary_text_never_stops_the_projector_verdicts_or_queries(
     assert site.edge is not None
     tag = uuid.uuid4().hex[:10]
     # A command with the text as `source` (accepted when 1-128 characters), whose edge
-    # answers `failed` with the text as error message.
+    # answers `failed` with the text as error message (and `short` as error code).
     answered = command(f"cmd_{tag}", edge_id=EDGE, source=text, unit=short)
     site.edge.replies[answered["command_id"]] = {
         "status": "failed",
-        "error": {"code": "write_failed", "message": text},
+        "error": {"code": short, "message": text},
     }
     silent = command(f"silent_{tag}", edge_id=EDGE, source=short)
     admitted = [b["command_id"] for b in (answered, silent) if post(site, b)[0] == 202]
@@ -110,6 +110,7 @@ def test_arbitrary_text_never_stops_the_projector_verdicts_or_queries(
     for field in ("command_id", "unit", "command_type", "timestamp"):
         post(site, command(**{field: text}))
     post(site, command(device_id=text, value=text))
+    post(site, command(channel=text, edge_id=text))
     frame_is_answered(site, text)
     edge_path_is_refused(site, text)
 

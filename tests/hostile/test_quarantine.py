@@ -13,14 +13,13 @@ import time
 import urllib.request
 from typing import Any
 
-import msgspec
 import psycopg
-from psycopg import sql
+from psycopg import AsyncConnection, sql
 
 from dispatch.settings import Settings
 from ledger.ids import new_event_id
 from ledger.store import Ledger
-from projections import loadgen
+from projections import loadgen, queries
 from schemas.errors import ErrorObject
 from schemas.events import Rejected
 
@@ -89,7 +88,7 @@ async def test_garbage_entries_are_quarantined_and_the_projector_goes_on(
 ) -> None:
     redis: Any = ledger.redis
     stream = ledger.keys.log(ledger.keys.partition("edge_00"))
-    await loadgen.generate(ledger, range(20), edge_ids=["edge_00"], offline=0)
+    await loadgen.generate(ledger, range(8), edge_ids=["edge_00"], offline=0)
     garbage = {str((await redis.xadd(stream, f)).decode()): (f, kind) for _, f, kind in GARBAGE}
     # A refusal whose edge id holds NUL is storable (escaped), not garbage.
     nul_refusal = Rejected(
@@ -102,7 +101,7 @@ async def test_garbage_entries_are_quarantined_and_the_projector_goes_on(
         stage="gateway",
     )
     await ledger.record_rejection(nul_refusal)
-    await loadgen.generate(ledger, range(20, 40), edge_ids=["edge_00"], offline=0)
+    await loadgen.generate(ledger, range(8, 16), edge_ids=["edge_00"], offline=0)
 
     metrics_port = free_port()
     projector = processes.dispatch(
@@ -144,9 +143,11 @@ async def test_garbage_entries_are_quarantined_and_the_projector_goes_on(
     code, out = run_cli(processes, "audit", "verify", "--fail-on-gaps")
     assert code == 1, out
 
-    code, out = run_cli(processes, "audit", "refusals", "--json")
-    assert code == 0, out
-    page = msgspec.json.decode(out[out.index("{") :])
-    [refusal] = [r for r in page["rejections"] if r["event_id"] == nul_refusal.event_id]
+    conn = await AsyncConnection.connect(DATABASE_URL, autocommit=True)
+    try:
+        page = await queries.list_refusals(conn, settings.namespace, queries.RefusalQuery(), None)
+    finally:
+        await conn.close()
+    [refusal] = [r for r in page.rows if r["event_id"] == nul_refusal.event_id]
     assert refusal["edge_id"] == "abc\\u0000def"
     assert refusal["error_message"] == "no token\\u0000"
