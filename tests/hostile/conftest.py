@@ -7,10 +7,10 @@ quiet about so that only a verdict can end them.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -18,9 +18,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from websockets.sync.client import ClientConnection, connect
+
+from dispatch import cli
 
 from support import (
     DATABASE_URL,
@@ -69,6 +72,19 @@ def ws_connect(url: str, token: str | None = None) -> ClientConnection:
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def audit(env: dict[str, str], *args: str) -> tuple[int, str]:
+    """`dispatch audit ...` through its real entry point, in this process with `env` (a
+    process start costs seconds on a loaded machine): exit code and output."""
+    out = io.StringIO()
+    with (
+        mock.patch.dict(os.environ, env, clear=True),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(out),
+    ):
+        code = cli.main(["audit", *args])
+    return code, out.getvalue()
 
 
 class AckingEdge:
@@ -152,15 +168,7 @@ class Site:
         return found
 
     def audit(self, *args: str) -> tuple[int, str]:
-        """`dispatch audit ...` as a real process: exit code and output."""
-        done = subprocess.run(
-            [sys.executable, "-m", "dispatch.cli", "audit", *args],
-            env=self.env,
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        return done.returncode, done.stdout.decode() + done.stderr.decode()
+        return audit(self.env, *args)
 
     def assert_projector_alive(self) -> None:
         assert self.projector is not None

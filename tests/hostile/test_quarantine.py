@@ -8,6 +8,7 @@ hostile writer would leave them) around commands the ledger wrote itself, and a 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.request
@@ -23,6 +24,7 @@ from projections import loadgen, queries
 from schemas.errors import ErrorObject
 from schemas.events import Rejected
 
+from .conftest import audit
 from support import DATABASE_URL, Processes, free_port, wait_until
 
 
@@ -77,14 +79,8 @@ def scrape(port: int) -> str:
         return str(resp.read().decode())
 
 
-def run_cli(processes: Processes, *args: str) -> tuple[int, str]:
-    proc = processes.dispatch("cli", *args)
-    code = proc.popen.wait(60)
-    return code, proc.log()
-
-
 async def test_garbage_entries_are_quarantined_and_the_projector_goes_on(
-    ledger: Ledger, settings: Settings, processes: Processes
+    ledger: Ledger, settings: Settings, processes: Processes, env: dict[str, str]
 ) -> None:
     redis: Any = ledger.redis
     stream = ledger.keys.log(ledger.keys.partition("edge_00"))
@@ -135,12 +131,12 @@ async def test_garbage_entries_are_quarantined_and_the_projector_goes_on(
     assert 'dispatch_projector_quarantined_total{kind="undecodable"} 5.0' in metrics, metrics
     assert 'dispatch_projector_quarantined_total{kind="unstorable"} 1.0' in metrics, metrics
 
-    code, out = run_cli(processes, "audit", "verify", "--commands")
+    code, out = await asyncio.to_thread(audit, env, "verify", "--commands")
     assert code == 0, out
     assert "audit chain intact" in out and "audit GAPS: 6 log entries quarantined" in out, out
     for entry_id in garbage:
         assert f"quarantined: stream {stream} entry {entry_id} (" in out, out
-    code, out = run_cli(processes, "audit", "verify", "--fail-on-gaps")
+    code, out = await asyncio.to_thread(audit, env, "verify", "--fail-on-gaps")
     assert code == 1, out
 
     conn = await AsyncConnection.connect(DATABASE_URL, autocommit=True)
