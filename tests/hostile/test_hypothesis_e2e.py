@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import InvalidHandshake
 
 from .conftest import EDGE, Site, close_site, open_site, ws_connect
-from support import command, drop_namespace, http, wait_until
+from support import command, drop_namespace, http
 
 ANY_CHAR = st.characters(codec=None, exclude_categories=())  # surrogates and controls too
 HOSTILE = st.one_of(
@@ -97,9 +97,10 @@ def test_arbitrary_text_never_stops_the_projector_verdicts_or_queries(
     site = e2e
     assert site.edge is not None
     tag = uuid.uuid4().hex[:10]
-    # A command with the text as `source` (accepted when 1-128 characters), whose edge
-    # answers `failed` with the text as error message (and `short` as error code).
-    answered = command(f"cmd_{tag}", edge_id=EDGE, source=text, unit=short)
+    # A command with the text as `source` (1-128 characters are accepted), whose edge
+    # answers `failed` with the text (up to 64 KiB) as error message, `short` as code.
+    source = text if 1 <= len(text) <= 128 else short
+    answered = command(f"cmd_{tag}", edge_id=EDGE, source=source, unit=short)
     site.edge.replies[answered["command_id"]] = {
         "status": "failed",
         "error": {"code": short, "message": text},
@@ -107,7 +108,7 @@ def test_arbitrary_text_never_stops_the_projector_verdicts_or_queries(
     silent = command(f"silent_{tag}", edge_id=EDGE, source=short)
     admitted = [b["command_id"] for b in (answered, silent) if post(site, b)[0] == 202]
     # The text in every other field of a command: each refused with a reason.
-    for field in ("command_id", "unit", "command_type", "timestamp"):
+    for field in ("command_id", "source", "unit", "command_type", "timestamp"):
         post(site, command(**{field: text}))
     post(site, command(device_id=text, value=text))
     post(site, command(channel=text, edge_id=text))
@@ -128,13 +129,14 @@ def test_arbitrary_text_never_stops_the_projector_verdicts_or_queries(
 
 
 def test_audit_command_line_after_the_hostile_examples(e2e: Site, tmp_path: Path) -> None:
-    """Runs after the examples above (same module site): every CLI query answers."""
+    """After the examples above (same site; also alone): every CLI query answers and
+    verify passes, naming any quarantined entry."""
     site = e2e
-    code, _, page = http("GET", f"{site.gw.http}/api/commands?limit=1", site.token())
-    assert code == 200 and page["commands"], page
-    wait_until(lambda: site.status(page["commands"][0]["command_id"]) in FINAL, 10)
+    body = command(f"cmd_{uuid.uuid4().hex[:12]}", edge_id=EDGE, source="\x00=\u2028")
+    assert post(site, body)[0] == 202
+    site.wait_projected(str(body["command_id"]), *FINAL)
     for args in (
-        ("show", page["commands"][0]["command_id"]),
+        ("show", str(body["command_id"])),
         ("export", "--format", "csv", "-o", str(tmp_path / "c.csv")),
         ("export", "--refusals", "--format", "json", "-o", str(tmp_path / "r.json")),
     ):
@@ -143,4 +145,6 @@ def test_audit_command_line_after_the_hostile_examples(e2e: Site, tmp_path: Path
     json.loads((tmp_path / "r.json").read_text())
     rc, out = site.audit("verify", "--commands")
     assert rc == 0 and "audit chain intact" in out, out[-3000:]
+    if "audit GAPS" in out:
+        assert "quarantined: stream " in out, out[-3000:]
     site.assert_projector_alive()
