@@ -285,7 +285,7 @@ async def _check_commands(
         if state is None or state.command is None:
             continue  # its `issued` event is past retention: nothing complete to compare
         checked += 1
-        row = stored.get(command_id)
+        row = stored.get(pg_text(command_id))  # stored ids are escaped like all text
         if row is None:
             result.breaks.append(Break(check.chain, 0, "", f"command {command_id} has no row"))
             return checked
