@@ -147,6 +147,10 @@ class Site:
     def dashboard(self, token: str | None = None) -> ClientConnection:
         return ws_connect(f"{self.gw.ws}/ws/dashboard", token or self.token())
 
+    def prober(self) -> ClientConnection:
+        """A dashboard of a user with no grants: it gets only the answers to its frames."""
+        return self.dashboard(self.token(user="prober", control=[], view=[]))
+
     def status(self, command_id: str) -> str | None:
         code, _, body = http("GET", f"{self.gw.http}/api/commands/{command_id}", self.token())
         return str(body["status"]) if code == 200 else None

@@ -66,8 +66,7 @@ def get_text(site: Site, path: str) -> str:
 
 
 def frame_is_answered(site: Site, text: str) -> None:
-    # A user with no grants: the only frames it gets are the answers to its own.
-    dash = site.dashboard(site.token(user="prober", control=[], view=[]))
+    dash = site.prober()
     try:
         if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
             dash.send(text.encode("utf-8", "surrogatepass"))  # not UTF-8: only as binary

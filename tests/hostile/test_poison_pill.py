@@ -80,7 +80,7 @@ def test_refusals_holding_nul_keep_the_history_readable(site: Site) -> None:
         ws_connect(f"{site.gw.ws}/ws/edge/abc%00def").close()
     # A signed-in user sending a text frame with NUL: answered `rejected`, and audited.
     marker = uuid.uuid4().hex[:8]
-    dash = site.dashboard()
+    dash = site.prober()
     try:
         dash.send(f"abc\u0000def {marker}")
         reply = json.loads(dash.recv(timeout=10))
@@ -117,7 +117,7 @@ def test_csv_cells_that_would_run_as_formulas_are_neutralised(site: Site) -> Non
     ids = {submit(site, source=text): text for text in FORMULAS}
     negative = submit(site, value=-5000, source="plain")
     marker = uuid.uuid4().hex[:8]
-    dash = site.dashboard()
+    dash = site.prober()
     try:
         dash.send(f'=HYPERLINK("http://x") {marker}')
         assert json.loads(dash.recv(timeout=10))["status"] == "rejected"

@@ -12,10 +12,14 @@ import asyncio
 import json
 import time
 import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg import AsyncConnection, sql
+from redis.asyncio import Redis
 
 from dispatch.settings import Settings
 from ledger.ids import new_event_id
@@ -77,6 +81,19 @@ def stored_entries(namespace: str) -> set[str]:
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         return str(resp.read().decode())
+
+
+@pytest.fixture
+async def ledger(settings: Settings) -> AsyncIterator[Ledger]:
+    """An hour's ack timeout: no verdict may append to the logs while verify reads them."""
+    client = Redis.from_url(settings.redis_url)
+    led = Ledger(
+        client, replace(settings.ledger(), ack_timeout_ms=3_600_000), url=settings.redis_url
+    )
+    await led.start()
+    yield led
+    await led.close()
+    await client.aclose()
 
 
 async def test_garbage_entries_are_quarantined_and_the_projector_goes_on(
