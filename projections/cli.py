@@ -300,7 +300,10 @@ async def _audit_export(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _audit_verify(settings: Settings, args: argparse.Namespace) -> int:
-    async with _reader(settings) as conn:
+    async with _reader(settings) as conn, conn.transaction():
+        # One snapshot: chain heads, links and gaps as of the same moment, whatever a
+        # running projector commits meanwhile.
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         result = await verify.verify(
             conn, settings.namespace, chain=args.edge, commands=args.commands
         )
