@@ -110,6 +110,9 @@ class Settings:
     log_transitions: bool = True  # one `command.transition` line per lifecycle event
     metrics_interval_s: float = 15.0
     metrics_top_edges: int = 0
+    # The projector's own Prometheus endpoint (127.0.0.1:PORT/metrics; 0 = not served):
+    # quarantined log entries are counted there (docs/audit.md).
+    projector_metrics_port: int = 0
 
     def __post_init__(self) -> None:
         for name, scheme in (
@@ -149,6 +152,11 @@ class Settings:
             raise SettingsError(
                 f"DISPATCH_METRICS_TOP_EDGES={self.metrics_top_edges} must be 0..1000: it bounds "
                 "how many per-edge series /metrics carries"
+            )
+        if not 0 <= self.projector_metrics_port <= 65535:
+            raise SettingsError(
+                f"DISPATCH_PROJECTOR_METRICS_PORT={self.projector_metrics_port} must be a port "
+                "(1-65535), or 0 to serve no metrics"
             )
         if self.port > 65535:
             raise SettingsError(f"DISPATCH_PORT must be at most 65535, got {self.port}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from gateway.headers import SecurityHeaders
 from gateway.lifecycle_metrics import TRANSITION_LOGGER, LifecycleMetrics
 from gateway.observer import Observer, ObserverConfig
 from gateway.state import GatewayState
+from ledger.verdicts import VerdictLoop
 
 
 def create_app(settings: Settings, admission: Admission | None = None) -> Starlette:
@@ -32,9 +34,14 @@ def create_app(settings: Settings, admission: Admission | None = None) -> Starle
             logging.getLogger(TRANSITION_LOGGER).setLevel(logging.WARNING)
         observer = observer_for(settings, state)
         observer.start()
+        # Verdicts need Redis only: every gateway reaches them, whatever the audit does.
+        loop = VerdictLoop(state.ledger, f"gateway:{state.gateway_id}", process="gateway")
+        verdicts = asyncio.create_task(loop.run(), name="verdicts")
         try:
             yield
         finally:
+            verdicts.cancel()
+            await asyncio.gather(verdicts, return_exceptions=True)
             await observer.stop()
             await state.close()
 
