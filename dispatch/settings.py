@@ -82,6 +82,13 @@ class Settings:
     projector_database_url: str = ""
     db_role_prefix: str = ""
     audit_retention_days: int = 400
+    # The hot path (docs/protocol.md, docs/performance.md). A frame the ledger cannot
+    # handle within `ledger_wait_s` (Redis down or slow) is answered `unavailable` then.
+    ledger_wait_s: float = 2.0
+    # Commands handed to one edge and not yet accepted by it; the rest waits in Redis.
+    edge_inflight: int = 32
+    # Commands one dashboard session follows (sent or subscribed) at most; oldest go first.
+    follow_limit: int = 10_000
 
     def __post_init__(self) -> None:
         for name, scheme in (
@@ -123,6 +130,8 @@ class Settings:
             "jwt_max_lifetime_s",
             "edge_max_lifetime_s",
             "outbox_frames",
+            "edge_inflight",
+            "follow_limit",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(
@@ -132,6 +141,11 @@ class Settings:
             raise SettingsError(
                 f"DISPATCH_JWT_LEEWAY_S={self.jwt_leeway_s} must be between 0 and 300 seconds; "
                 "a leeway is for clock skew, not for extending tokens"
+            )
+        if not 0 < self.ledger_wait_s <= 60:
+            raise SettingsError(
+                f"DISPATCH_LEDGER_WAIT_S={self.ledger_wait_s} must be above 0 and at most 60 "
+                "seconds (how long a frame may wait for Redis before it is answered unavailable)"
             )
         self._check_algorithms()
         self._check_rates()

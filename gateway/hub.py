@@ -12,23 +12,28 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
+from datetime import UTC, datetime
 
 import msgspec
 
 from gateway import metrics
+from gateway.follows import Follows
 from gateway.grants import GrantCache
 from gateway.revocations import Revocations
 from gateway.sessions import CloseCode, DashboardSession, EdgeSession, Outbox
+from ledger import lifecycle
 from ledger.connection import AnyRedis, is_cluster
 from ledger.ids import new_event_id
 from ledger.store import EVENT_DECODER, Ledger
 from ledger.tail import StreamTail
 from schemas.errors import ErrorCode, error
-from schemas.events import Event, Rejected, Routed, status_of
+from schemas.events import Event, Rejected, Routed, Status, status_of
 from schemas.messages import StatusUpdate, iso_ms
 
 log = logging.getLogger("gateway.hub")
+# Statuses of a command that still holds a place in its edge's flight.
+_IN_FLIGHT = frozenset({Status.ISSUED, Status.AUTHORIZED, Status.QUEUED, Status.ROUTED})
 _encode = msgspec.json.Encoder().encode
 
 
@@ -54,6 +59,8 @@ class Hub:
         gateway_id: str,
         *,
         revocations: Revocations | None = None,
+        follow_limit: int = 10_000,
+        edge_inflight: int = 32,
     ) -> None:
         self.ledger = ledger
         self.grants = grants
@@ -64,11 +71,11 @@ class Hub:
         # Who may watch what, indexed so an event costs O(its viewers), not O(dashboards).
         self._watchers: dict[str, set[DashboardSession]] = {}
         self._watch_all: set[DashboardSession] = set()
+        # Senders and subscribers of each command, answered whatever their views.
+        self.follows = Follows(follow_limit)
+        self.edge_inflight = edge_inflight
         self._tail_redis = tail_redis
         self._dirty: set[str] = set()
-        # Edges whose last delivery failed: the script may have run (entries now pending)
-        # with its reply lost, so the retry reclaims pending entries too.
-        self._reclaim: set[str] = set()
         self._dirty_signal = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -115,6 +122,7 @@ class Hub:
     def remove_dashboard(self, dash: DashboardSession) -> None:
         self.dashboards.discard(dash)
         self._unindex(dash)
+        self.follows.forget(dash)
         metrics.DASHBOARDS.set(len(self.dashboards))
 
     def _unindex(self, dash: DashboardSession) -> None:
@@ -150,7 +158,7 @@ class Hub:
         replaced = await self.ledger.connect_edge(session.edge_id, session.owner)
         if replaced:
             log.info("edge.session.replaced edge_id=%s previous=%s", session.edge_id, replaced)
-        await self._deliver(session, claim=True)
+        await self._deliver(session)
         session.ready = True
         self.want_delivery(session.edge_id)
 
@@ -173,34 +181,49 @@ class Hub:
             dirty, self._dirty = self._dirty, set()
             sessions = [s for e in dirty if (s := self.edges.get(e)) is not None and s.ready]
             results = await asyncio.gather(
-                *(self._deliver(s, claim=s.edge_id in self._reclaim) for s in sessions),
-                return_exceptions=True,
+                *(self._deliver(s) for s in sessions), return_exceptions=True
             )
-            failed = {s for s, r in zip(sessions, results, strict=True) if isinstance(r, Exception)}
-            for session in sessions:
-                if session not in failed:
-                    self._reclaim.discard(session.edge_id)
+            failed = [s for s, r in zip(sessions, results, strict=True) if isinstance(r, Exception)]
             for session in failed:
                 log.warning("edge.delivery.failed edge_id=%s", session.edge_id)
                 # Its reply may have been lost after Redis handed entries out: reclaim them.
-                self._reclaim.add(session.edge_id)
+                session.claim_cursor = "0-0"
             if failed:
                 await asyncio.sleep(0.2)  # Redis trouble: retry those shortly, not in a hot loop
                 for session in failed:
                     self.want_delivery(session.edge_id)
 
-    async def _deliver(self, session: EdgeSession, *, claim: bool) -> None:
-        deliveries = await self.ledger.deliver(session.edge_id, session.owner, claim=claim)
-        if deliveries is None:
+    async def _deliver(self, session: EdgeSession) -> None:
+        """Send what the edge has room for (flow control); the rest waits in Redis."""
+        room = self.edge_inflight - len(session.unacked)
+        if room <= 0:
+            session.more = True
+            return
+        count = min(room, self.ledger.config.delivery_batch)
+        got = await self.ledger.deliver_some(
+            session.edge_id, session.owner, cursor=session.claim_cursor, count=count
+        )
+        if got is None:
             # Another session owns the edge now (this one was replaced or expired).
             session.outbox.close(CloseCode.REPLACED, "another connection owns this edge now")
             return
+        deliveries, session.claim_cursor = got
+        now = datetime.now(UTC)
         for delivery in deliveries:
-            if not session.outbox.put(delivery.frame().decode()):
+            if not session.outbox.put(delivery.frame(now).decode()):
                 break
+            session.unacked.add(delivery.command_id)
             metrics.DELIVERIES.inc()
-        if len(deliveries) >= self.ledger.config.delivery_batch:
+        session.more = len(deliveries) >= count or session.claim_cursor != ""
+        if session.more and len(session.unacked) < self.edge_inflight:
             self.want_delivery(session.edge_id)  # more waiting beyond this batch
+
+    def settled(self, session: EdgeSession, command_id: str) -> None:
+        """The edge accepted (or finished) a command: its place in flight is free."""
+        if command_id in session.unacked:
+            session.unacked.discard(command_id)
+            if session.more:
+                self.want_delivery(session.edge_id)
 
     # -- the ledger tail ---------------------------------------------------------------------
     async def _follow(self, tail: StreamTail) -> None:
@@ -219,14 +242,26 @@ class Hub:
             self.want_delivery(event.edge_id)
         if isinstance(event, Rejected) and event.stage == "gateway":
             return  # answered to the submitter directly
-        metrics.EVENTS.labels(status_of(event).value).inc()
-        self.broadcast(event.edge_id, _encode(status_update(event)).decode())
+        status = status_of(event)
+        if status not in _IN_FLIGHT and (edge := self.edges.get(event.edge_id)) is not None:
+            self.settled(edge, event.command_id)  # e.g. timed out: free its place
+        metrics.EVENTS.labels(status.value).inc()
+        frame = _encode(status_update(event)).decode()
+        viewers = self.broadcast(event.edge_id, frame)
+        for dash in self.follows.of(event.command_id):
+            if dash not in viewers:  # a viewer already has it: one frame per session
+                dash.outbox.put(frame)
+        if status in lifecycle.TERMINAL:
+            self.follows.settled(event.command_id)
 
-    def broadcast(self, edge_id: str, frame: str) -> None:
-        for dash in self._viewers(edge_id):
+    def broadcast(self, edge_id: str, frame: str) -> AbstractSet[DashboardSession]:
+        """Send `frame` to the edge's viewers; returns them."""
+        viewers = self._viewers(edge_id)
+        for dash in viewers:
             dash.outbox.put(frame)
+        return viewers
 
-    def _viewers(self, edge_id: str) -> Iterable[DashboardSession]:
+    def _viewers(self, edge_id: str) -> AbstractSet[DashboardSession]:
         watchers = self._watchers.get(edge_id)
         if not watchers:
             return self._watch_all

@@ -144,6 +144,8 @@ class DashboardSession:
     session_id: str = field(default_factory=_session_id)
     views_all: bool = False
     views: frozenset[str] = frozenset()
+    # Commands this session sent or subscribed to, oldest first (see gateway/follows.py).
+    following: dict[str, None] = field(default_factory=dict)
 
     def may_view(self, edge_id: str) -> bool:
         return self.views_all or edge_id in self.views
@@ -156,6 +158,11 @@ class EdgeSession:
     owner: str  # "gateway_id|session_id": the presence value in Redis
     outbox: Outbox
     ready: bool = False  # set once the reconnect backlog has been handed over
+    # Flow control (gateway/hub.py): commands sent and not yet accepted by the edge.
+    unacked: set[str] = field(default_factory=set)
+    # Where reclaiming an earlier session's unacknowledged entries goes on ('' = done).
+    claim_cursor: str = "0-0"
+    more: bool = False  # the last delivery stopped at the in-flight bound
 
     @property
     def edge_id(self) -> str:

@@ -64,7 +64,15 @@ class GatewayState:
         revocations = Revocations(redis, ledger.keys)
         async with translated("loading revoked tokens", settings.redis_url):
             await revocations.poll()
-        hub = Hub(ledger, grants, tail_redis, gateway_id, revocations=revocations)
+        hub = Hub(
+            ledger,
+            grants,
+            tail_redis,
+            gateway_id,
+            revocations=revocations,
+            follow_limit=settings.follow_limit,
+            edge_inflight=settings.edge_inflight,
+        )
         await hub.start()
         limiter = RateLimiter(ledger.batcher, ledger.keys, rate_limits(settings))
         intake = Intake(
@@ -75,6 +83,7 @@ class GatewayState:
             clock_skew_s=settings.clock_skew_s,
             limiter=limiter,
             revocations=revocations,
+            ledger_wait_s=settings.ledger_wait_s,
         )
         pg = AsyncConnectionPool(
             settings.database_url,
