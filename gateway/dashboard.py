@@ -27,6 +27,7 @@ from gateway.sessions import (
     ws_hard_limit_bytes,
 )
 from gateway.state import GatewayState
+from ledger.errors import LedgerUnavailable
 from ledger.ordering import InOrder, Turn
 from schemas.errors import ErrorCode, error
 from schemas.messages import StatusUpdate, Subscribed
@@ -48,6 +49,9 @@ async def dashboard_endpoint(ws: WebSocket) -> None:
         user = await state.authenticate_user(ws, token)
     except AuthError as exc:
         await refuse(ws, 401, "unauthenticated", str(exc))
+        return
+    except LedgerUnavailable as exc:  # the token cannot be checked now: say so, not 500
+        await refuse(ws, 503, ErrorCode.UNAVAILABLE, str(exc))
         return
     await ws.accept(subprotocol=subprotocol)
     dash = DashboardSession(ws=ws, user=user, outbox=Outbox(ws, state.outbox_limit))

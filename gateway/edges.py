@@ -16,6 +16,7 @@ from gateway.handshake import credentials, refuse
 from gateway.intake import failure
 from gateway.sessions import EdgeSession, Outbox, protocol_refusal, ws_hard_limit_bytes
 from gateway.state import GatewayState
+from ledger.errors import LedgerUnavailable
 from ledger.keys import SAFE_ID
 from ledger.ordering import InOrder, Turn
 from ledger.store import TransitionResult
@@ -47,6 +48,9 @@ async def edge_endpoint(ws: WebSocket) -> None:
         identity = await state.authenticate_edge(ws, token, edge_id)
     except AuthError as exc:
         await refuse(ws, 401, "unauthenticated", str(exc))
+        return
+    except LedgerUnavailable as exc:  # the credential cannot be checked now: say so, not 500
+        await refuse(ws, 503, ErrorCode.UNAVAILABLE, str(exc))
         return
     await ws.accept()
     owner = f"{state.gateway_id}|{uuid.uuid4().hex[:16]}"

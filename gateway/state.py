@@ -128,7 +128,9 @@ class GatewayState:
         log.info("gateway.stopped gateway_id=%s", self.gateway_id)
 
     async def check_not_revoked(self, jti: str) -> None:
-        await self.revocations.check(jti)
+        """AuthError if revoked; LedgerUnavailable when Redis cannot say (fail closed)."""
+        async with translated("checking token revocations", self.settings.redis_url):
+            await self.revocations.check(jti)
 
     async def authenticate_user(self, conn: HTTPConnection, token: str | None) -> User:
         """The user behind `token`, or AuthError (the refusal is in the audit stream)."""
