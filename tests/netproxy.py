@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import threading
 from dataclasses import dataclass, field
 
 
@@ -32,12 +33,38 @@ class NetProxy:
     _server: asyncio.Server | None = None
     _links: set[asyncio.Task[None]] = field(default_factory=set)
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
-    reply_dropped: asyncio.Event = field(default_factory=asyncio.Event)
+    reply_dropped: threading.Event = field(default_factory=threading.Event)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
 
     async def start(self) -> NetProxy:
         self._server = await asyncio.start_server(self._accept, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
+        self._loop = asyncio.get_running_loop()
         return self
+
+    def start_in_thread(self) -> NetProxy:
+        """Serve from a thread of its own, so blocking test code cannot stall the proxy."""
+        ready = threading.Event()
+        loop = asyncio.new_event_loop()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(self.start())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self.stop())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="netproxy", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop_thread(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -50,7 +77,8 @@ class NetProxy:
     # -- modes ---------------------------------------------------------------------------
     def cut(self) -> None:
         self._cut = True
-        self._reset_all()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._reset_all)
 
     def blackhole(self) -> None:
         self._blackhole = True
