@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -40,3 +42,14 @@ def create_app(settings: Settings) -> Starlette:
         WebSocketRoute("/ws/edge/{edge_id}", edge_endpoint),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+def create_worker_app() -> Starlette:
+    """App factory for `dispatch gateway --workers N`: each worker process builds its own
+    app from the environment; a named gateway gets one id per worker (`NAME-wPID`)."""
+    # A spawned worker did not run `dispatch`'s main: log the same way it does.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = Settings.from_env()
+    if settings.gateway_id:
+        settings = settings.with_overrides(gateway_id=f"{settings.gateway_id}-w{os.getpid()}")
+    return create_app(settings)
