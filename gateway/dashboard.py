@@ -80,9 +80,7 @@ async def _read_commands(state: GatewayState, dash: DashboardSession) -> None:
     async def handle(raw: bytes, binary: bool, turn: Turn) -> None:
         """Answer one frame, whatever happens (a failure is answered too)."""
         try:
-            # A backstop: the intake answers `unavailable` after the wait itself.
-            async with asyncio.timeout(state.settings.ledger_wait_s * 1.5):
-                answer = await _answer(state, dash, raw, binary, turn)
+            answer = await _answer(state, dash, raw, binary, turn)
         except Exception as exc:  # a failure or a silent ledger: say so, keep the session
             turn.passed()
             answer = intake.unanswered(raw, user.actor, exc).reply
@@ -120,18 +118,9 @@ async def _answer(
         # behind its command must find it.
         await turn.wait()
         turn.passed()
-        if subscriptions.is_subscribe(raw):
-            try:
-                frame = subscriptions.SUBSCRIBE_DECODER.decode(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                err = error(
-                    ErrorCode.INVALID_COMMAND,
-                    f'invalid subscribe frame: {exc}; send {{"type": "subscribe", '
-                    '"command_ids": [...]}} with 1 to 256 command ids',
-                )
-                return (await state.intake.reject(raw, dash.user.actor, err)).reply
-            return await subscriptions.subscribe(state.ledger, follows, dash, frame)
-        return (await cancels.answer_frame(state, dash.user, raw)).reply
+        # Commands are bounded by the intake's own wait (one timer per frame is enough).
+        async with asyncio.timeout(state.settings.ledger_wait_s):
+            return await _control(state, dash, raw)
     newly: list[str] = []
 
     def follow(command_id: str) -> None:
@@ -149,3 +138,21 @@ async def _answer(
     if outcome.admitted:
         return None  # answered by its lifecycle statuses (issued first), sent to the follower
     return outcome.reply
+
+
+async def _control(
+    state: GatewayState, dash: DashboardSession, raw: bytes
+) -> StatusUpdate | Subscribed:
+    """Answer a `subscribe` or `cancel` frame."""
+    if not subscriptions.is_subscribe(raw):
+        return (await cancels.answer_frame(state, dash.user, raw)).reply
+    try:
+        frame = subscriptions.SUBSCRIBE_DECODER.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        err = error(
+            ErrorCode.INVALID_COMMAND,
+            f'invalid subscribe frame: {exc}; send {{"type": "subscribe", '
+            '"command_ids": [...]}} with 1 to 256 command ids',
+        )
+        return (await state.intake.reject(raw, dash.user.actor, err)).reply
+    return await subscriptions.subscribe(state.ledger, state.hub.follows, dash, frame)
