@@ -127,6 +127,7 @@ async def _acknowledge(state: GatewayState, session: EdgeSession, raw: bytes, tu
         )
         session.outbox.put(_encode(notice).decode())
         return
+    session.acknowledges = True  # from now on its acks pace its deliveries
     state.hub.settled(session, ack.command_id)
     session.outbox.put(_encode(_notice(session.edge_id, ack, result)).decode())
 

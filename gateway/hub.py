@@ -152,6 +152,7 @@ class Hub:
         """Take the edge's presence and hand it everything waiting for it."""
         previous_local = self.edges.get(session.edge_id)
         self.edges[session.edge_id] = session
+        session.outbox.on_drained = lambda: self.drained(session)
         metrics.EDGES.set(len(self.edges))
         if previous_local is not None and previous_local is not session:
             previous_local.outbox.close(CloseCode.REPLACED, "replaced by a newer connection")
@@ -194,8 +195,15 @@ class Hub:
                     self.want_delivery(session.edge_id)
 
     async def _deliver(self, session: EdgeSession) -> None:
-        """Send what the edge has room for (flow control); the rest waits in Redis."""
+        """Send only what the edge's link can drain; the rest waits in Redis.
+
+        Up to `edge_inflight` commands may be sent and not yet accepted. An edge that
+        has not acknowledged anything in this session cannot pace by its acks: it gets
+        more whenever its socket has written everything it was given.
+        """
         room = self.edge_inflight - len(session.unacked)
+        if room <= 0 and not session.acknowledges and session.outbox.idle:
+            room = self.edge_inflight
         if room <= 0:
             session.more = True
             return
@@ -217,6 +225,11 @@ class Hub:
         session.more = len(deliveries) >= count or session.claim_cursor != ""
         if session.more and len(session.unacked) < self.edge_inflight:
             self.want_delivery(session.edge_id)  # more waiting beyond this batch
+
+    def drained(self, session: EdgeSession) -> None:
+        """The edge's socket wrote everything queued: what waits in Redis may follow."""
+        if session.more:
+            self.want_delivery(session.edge_id)
 
     def settled(self, session: EdgeSession, command_id: str) -> None:
         """The edge accepted (or finished) a command: its place in flight is free."""

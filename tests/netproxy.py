@@ -26,6 +26,7 @@ class NetProxy:
     port: int = 0
     delay_s: float = 0.0
     throttle_bytes_per_s: int = 0
+    receive_buffer_bytes: int = 0  # SO_RCVBUF of the client-facing sockets (0: kernel's)
     dropped_replies: int = 0
     _cut: bool = False
     _blackhole: bool = False
@@ -38,7 +39,14 @@ class NetProxy:
     _thread: threading.Thread | None = None
 
     async def start(self) -> NetProxy:
-        self._server = await asyncio.start_server(self._accept, self.host, self.port)
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.receive_buffer_bytes:
+            # Inherited by accepted sockets: a slow link must push back on the sender
+            # instead of vanishing into megabytes of autotuned kernel buffer.
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer_bytes)
+        listener.bind((self.host, self.port))
+        self._server = await asyncio.start_server(self._accept, sock=listener)
         self.port = self._server.sockets[0].getsockname()[1]
         self._loop = asyncio.get_running_loop()
         return self

@@ -56,6 +56,12 @@ async def test_an_edge_gets_only_what_it_has_room_for_and_waiting_is_no_timeout(
     edge = await Edge().connect(gw, EDGE)
     dash = await Dashboard().connect(gw, user_token("op", control=[EDGE]))
     try:
+        # An edge paces its deliveries once it acknowledges: this one has.
+        warmup = command(edge_id=EDGE, channel="Warmup")
+        await dash.send(warmup)
+        await edge.command(0)
+        await edge.ack(warmup["command_id"], "executed")
+        await dash.status(warmup["command_id"], "executed")
         ids = []
         for i in range(10):
             body = command(edge_id=EDGE, channel=f"C{i}")
@@ -63,7 +69,7 @@ async def test_an_edge_gets_only_what_it_has_room_for_and_waiting_is_no_timeout(
             await dash.send(body)
         for cid in ids:
             await dash.status(cid, "routed")
-        await edge.command(INFLIGHT - 1)
+        await edge.command(INFLIGHT)
         assert handed_out(processes.env, ids) == INFLIGHT
         # Past the ack timeout: the four sent and unanswered time out, the six waiting
         # in Redis do not (no ack is due before a command is sent) ...
@@ -71,14 +77,14 @@ async def test_an_edge_gets_only_what_it_has_room_for_and_waiting_is_no_timeout(
         for cid in ids[:INFLIGHT]:
             await dash.status(cid, "timed_out")
         # ... and the freed places go to the next ones, in order.
-        await edge.command(2 * INFLIGHT - 1)
+        await edge.command(2 * INFLIGHT)
         assert handed_out(processes.env, ids) == 2 * INFLIGHT
         # Each `accepted` frees one place.
         await edge.ack(ids[INFLIGHT], "accepted")
-        await edge.command(2 * INFLIGHT)
-        await edge.ack(ids[INFLIGHT + 1], "accepted")
         await edge.command(2 * INFLIGHT + 1)
-        assert [c["command_id"] for c in edge.commands] == ids
+        await edge.ack(ids[INFLIGHT + 1], "accepted")
+        await edge.command(2 * INFLIGHT + 2)
+        assert [c["command_id"] for c in edge.commands] == [warmup["command_id"], *ids]
         for frame in edge.commands:
             assert datetime.fromisoformat(frame["sent_at"]).tzinfo is not None
             assert 0 < frame["remaining_ms"] <= 300_000  # expiry_sec 300

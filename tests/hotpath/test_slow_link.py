@@ -17,8 +17,11 @@ from ledger.store import Ledger
 from support import Gateway, Processes, command, user_token
 
 EDGE = "hot_slow_edge"
-COMMANDS = 300
-LINK_BYTES_PER_S = 30_000  # 300 frames of ~600 bytes: ~6 s of link, 3x the ack timeout
+COMMANDS = 600
+# 600 frames of ~600 bytes: ~12 s of link, over twice the ack timeout; what the gateway
+# lets wait in its socket (the transport's 64 KiB high-water mark) drains in ~2.5 s.
+LINK_BYTES_PER_S = 30_000
+ACK_TIMEOUT_MS = 5000
 
 
 def rss_kib(pid: int) -> int:
@@ -44,11 +47,11 @@ async def verdicts_forever(env: dict[str, str]) -> None:
 
 
 async def test_a_throttled_edge_link_delays_commands_and_loses_none(processes: Processes) -> None:
-    processes.env["DISPATCH_ACK_TIMEOUT_MS"] = "2000"
+    processes.env["DISPATCH_ACK_TIMEOUT_MS"] = str(ACK_TIMEOUT_MS)
     processes.env["DISPATCH_SOCKET_SEND_BUFFER_BYTES"] = "8192"
     enroll(processes.env, EDGE)
     gw = processes.gateway()
-    proxy = NetProxy("127.0.0.1", gw.port).start_in_thread()
+    proxy = NetProxy("127.0.0.1", gw.port, receive_buffer_bytes=8192).start_in_thread()
     proxy.throttle(LINK_BYTES_PER_S)
     verdicts = asyncio.create_task(verdicts_forever(processes.env))
     edge = await Edge().connect(Gateway(gw.proc, proxy.port), EDGE)
