@@ -101,7 +101,8 @@ async def _acknowledge(state: GatewayState, session: EdgeSession, raw: bytes, tu
         turn.passed()
         metrics.ACKS.labels("invalid", "refused").inc()
         notice = EdgeNotice(
-            error=ErrorObject(code="invalid_ack", message=f"unreadable acknowledgment: {exc}")
+            type="ack_refused",
+            error=ErrorObject(code="invalid_ack", message=f"unreadable acknowledgment: {exc}"),
         )
         session.outbox.put(_encode(notice).decode())
         return
@@ -147,6 +148,7 @@ def _notice(edge_id: str, ack: Ack, result: TransitionResult) -> EdgeNotice:
     if result.unknown:
         metrics.ACKS.labels(ack.status, "unknown").inc()
         return EdgeNotice(
+            type="ack_refused",
             command_id=ack.command_id,
             error=ErrorObject(
                 code="unknown_command", message=f"no command {ack.command_id!r} for this edge"
@@ -164,6 +166,7 @@ def _notice(edge_id: str, ack: Ack, result: TransitionResult) -> EdgeNotice:
     if ack.status in ("accepted", result.previous):
         return EdgeNotice(type="ack_recorded", command_id=ack.command_id, status=result.previous)
     return EdgeNotice(
+        type="ack_refused",
         command_id=ack.command_id,
         status=result.previous,
         error=ErrorObject(
