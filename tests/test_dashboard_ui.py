@@ -34,6 +34,8 @@ async def scripted_edge(url: str, stop: asyncio.Event) -> list[dict[str, object]
                 msg = json.loads(await asyncio.wait_for(ws.recv(), 0.2))
             except TimeoutError:
                 continue
+            if "type" in msg:
+                continue  # a notice about an ack (ack_recorded), not a command
             got.append(msg)
             await ws.send(json.dumps({"command_id": msg["command_id"], "status": "accepted"}))
             await ws.send(
