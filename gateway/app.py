@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -77,3 +78,14 @@ def observer_for(settings: Settings, state: GatewayState) -> Observer:
     return Observer(
         state.redis, state.ledger.keys, config, pg=state.pg, connected_edges=state.hub.edges.keys
     )
+
+
+def create_worker_app() -> Starlette:
+    """App factory for `dispatch gateway --workers N`: each worker process builds its own
+    app from the environment; a named gateway gets one id per worker (`NAME-wPID`)."""
+    # A spawned worker did not run `dispatch`'s main: log the same way it does.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = Settings.from_env()
+    if settings.gateway_id:
+        settings = settings.with_overrides(gateway_id=f"{settings.gateway_id}-w{os.getpid()}")
+    return create_app(settings)
