@@ -70,6 +70,11 @@ async def test_redis_outage_answers_every_frame_and_keeps_the_edge_ack(
         refused = await dash.status(during["command_id"], "rejected", timeout_s=5)
         assert refused["error"]["code"] == "unavailable"
         assert time.monotonic() - sent_at < 4.0
+        # The HTTP intake says the same: 503 with the code, never a bare 500.
+        code, _, reply = await asyncio.to_thread(
+            http, "POST", f"{gw.http}/api/commands", token, command(edge_id=EDGE)
+        )
+        assert code == 503 and reply["error"]["code"] == "unavailable", (code, reply)
 
         await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))  # the outage
         servers.append(start_redis(port, data))
