@@ -142,8 +142,9 @@ async def replay(live_settings: Settings, options: ReplayOptions) -> Report:
             try:
                 async with _ledger(redis, config, live_settings.redis_url) as ledger:
                     log.info(
-                        "replay.sandbox.starting namespace=%s commands=%d actions=%d",
+                        "replay.sandbox.starting namespace=%s workdir=%s commands=%d actions=%d",
                         sandbox.namespace,
+                        sandbox.workdir,
                         len(window.commands),
                         len(schedule.actions),
                     )

@@ -95,7 +95,6 @@ def plan(window: Window) -> Plan:
     for event in window.timeline:
         cid = event.command_id
         state = states.get(cid)
-        status = status_of(event)
         others = _gates(states, skip=cid)
         if isinstance(event, Issued):
             offline = admitted_offline.get(cid, False)
@@ -112,7 +111,7 @@ def plan(window: Window) -> Plan:
         elif (
             cid in holds
             and cid not in released
-            and status in ACKED
+            and from_edge(event)
             and state is not None
             and state.status in lifecycle.VERDICTS
         ):
@@ -135,7 +134,12 @@ def _shows_online(event: Event, state: CommandState | None) -> bool:
     """A backlog delivery, a redelivery or anything from the edge: it is connected."""
     if isinstance(event, Routed):
         return event.delivery > 1 or (state is not None and state.status is S.QUEUED)
-    return status_of(event) in ACKED and not getattr(event, "late", False)
+    return from_edge(event) and not getattr(event, "late", False)
+
+
+def from_edge(event: Event) -> bool:
+    """An acknowledgment the edge sent (the cloud's own failures, e.g. superseded, are not)."""
+    return status_of(event) in ACKED and event.actor == f"edge:{event.edge_id}"
 
 
 def _admitted_offline(timeline: Sequence[Event]) -> dict[str, bool]:

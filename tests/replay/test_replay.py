@@ -1,4 +1,4 @@
-"""`dispatch replay`: a recorded incident re-run against a sandboxed simulated edge."""
+"""`dispatch replay`: the audit-table fallback, an explained difference, the schedule."""
 
 from __future__ import annotations
 
@@ -7,15 +7,30 @@ import json
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 import websockets
+from replay_kit import Site, iso, live_site, run_replay
 
-from dispatch.replay import Outcome, Recorded, schedule
+from dispatch.replay.schedule import Gate, Kind, plan
+from dispatch.replay.window import Window, build
 from ledger.keys import Keys
 from schemas.commands import CommandType, EdgeCommand, Target
+from schemas.errors import ErrorCode, error
+from schemas.events import (
+    Authorized,
+    Cancelled,
+    Delivered,
+    Event,
+    Executed,
+    Failed,
+    Issued,
+    Queued,
+    Routed,
+    Status,
+    TimedOut,
+)
 
 from support import (
     DEMO_EDGE,
@@ -24,16 +39,11 @@ from support import (
     Processes,
     command,
     edge_token,
-    free_port,
     http,
     projected_status,
     user_token,
     wait_until,
 )
-
-
-def iso(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def status_of(gw: Gateway, token: str, command_id: str) -> str:
@@ -48,111 +58,42 @@ def send(gw: Gateway, token: str, value: int) -> str:
     return str(body["command_id"])
 
 
-def live_site(processes: Processes, tmp_path: Path) -> Gateway:
-    """The recorded system: gateway, simulated BMS, real edge agent."""
-    gw = processes.gateway()
-    port = free_port()
-    processes.dispatch("simulator", "simulate-device", "--port", str(port))
-    cred = processes.dispatch("token", "token", "--edge", DEMO_EDGE)
-    assert cred.popen.wait(20) == 0
-    processes.dispatch(
-        "edge",
-        "edge",
-        "--edge-id",
-        DEMO_EDGE,
-        "--gateway",
-        gw.ws,
-        "--token",
-        cred.log().strip().splitlines()[-1],
-        "--modbus",
-        f"bms_main=127.0.0.1:{port}",
-        "--state-dir",
-        str(tmp_path / "live-edge"),
-    )
-    client = redis.Redis.from_url(REDIS_URL)
-    wait_until(
-        lambda: any(
-            client.scan_iter(match=f"{processes.env['DISPATCH_NAMESPACE']}:*online:{DEMO_EDGE}")
-        ),
-        30,
-        what="the live edge agent to connect",
-    )
-    return gw
-
-
-def run_replay(processes: Processes, *args: str) -> tuple[int, dict[str, Any], str]:
-    proc = processes.dispatch("replay", "replay", "--json", *args)
-    code = proc.popen.wait(120)
-    out = proc.log()
-    line = next((ln for ln in out.splitlines() if ln.startswith("{")), "{}")
-    return code, json.loads(line), out
-
-
-def log_lengths(namespace: str) -> dict[bytes, int]:
-    client = redis.Redis.from_url(REDIS_URL)
-    return {k: client.xlen(k) for k in client.scan_iter(match=f"{namespace}:*:log")}
-
-
-def leftover(sandbox: str) -> list[bytes]:
-    return list(redis.Redis.from_url(REDIS_URL).scan_iter(match=f"{sandbox}:*"))
-
-
 @pytest.mark.slow
-async def test_replay_reproduces_a_rejected_then_corrected_setpoint(
-    processes: Processes, tmp_path: Path, namespace: str
+async def test_replay_reads_the_audit_tables_once_the_log_is_trimmed(
+    processes: Processes, tmp_path: Path, namespace: str, sites: list[Site]
 ) -> None:
-    gw = live_site(processes, tmp_path)
     token = user_token(control=[DEMO_EDGE])
+    site = await live_site(processes, tmp_path, token, sites)
     start = datetime.now(UTC) - timedelta(seconds=1)
-    too_big = send(gw, token, 150_000)  # beyond the channel's 100 kW limit
-    wait_until(lambda: status_of(gw, token, too_big) == "rejected", 20, what="the edge to refuse")
-    await asyncio.sleep(1.5)
-    corrected = send(gw, token, 50_000)
-    wait_until(lambda: status_of(gw, token, corrected) == "executed", 20, what="the execution")
+    too_big = await site.send(command(value=150_000), "rejected")  # beyond the 100 kW limit
+    corrected = await site.send(command(value=50_000), "executed")
     end = datetime.now(UTC) + timedelta(seconds=1)
-    before = log_lengths(namespace)
-
     window = ("--edge", DEMO_EDGE, "--from", iso(start), "--to", iso(end), "--speed", "2")
-    code, report, out = run_replay(processes, *window)
+    code, report, out = await run_replay(processes, *window)
     assert code == 0, out
-    assert [c["command_id"] for c in report["commands"]] == [too_big, corrected]
-    assert [c["recorded"] for c in report["commands"]] == [
-        {"status": "rejected", "error_code": "out_of_range"},
-        {"status": "executed", "error_code": None},
-    ]
-    assert all(c["same"] for c in report["commands"]) and report["different"] == 0
-    assert report["sandbox"].startswith("replay-") and not leftover(report["sandbox"])
-
-    # Deterministic: the same window gives the same outcomes again, in a new sandbox.
-    code2, again, out2 = run_replay(processes, *window)
-    assert code2 == 0, out2
-    assert [c["replayed"] for c in again["commands"]] == [c["replayed"] for c in report["commands"]]
-    assert again["sandbox"] != report["sandbox"] and not leftover(again["sandbox"])
-    # The live streams were only read.
-    assert log_lengths(namespace) == before
-
     assert report["source"] == "ledger"
+    assert [c["command_id"] for c in report["commands"]] == [too_big, corrected]
 
     # Weeks later retention has trimmed the ledger's log: the audit tables hold the window.
     processes.dispatch("projector", "projector")
-    wait_until(
-        lambda: projected_status(namespace, corrected) == "executed", 30, what="the projection"
+    await asyncio.to_thread(
+        wait_until,
+        lambda: projected_status(namespace, corrected) == "executed",
+        30,
+        what="the projection",
     )
     client = redis.Redis.from_url(REDIS_URL)
     keys = Keys(namespace, 4)
     log_key = keys.log(keys.partition(DEMO_EDGE))
     client.xtrim(log_key, minid=f"{int(time.time() * 1000)}-0")
     assert client.xlen(log_key) == 0
-    code3, late, out3 = run_replay(processes, *window)
-    assert code3 == 0, out3
-    assert late["source"] == "audit tables"
-    assert [c["recorded"] for c in late["commands"]] == [c["recorded"] for c in report["commands"]]
-    assert [c["replayed"] for c in late["commands"]] == [c["replayed"] for c in report["commands"]]
+    client.close()
 
     # The human-readable form: side by side, one line per command.
     text = processes.dispatch("replay-text", "replay", *window)
-    assert text.popen.wait(120) == 0
+    assert await asyncio.to_thread(text.popen.wait, 120) == 0, text.log()
     lines = text.log().splitlines()
+    assert any("recorded in the audit tables" in ln for ln in lines)
     assert any(
         too_big in ln and ln.count("rejected (out_of_range)") == 2 and ln.endswith("=")
         for ln in lines
@@ -181,17 +122,24 @@ async def test_replay_shows_where_outcomes_differ(
             await edge.send(json.dumps({"command_id": bad, "status": status, "error": None}))
         wait_until(lambda: status_of(gw, token, bad) == "executed", 20, what="the faulty ack")
     end = datetime.now(UTC) + timedelta(seconds=1)
-    code, report, out = run_replay(
+    code, report, out = await run_replay(
         processes, "--edge", DEMO_EDGE, "--from", iso(start), "--to", iso(end)
     )
     assert code == 1, out
     [row] = report["commands"]
-    assert row["recorded"] == {"status": "executed", "error_code": None}
-    assert row["replayed"] == {"status": "rejected", "error_code": "out_of_range"}
+    assert (row["recorded"]["status"], row["recorded"]["error_code"]) == ("executed", None)
+    assert (row["replayed"]["status"], row["replayed"]["error_code"]) == (
+        "rejected",
+        "out_of_range",
+    )
     assert not row["same"] and report["different"] == 1
+    # The first event where the two part, with its offset in each run and the edge's reason.
+    assert row["parted"].startswith("recorded: delivered at +"), row
+    assert "; replay: rejected (out_of_range) at +" in row["parted"], row
+    assert "100000" in row["parted"], row  # the edge names its limit
 
 
-def test_replay_of_an_empty_window_says_so(processes: Processes) -> None:
+async def test_replay_of_an_empty_window_says_so(processes: Processes) -> None:
     proc = processes.dispatch(
         "replay",
         "replay",
@@ -202,39 +150,107 @@ def test_replay_of_an_empty_window_says_so(processes: Processes) -> None:
         "--to",
         "2020-01-01T01:00:00Z",
     )
-    assert proc.popen.wait(30) == 2
+    assert await asyncio.to_thread(proc.popen.wait, 30) == 2
     assert "no commands for edge 'nowhere' were issued between" in proc.log()
 
 
-def test_schedule_keeps_spacing_and_age_on_arrival() -> None:
-    def recorded(cid: str, issued_ms: int, sent: datetime) -> Recorded:
-        cmd = EdgeCommand(
-            command_id=cid,
-            command_type=CommandType.SETPOINT,
-            target=Target(edge_id="e", device_id="bms_main", channel="SetActivePower"),
-            value=1,
-            unit="W",
-            expiry_sec=30,
-            source="u",
-            timestamp=sent,
-            priority="normal",
-            expires_at=sent + timedelta(seconds=30),
-        )
-        return Recorded(cmd, issued_ms, f"{issued_ms}-0", Outcome("executed"))
+# -- the schedule (pure) -----------------------------------------------------------------------
+EDGE = "e1"
+USER = "user_1"
 
-    t0 = datetime(2026, 2, 15, 14, 30, tzinfo=UTC)
-    ms0 = int(t0.timestamp() * 1000)
-    # The second command was 20 s old when it arrived, 10 s after the first.
-    rows = [
-        recorded("a", ms0 + 100, t0),
-        recorded("b", ms0 + 10_100, t0 - timedelta(seconds=10)),
+
+def cmd(cid: str, *, channel: str = "SetActivePower", expiry_s: int = 300) -> EdgeCommand:
+    sent = datetime(2026, 2, 15, 14, 30, tzinfo=UTC)
+    return EdgeCommand(
+        command_id=cid,
+        command_type=CommandType.SETPOINT,
+        target=Target(edge_id=EDGE, device_id="bms_main", channel=channel),
+        value=1,
+        unit="W",
+        expiry_sec=expiry_s,
+        source=USER,
+        timestamp=sent,
+        priority="normal",
+        expires_at=sent + timedelta(seconds=expiry_s),
+    )
+
+
+class Log:
+    """A recorded timeline written the way the ledger writes it."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, Event]] = []
+        self.ms = 1_000_000
+
+    def add(
+        self, event_type: type[Event], cid: str, *, actor: str = USER, **fields: object
+    ) -> None:
+        self.ms += 100
+        event = event_type(
+            at=self.ms,
+            event_id=f"ev{len(self.rows)}",
+            command_id=cid,
+            edge_id=EDGE,
+            actor=actor,
+            **fields,
+        )
+        self.rows.append((f"{self.ms}-0", event))
+
+    def issue(self, cid: str, *, online: bool) -> None:
+        self.add(Issued, cid, command=cmd(cid), digest="d")
+        self.add(Authorized, cid, grant="g")
+        if online:
+            self.add(Routed, cid, gateway="gw")
+        else:
+            self.add(Queued, cid, expires_at=self.ms + 300_000)
+
+    def ack(self, event_type: type[Event], cid: str, **fields: object) -> None:
+        self.add(event_type, cid, actor=f"edge:{EDGE}", **fields)
+
+    def window(self) -> Window:
+        commands, timeline = build(self.rows, EDGE, 0, 10**13)
+        return Window(commands, timeline, "ledger")
+
+
+def test_plan_follows_what_happened_not_only_when() -> None:
+    log = Log()
+    log.issue("a", online=True)
+    log.ack(Delivered, "a")
+    log.ack(Executed, "a")
+    log.issue("b", online=False)  # the edge went away after a executed
+    log.issue("c", online=False)
+    log.add(
+        Failed, "b", error=error(ErrorCode.SUPERSEDED, "newer c")
+    )  # the cloud's, not the edge's
+    log.add(Cancelled, "c", error=error(ErrorCode.CANCELLED, "by user_1"))
+    log.issue("d", online=False)
+    log.add(Routed, "d", gateway="gw")  # the backlog after the edge came back
+    log.ack(Delivered, "d")
+    log.add(TimedOut, "d", actor="verdicts", error=error(ErrorCode.TIMEOUT, "silent"))
+    log.ack(Executed, "d", late=True)
+    log.issue("e", online=True)
+    schedule = plan(log.window())
+
+    assert [a.text() for a in schedule.actions] == [
+        "submit a",
+        "offline",
+        "submit b",
+        "submit c",
+        "cancel c",
+        "submit d",
+        "online",
+        "release d",
+        "submit e",
     ]
-    start = int(time.time() * 1000)
-    plan = schedule(rows, 4.0, start)
-    assert [p.offset_s for p in plan] == [0.0, 2.5]
-    for item, row in zip(plan, rows, strict=True):
-        submitted_ms = start + item.offset_s * 1000
-        stamp = datetime.fromisoformat(item.body["timestamp"].replace("Z", "+00:00"))
-        age_then = row.issued_ms - row.command.timestamp.timestamp() * 1000
-        assert submitted_ms - stamp.timestamp() * 1000 == pytest.approx(age_then, abs=1)
-        assert item.body["expiry_sec"] == 30 and "duration_sec" not in item.body
+    by_text = {a.text(): a for a in schedule.actions}
+    assert Gate("a", Status.EXECUTED) in by_text["offline"].gates
+    assert Gate("b", Status.QUEUED) in by_text["submit c"].gates
+    assert Gate("c", Status.QUEUED) in by_text["cancel c"].gates
+    assert {Gate("b", Status.FAILED), Gate("c", Status.CANCELLED), Gate("d", Status.QUEUED)} <= set(
+        by_text["online"].gates
+    )
+    assert Gate("d", Status.TIMED_OUT) in by_text["release d"].gates
+    assert Gate("d", Status.EXECUTED) in by_text["submit e"].gates
+    # d's edge answered only after the verdict: its result is held back until released.
+    assert schedule.holds == {"d": frozenset({"executed", "failed", "rejected"})}
+    assert by_text["online"].kind is Kind.ONLINE
