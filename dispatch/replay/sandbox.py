@@ -171,16 +171,18 @@ class Sandbox:
         config_path = self.workdir / "config.json"
         config_path.write_bytes(config)
         await ledger.enroll_edge(self.edge_id)
+        # Every process starts at once (each takes a second or more to import on a busy
+        # machine); the agent keeps reconnecting until the gateway answers.
         self.port = free_port()
-        gateway = self._start(
-            "gateway", "gateway", "--port", str(self.port), "--gateway-id", "replay-gateway"
-        )
-        await self._wait(self._healthy, "the sandbox gateway to answer", gateway)
         self.relay = EdgeRelay(f"ws://127.0.0.1:{self.port}")
         for command_id, statuses in holds.items():
             self.relay.hold(command_id, statuses)
         relay_port = await self.relay.start()
-        modbus = list(self.modbus) or await self._simulators(config)
+        gateway = self._start(
+            "gateway", "gateway", "--port", str(self.port), "--gateway-id", "replay-gateway"
+        )
+        simulators = [] if self.modbus else self._simulators(config)
+        modbus = list(self.modbus) or [spec for spec, _, _ in simulators]
         args = [
             "edge",
             "--edge-id",
@@ -201,21 +203,24 @@ class Sandbox:
         if self.cycle_period_ms is not None:
             args += ["--cycle-period-ms", str(self.cycle_period_ms)]
         agent = self._start("edge", *args)
+        await self._wait(self._healthy, "the sandbox gateway to answer", gateway)
+        for _, port, sim in simulators:
+            await self._wait(functools.partial(listening, port), "a simulated device", sim)
         await self.until(lambda: self.online(ledger), "the sandbox edge agent to connect", agent)
 
     async def online(self, ledger: Ledger) -> bool:
         return bool(await ledger.redis.exists(self.keys.presence(self.edge_id)))
 
-    async def _simulators(self, config: bytes) -> list[str]:
+    def _simulators(self, config: bytes) -> list[tuple[str, int, Proc]]:
+        """One simulated device per device of the config: (DEVICE=HOST:PORT, port, process)."""
         from edge.capabilities import decode_config  # noqa: PLC0415
 
-        specs = []
+        out = []
         for device in decode_config(config).devices:
             port = free_port()
             sim = self._start(f"device-{device.device_id}", "simulate-device", "--port", str(port))
-            await self._wait(functools.partial(listening, port), "a simulated device", sim)
-            specs.append(f"{device.device_id}=127.0.0.1:{port}")
-        return specs
+            out.append((f"{device.device_id}=127.0.0.1:{port}", port, sim))
+        return out
 
     def _healthy(self) -> bool:
         try:
