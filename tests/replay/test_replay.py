@@ -13,7 +13,7 @@ import redis
 import websockets
 from replay_kit import Site, iso, live_site, run_replay
 
-from dispatch.replay.schedule import Gate, Kind, plan
+from dispatch.replay.schedule import Gate, Kind, body, plan
 from dispatch.replay.window import Window, build
 from ledger.keys import Keys
 from schemas.commands import CommandType, EdgeCommand, Target
@@ -69,10 +69,6 @@ async def test_replay_reads_the_audit_tables_once_the_log_is_trimmed(
     corrected = await site.send(command(value=50_000), "executed")
     end = datetime.now(UTC) + timedelta(seconds=1)
     window = ("--edge", DEMO_EDGE, "--from", iso(start), "--to", iso(end), "--speed", "2")
-    code, report, out = await run_replay(processes, *window)
-    assert code == 0, out
-    assert report["source"] == "ledger"
-    assert [c["command_id"] for c in report["commands"]] == [too_big, corrected]
 
     # Weeks later retention has trimmed the ledger's log: the audit tables hold the window.
     processes.dispatch("projector", "projector")
@@ -137,6 +133,21 @@ async def test_replay_shows_where_outcomes_differ(
     assert row["parted"].startswith("recorded: delivered at +"), row
     assert "; replay: rejected (out_of_range) at +" in row["parted"], row
     assert "100000" in row["parted"], row  # the edge names its limit
+
+
+async def test_replay_refuses_an_unreadable_config_before_starting_anything(
+    processes: Processes, tmp_path: Path
+) -> None:
+    broken = tmp_path / "site.json"
+    broken.write_text('{"version": 1}')
+    window = ("--edge", DEMO_EDGE, "--from", "2020-01-01T00:00:00Z", "--to", "2020-01-01T01:00:00Z")
+    for path, says in (
+        (tmp_path / "missing.json", "cannot read --config"),
+        (broken, "is not a usable capability config"),
+    ):
+        proc = processes.dispatch("replay", "replay", *window, "--config", str(path))
+        assert await asyncio.to_thread(proc.popen.wait, 30) == 2
+        assert says in proc.log(), proc.log()
 
 
 async def test_replay_of_an_empty_window_says_so(processes: Processes) -> None:
@@ -254,3 +265,14 @@ def test_plan_follows_what_happened_not_only_when() -> None:
     # d's edge answered only after the verdict: its result is held back until released.
     assert schedule.holds == {"d": frozenset({"executed", "failed", "rejected"})}
     assert by_text["online"].kind is Kind.ONLINE
+
+
+def test_a_command_is_as_old_on_arrival_as_it_was_recorded() -> None:
+    command = cmd("a", expiry_s=30)
+    issued_ms = int(command.timestamp.timestamp() * 1000) + 20_000  # 20 s old on arrival
+    submit_ms = int(time.time() * 1000)
+    sent = body(command, issued_ms, submit_ms)
+    stamp = datetime.fromisoformat(sent["timestamp"].replace("Z", "+00:00"))
+    assert submit_ms - stamp.timestamp() * 1000 == pytest.approx(20_000, abs=1)
+    assert sent["expiry_sec"] == 30 and "duration_sec" not in sent
+    assert sent["command_id"] == "a" and sent["target"]["channel"] == "SetActivePower"
