@@ -148,11 +148,19 @@ async def replay(live_settings: Settings, options: ReplayOptions) -> Report:
                         len(window.commands),
                         len(schedule.actions),
                     )
+                    started = time.monotonic()
                     await sandbox.start(ledger, live, schedule.holds)
+                    log.info(
+                        "replay.sandbox.ready elapsed_ms=%d", (time.monotonic() - started) * 1000
+                    )
                     runner = Runner(ledger, sandbox, schedule, options, live_settings, report)
                     await runner.run(window)
             finally:
+                stopping = time.monotonic()
                 await sandbox.stop(redis, keep=options.keep_sandbox)
+                log.info(
+                    "replay.sandbox.stopped elapsed_ms=%d", (time.monotonic() - stopping) * 1000
+                )
             return report
     finally:
         await redis.aclose()
