@@ -39,6 +39,16 @@ def _speed(raw: str) -> float:
     return value
 
 
+def _cycle_ms(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--cycle-ms {raw!r} is not a whole number") from None
+    if not 10 <= value <= 60_000:
+        raise argparse.ArgumentTypeError(f"--cycle-ms must be 10 to 60000 ms, got {raw}")
+    return value
+
+
 def _config(path: Path | None) -> bytes | None:
     if path is None:
         return None
@@ -135,7 +145,8 @@ def register(sub: Any) -> None:
         "--cycle-ms",
         "--cycle-period-ms",
         dest="cycle_period_ms",
-        type=int,
+        type=_cycle_ms,
+        metavar="N",
         default=None,
         help="what-if: the sandbox edge's Core Cycle period (the agent's default)",
     )
