@@ -45,7 +45,7 @@ import psycopg
 from psycopg import sql
 from redis import exceptions as redis_errors
 
-from dispatch.settings import Settings, SettingsError
+from config.settings import Settings, SettingsError
 from dispatch.tokens import edge_claims, sign, user_claims
 from ledger import lifecycle
 from ledger.connection import AnyRedis, connect

@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from gateway.handshake import denial_body, refuse_with
 from gateway.metrics import REGISTRY
 from ledger.ids import new_event_id

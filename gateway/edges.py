@@ -10,7 +10,7 @@ import uuid
 import msgspec
 from starlette.websockets import WebSocket
 
-from dispatch import tracing
+from config import tracing
 from gateway import metrics
 from gateway.auth import AuthError
 from gateway.handshake import credentials, refuse

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from dispatch import tracing
+from config import tracing
 from gateway import metrics
 from gateway.follows import Follows
 from gateway.grants import GrantCache

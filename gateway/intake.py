@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from dispatch import tracing
+from config import tracing
 from gateway import metrics
 from gateway.auth import User
 from gateway.grants import CAN_CONTROL, GrantCache

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from psycopg_pool import AsyncConnectionPool
 from starlette.requests import HTTPConnection
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from gateway.auth import AuthConfig, Authenticator, AuthError, EdgeIdentity, User, claimed
 from gateway.grants import GrantCache
 from gateway.hub import Hub

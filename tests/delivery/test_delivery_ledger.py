@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 from delivery_clock import Clock, same_partition_edges
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger.keys import EDGE_GROUP, PROJECTOR_GROUP
 from ledger.retention import Retention, RetentionConfig
 from ledger.store import Ledger, SubmitOutcome
