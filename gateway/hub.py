@@ -22,11 +22,11 @@ from gateway import metrics
 from gateway.follows import Follows
 from gateway.grants import GrantCache
 from gateway.lifecycle_metrics import LifecycleMetrics
+from gateway.refusals import refusal_event
 from gateway.revocations import Revocations
 from gateway.sessions import CloseCode, DashboardSession, EdgeSession, Outbox
 from ledger import lifecycle
 from ledger.connection import AnyRedis, is_cluster
-from ledger.ids import new_event_id
 from ledger.store import EVENT_DECODER, Ledger
 from ledger.tail import StreamTail
 from schemas.errors import ErrorCode, error
@@ -342,14 +342,10 @@ class Hub:
             return
         outbox.close(CloseCode.CREDENTIAL_ENDED, reason)
         log.info("gateway.session.ended actor=%s reason=%s", actor, reason.replace(" ", "_"))
-        event = Rejected(
-            event_id=new_event_id(),
-            at=int(time.time() * 1000),
-            command_id="",
+        event = refusal_event(
+            actor,
+            error(ErrorCode.UNAUTHENTICATED, f"{reason}: connection closed (4003)"),
             edge_id=actor.removeprefix("edge:") if actor.startswith("edge:") else "",
-            actor=actor,
-            error=error(ErrorCode.UNAUTHENTICATED, f"{reason}: connection closed (4003)"),
-            stage="gateway",
         )
         task = asyncio.create_task(self.ledger.record_rejection(event))
         self._background.add(task)

@@ -8,7 +8,6 @@ audit stream with who sent it, a digest and an excerpt of what they sent, and wh
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -21,20 +20,18 @@ from gateway import metrics
 from gateway.auth import User
 from gateway.grants import CAN_CONTROL, GrantCache
 from gateway.ratelimit import ALLOWED, RateLimiter, Verdict
+from gateway.refusals import refusal_event
 from gateway.revocations import Revocations
 from ledger.errors import LedgerUnavailable
-from ledger.ids import new_event_id
 from ledger.keys import SAFE_ID
 from ledger.ordering import Turn
 from ledger.store import Ledger, SubmitOutcome
 from schemas.commands import Command
 from schemas.errors import ErrorCode, ErrorObject, error
-from schemas.events import Rejected
-from schemas.messages import StatusUpdate, iso_ms
+from schemas.messages import StatusUpdate, now_iso
 
 log = logging.getLogger("gateway.intake")
 COMMAND_DECODER = msgspec.json.Decoder(Command)
-EXCERPT_CHARS = 512
 
 
 class _IdProbe(msgspec.Struct):
@@ -74,10 +71,6 @@ class Outcome:
     @property
     def rejected(self) -> bool:
         return self.reply.status == "rejected"
-
-
-def now_iso() -> str:
-    return iso_ms(time.time_ns() // 1_000_000)
 
 
 def probe(raw: bytes) -> tuple[str | None, str | None]:
@@ -304,17 +297,7 @@ class Intake:
             edge_id: str | None = cmd.target.edge_id
         else:
             command_id, edge_id = probe(raw) if len(raw) <= self.max_message_bytes else (None, None)
-        event = Rejected(
-            event_id=new_event_id(),
-            at=time.time_ns() // 1_000_000,
-            command_id=command_id or "",
-            edge_id=edge_id or "",
-            actor=actor,
-            error=err,
-            stage="gateway",
-            input_digest=hashlib.sha256(raw).hexdigest(),
-            input_excerpt=raw[:EXCERPT_CHARS].decode("utf-8", "replace"),
-        )
+        event = refusal_event(actor, err, edge_id=edge_id, command_id=command_id, raw=raw)
         try:
             async with asyncio.timeout(self.ledger_wait_s):
                 await self.ledger.record_rejection(event)
