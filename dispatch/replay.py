@@ -51,7 +51,8 @@ from ledger import lifecycle
 from ledger.connection import AnyRedis, connect
 from ledger.errors import LedgerError
 from ledger.keys import Keys, check_id
-from ledger.store import EVENT_DECODER, Ledger, LedgerConfig, to_utc
+from ledger.records import EVENT_DECODER, LedgerConfig, to_utc
+from ledger.store import Ledger
 from schemas.commands import EdgeCommand
 from schemas.events import Event, Issued
 

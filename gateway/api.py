@@ -20,7 +20,7 @@ from gateway.grants import CAN_VIEW
 from gateway.state import GatewayState
 from ledger.errors import LedgerUnavailable
 from ledger.keys import SAFE_ID
-from ledger.store import CommandRecord, to_utc
+from ledger.records import CommandRecord, to_utc
 from schemas.errors import ErrorCode, error, problem_body
 from schemas.events import Event, status_of
 

@@ -14,8 +14,8 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from config.settings import Settings
 from gateway import api, console_api
 from gateway.admission import Admission, AdmissionLimits, AdmissionMiddleware
-from gateway.dashboard import dashboard_endpoint
-from gateway.edges import edge_endpoint
+from gateway.dashboard_socket import dashboard_endpoint
+from gateway.edge_socket import edge_endpoint
 from gateway.headers import SecurityHeaders
 from gateway.lifecycle_metrics import TRANSITION_LOGGER, LifecycleMetrics
 from gateway.observer import Observer, ObserverConfig

@@ -19,7 +19,7 @@ from gateway.sessions import EdgeSession, Outbox, protocol_refusal, ws_hard_limi
 from gateway.state import GatewayState
 from ledger.keys import SAFE_ID
 from ledger.ordering import InOrder, Turn
-from ledger.store import TransitionResult
+from ledger.records import TransitionResult
 from schemas.commands import Ack
 from schemas.errors import ErrorCode, ErrorObject, error
 from schemas.messages import EdgeNotice
