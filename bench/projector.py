@@ -18,7 +18,7 @@ import psycopg
 from redis.asyncio import Redis
 
 from bench.harness import Bench, bench
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger.store import Ledger
 from projections import loadgen, rebuild
 from projections.schema import Roles

@@ -1,1 +1,1 @@
-"""The `dispatch` command line, deployment settings, demo and benchmark."""
+"""The `dispatch` command line and composition root (app.py), tokens, demo and replay."""

@@ -1,4 +1,5 @@
-"""`dispatch`: one console script; each package registers its own subcommands."""
+"""`dispatch`: one console script; each package registers its own subcommands, and the
+gateway serves the app composed in dispatch/app.py."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dispatch import demo, logformat, replay, tokens, tracing
-from dispatch.settings import SettingsError
+from config import logformat, tracing
+from config.settings import SettingsError
+from dispatch import app, demo, replay, tokens
 from edge import cli as edge_cli
 from gateway import cli as gateway_cli
 from projections import cli as projections_cli
@@ -21,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    gateway_cli.register(sub)
+    gateway_cli.register(sub, app.create_app, "dispatch.app:create_worker_app")
     edge_cli.register(sub)
     projections_cli.register(sub)
     tokens.register(sub)

@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from dispatch.tokens import edge_claims, enroll, sign, user_claims
 
 DEMO_EDGE = "site1_edge_prod"

@@ -12,7 +12,7 @@ from typing import Any
 
 from joserfc import jws, jwt
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from gateway import grants
 from gateway.auth import ACCESS_TOKEN_TYPE, EDGE_TOKEN_TYPE, SAFE_USER_ID, signing_key
 from gateway.revocations import revoke_token

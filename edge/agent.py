@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from dispatch import tracing
+from config import tracing
 from edge.capabilities import (
     ConfigSource,
     SiteConfig,

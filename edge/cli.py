@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dispatch import logformat, tracing
+from config import logformat, tracing
 from edge.agent import EXIT_RESTART, EXIT_USAGE, Agent, AgentSettings
 from edge.errors import EdgeError
 from edge.journal import JOURNAL_FILE, Journal, read_log

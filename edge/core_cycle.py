@@ -24,7 +24,7 @@ from enum import StrEnum
 
 import msgspec
 
-from dispatch import tracing
+from config import tracing
 from edge.capabilities import Channel, Device, SiteConfig
 from edge.clock import ClockOffset, deadline
 from edge.errors import DeviceError

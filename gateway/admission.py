@@ -29,10 +29,10 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from gateway.handshake import denial_body, refuse_with
 from gateway.metrics import REGISTRY
-from ledger.ids import new_event_id
+from gateway.refusals import refusal_event
 from schemas.errors import ErrorCode, ErrorObject
 from schemas.events import Rejected
 
@@ -94,20 +94,6 @@ class _Summary:
 
     count: int = 0
     paths: set[str] = field(default_factory=set)
-
-
-def refusal_event(actor: str, err: ErrorObject, excerpt: str, edge_id: str = "") -> Rejected:
-    """The audit record of a refused handshake or request (stage `gateway`)."""
-    return Rejected(
-        event_id=new_event_id(),
-        at=time.time_ns() // 1_000_000,
-        command_id="",
-        edge_id=edge_id,
-        actor=actor,
-        error=err,
-        stage="gateway",
-        input_excerpt=excerpt,
-    )
 
 
 class Admission:
@@ -178,7 +164,7 @@ class Admission:
             self.throttled(key, "(request head)")
             return False
         self.charge(key)
-        self.record(refusal_event(f"anonymous@{address}:{port}", err, detail))
+        self.record(refusal_event(f"anonymous@{address}:{port}", err, excerpt=detail))
         return True
 
     def throttled(self, address: str, path: str) -> None:
@@ -211,7 +197,7 @@ class Admission:
             limit=self.limits.describe,
         )
         excerpt = f"throttled {summary.count} from {address}: {', '.join(sorted(summary.paths))}"
-        self.record(refusal_event(f"anonymous@{address}", err, excerpt))
+        self.record(refusal_event(f"anonymous@{address}", err, excerpt=excerpt))
 
     def record(self, event: Rejected) -> None:
         if self._recorder is None:
@@ -383,7 +369,7 @@ async def admit_user_socket(ws: WebSocket, user_id: str, actor: str) -> bool:
         limit=f"sockets per user: {cap}",
     )
     address, port = _client(ws.scope)
-    event = refusal_event(actor, err, f"{ws.url.path} from {address}:{port}")
+    event = refusal_event(actor, err, excerpt=f"{ws.url.path} from {address}:{port}")
     admission.record(event)
     await refuse_with(ws, 429, err)
     return False

@@ -1,50 +1,57 @@
-"""HTTP endpoints: commands for automated services, lifecycle and audit reads, health."""
+"""HTTP endpoints: commands for automated services, lifecycle reads, health.
+
+The audit reads (history, refusals, stats) live with the audit: projections/api.py."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from psycopg_pool import PoolTimeout
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, Response
 
+from edge.capabilities import shipped_config
 from gateway import cancels, metrics
 from gateway.auth import AuthError, User, bearer_token
 from gateway.grants import CAN_VIEW
 from gateway.state import GatewayState
 from ledger.errors import LedgerUnavailable
 from ledger.keys import SAFE_ID
-from ledger.store import CommandRecord, to_utc
-from projections import queries, stats
-from schemas.errors import ErrorCode, error
+from ledger.records import CommandRecord, to_utc
+from schemas.errors import ErrorCode, error, problem_body
 from schemas.events import Event, status_of
 
 _encode = msgspec.json.Encoder().encode
 STATIC = __file__.rsplit("/", 1)[0] + "/static"
 
 
-def _state(request: Request) -> GatewayState:
+def state_of(request: Request) -> GatewayState:
     state: GatewayState = request.app.state.gateway
     return state
 
 
 def problem(status: int, code: ErrorCode | str, message: str, **extra: Any) -> JSONResponse:
-    body = {
-        "status": "rejected",
-        "error": {"code": str(getattr(code, "value", code)), "message": message, **extra},
-    }
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(problem_body(code, message, **extra), status_code=status)
 
 
 async def authenticate(request: Request) -> User:
     """The caller, or AuthError; every refusal is recorded in the audit stream."""
     token = bearer_token(request.headers.get("authorization"))
-    return await _state(request).authenticate_user(request, token)
+    return await state_of(request).authenticate_user(request, token)
+
+
+async def caller(request: Request) -> User | Response:
+    """The authenticated caller, or the response refusing it: 401, or 503 when revocations
+    cannot be checked now (said so, not 500)."""
+    try:
+        return await authenticate(request)
+    except AuthError as exc:
+        return problem(401, ErrorCode.UNAUTHENTICATED, str(exc))
+    except LedgerUnavailable as exc:
+        return problem(503, ErrorCode.UNAVAILABLE, str(exc))
 
 
 UserHandler = Callable[[Request, User], Awaitable[Response]]
@@ -55,12 +62,9 @@ def user_route(handler: UserHandler) -> Callable[[Request], Awaitable[Response]]
 
     @functools.wraps(handler)
     async def route(request: Request) -> Response:
-        try:
-            user = await authenticate(request)
-        except AuthError as exc:
-            return problem(401, ErrorCode.UNAUTHENTICATED, str(exc))
-        except LedgerUnavailable as exc:  # revocations cannot be checked now: say so, not 500
-            return problem(503, ErrorCode.UNAVAILABLE, str(exc))
+        user = await caller(request)
+        if isinstance(user, Response):
+            return user
         return await handler(request, user)
 
     return route
@@ -83,7 +87,7 @@ async def read_body(request: Request, limit: int) -> bytes | None:
 
 @user_route
 async def post_command(request: Request, user: User) -> Response:
-    state = _state(request)
+    state = state_of(request)
     limit = state.settings.max_message_bytes
     raw = await read_body(request, limit)
     if raw is None:
@@ -124,7 +128,7 @@ def command_view(record: CommandRecord) -> dict[str, Any]:
 
 @user_route
 async def get_command(request: Request, user: User) -> Response:
-    state = _state(request)
+    state = state_of(request)
     command_id = request.path_params["command_id"]
     record = await state.ledger.lookup(command_id) if _safe(command_id) else None
     if record is None:
@@ -136,7 +140,7 @@ async def get_command(request: Request, user: User) -> Response:
 
 @user_route
 async def cancel_command(request: Request, user: User) -> Response:
-    state = _state(request)
+    state = state_of(request)
     outcome = await cancels.cancel(state, user, request.path_params["command_id"])
     return Response(
         _encode(outcome.reply), status_code=outcome.http_status, media_type="application/json"
@@ -147,119 +151,8 @@ def _safe(command_id: str) -> bool:
     return bool(SAFE_ID.fullmatch(command_id))
 
 
-@user_route
-async def list_commands(request: Request, user: User) -> Response:
-    """Audit history from the projection: a page, or (`format=csv|json`) every match."""
-    return await _audit_listing(request, user, refusals=False)
-
-
-@user_route
-async def list_rejections(request: Request, user: User) -> Response:
-    """Inputs the gateway refused before admission (they never became commands)."""
-    return await _audit_listing(request, user, refusals=True)
-
-
-async def _audit_listing(request: Request, user: User, *, refusals: bool) -> Response:
-    state = _state(request)
-    if state.pg is None:
-        return problem(503, "unavailable", "the audit database is not configured")
-    params = request.query_params
-    fmt = params.get("format") or None
-    if fmt is not None and fmt not in queries.FORMATS:
-        return problem(
-            400,
-            "invalid_query",
-            f"`format` must be one of {list(queries.FORMATS)}, got {fmt[:16]!r}",
-        )
-    try:
-        query: queries.AuditQuery | queries.RefusalQuery = (
-            queries.RefusalQuery.from_params(params, export=fmt is not None)
-            if refusals
-            else queries.AuditQuery.from_params(params, export=fmt is not None)
-        )
-    except queries.QueryError as exc:
-        return problem(400, "invalid_query", str(exc))
-    visible = await _visible_edges(state, user)
-    schema = state.settings.namespace
-    try:
-        async with state.pg.connection() as conn:
-            if fmt is not None:
-                await queries.check_projected(conn, schema)
-                return _export(state, schema, query, visible, fmt)
-            if isinstance(query, queries.RefusalQuery):
-                page = await queries.list_refusals(conn, schema, query, visible)
-            else:
-                page = await queries.list_commands(conn, schema, query, visible)
-    except queries.QueryError as exc:
-        return problem(503, "unavailable", str(exc))
-    except (PoolTimeout, psycopg.OperationalError) as exc:
-        return problem(503, "unavailable", f"the audit database does not answer ({exc})")
-    key = "rejections" if refusals else "commands"
-    return JSONResponse({key: page.rows, "count": len(page.rows), "next_cursor": page.next_cursor})
-
-
-@user_route
-async def get_stats(request: Request, user: User) -> Response:
-    """Commands per hour or day by status (`?bucket=hour|day&edge_id=&since=&until=`)."""
-    state = _state(request)
-    if state.pg is None:
-        return problem(503, "unavailable", "the audit database is not configured")
-    try:
-        query = stats.StatsQuery.from_params(request.query_params)
-    except queries.QueryError as exc:
-        return problem(400, "invalid_query", str(exc))
-    visible = await _visible_edges(state, user)
-    try:
-        async with state.pg.connection() as conn:
-            buckets = await stats.stats(conn, state.settings.namespace, query, visible)
-    except queries.NotProjected as exc:
-        return problem(503, "unavailable", str(exc))
-    except queries.QueryError as exc:
-        return problem(400, "invalid_query", str(exc))
-    except (PoolTimeout, psycopg.OperationalError) as exc:
-        return problem(503, "unavailable", f"the audit database does not answer ({exc})")
-    return JSONResponse({"bucket": query.bucket, "buckets": buckets})
-
-
-def _export(
-    state: GatewayState,
-    schema: str,
-    query: queries.AuditQuery | queries.RefusalQuery,
-    visible: frozenset[str] | None,
-    fmt: str,
-) -> Response:
-    pool = state.pg
-    assert pool is not None
-
-    async def body() -> AsyncIterator[bytes]:
-        async with pool.connection() as conn:
-            if isinstance(query, queries.RefusalQuery):
-                rows = queries.export_refusals(conn, schema, query, visible)
-                columns = queries.REFUSAL_COLUMNS
-            else:
-                rows = queries.export_commands(conn, schema, query, visible)
-                columns = queries.COLUMNS
-            async for chunk in queries.encode_export(rows, columns, fmt):
-                yield chunk
-
-    name = "rejections" if isinstance(query, queries.RefusalQuery) else "commands"
-    media = "text/csv; charset=utf-8" if fmt == "csv" else "application/json"
-    return StreamingResponse(
-        body(),
-        media_type=media,
-        headers={"Content-Disposition": f'attachment; filename="{name}.{fmt}"'},
-    )
-
-
-async def _visible_edges(state: GatewayState, user: User) -> frozenset[str] | None:
-    """Edges the user may view; None means all of them (an auditor: `*` in a grant/claim)."""
-    return await state.grants.visible_edges(user)
-
-
 async def edge_config(request: Request) -> Response:
-    from edge.capabilities import shipped_config  # noqa: PLC0415 (lands with the edge agent)
-
-    state = _state(request)
+    state = state_of(request)
     edge_id = request.path_params["edge_id"]
     token = bearer_token(request.headers.get("authorization"))
     try:
@@ -279,11 +172,11 @@ async def edge_config(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok", "gateway_id": _state(request).gateway_id})
+    return JSONResponse({"status": "ok", "gateway_id": state_of(request).gateway_id})
 
 
 async def readyz(request: Request) -> Response:
-    state = _state(request)
+    state = state_of(request)
     checks: dict[str, Any] = {}
     try:
         await state.redis.ping()

@@ -4,28 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from dispatch.settings import Settings
-from gateway import api, console_api, logfilter
+from config.settings import Settings
+from gateway import api, console_api
 from gateway.admission import Admission, AdmissionLimits, AdmissionMiddleware
-from gateway.dashboard import dashboard_endpoint
-from gateway.edges import edge_endpoint
+from gateway.dashboard_socket import dashboard_endpoint
+from gateway.edge_socket import edge_endpoint
 from gateway.headers import SecurityHeaders
-from gateway.http_limits import HeadLimits, bind_worker
 from gateway.lifecycle_metrics import TRANSITION_LOGGER, LifecycleMetrics
 from gateway.observer import Observer, ObserverConfig
 from gateway.state import GatewayState
 from ledger.verdicts import VerdictLoop
 
 
-def create_app(settings: Settings, admission: Admission | None = None) -> Starlette:
+def create_app(
+    settings: Settings, admission: Admission | None = None, mounted: Sequence[BaseRoute] = ()
+) -> Starlette:
+    """The gateway's routes, plus `mounted` ones the composition root adds (dispatch/app.py)."""
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = await GatewayState.open(settings)
@@ -53,15 +55,13 @@ def create_app(settings: Settings, admission: Admission | None = None) -> Starle
         Route("/readyz", api.readyz),
         Route("/metrics", api.metrics_endpoint),
         Route("/api/commands", api.post_command, methods=["POST"]),
-        Route("/api/commands", api.list_commands, methods=["GET"]),
-        Route("/api/rejections", api.list_rejections, methods=["GET"]),
-        Route("/api/stats", api.get_stats, methods=["GET"]),
         Route("/api/commands/{command_id}", api.get_command, methods=["GET"]),
         Route("/api/commands/{command_id}/cancel", api.cancel_command, methods=["POST"]),
         Route("/api/edges/{edge_id}/config", api.edge_config, methods=["GET"]),
         WebSocketRoute("/ws/dashboard", dashboard_endpoint),
         WebSocketRoute("/ws/edge/{edge_id}", edge_endpoint),
         *console_api.routes(),
+        *mounted,
     ]
     admission = admission or Admission(AdmissionLimits.from_settings(settings))
     guard = Middleware(AdmissionMiddleware, admission=admission)  # docs/security.md
@@ -79,18 +79,3 @@ def observer_for(settings: Settings, state: GatewayState) -> Observer:
     return Observer(
         state.redis, state.ledger.keys, config, pg=state.pg, connected_edges=state.hub.edges.keys
     )
-
-
-def create_worker_app() -> Starlette:
-    """App factory for `dispatch gateway --workers N`: each worker process builds its own
-    app from the environment; a named gateway gets one id per worker (`NAME-wPID`)."""
-    # A spawned worker did not run `dispatch`'s main: log the same way it does.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = Settings.from_env()
-    if settings.gateway_id:
-        settings = settings.with_overrides(gateway_id=f"{settings.gateway_id}-w{os.getpid()}")
-    # The worker's own protocol classes and log redaction (the parent's do not cross over).
-    admission = Admission(AdmissionLimits.from_settings(settings))
-    bind_worker(HeadLimits.from_settings(settings), admission)
-    logfilter.install()
-    return create_app(settings, admission)

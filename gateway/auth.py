@@ -99,7 +99,7 @@ class AuthConfig:
 
 def signing_key(secret: str) -> OctKey:
     with warnings.catch_warnings():
-        # Short secrets are warned about once, at start-up (dispatch.settings).
+        # Short secrets are warned about once, at start-up (config/settings.py).
         warnings.simplefilter("ignore", SecurityWarning)
         return OctKey.import_key(secret)
 

@@ -10,22 +10,18 @@ why the cancellation was refused (`not_cancellable`, `forbidden`, `unknown_comma
 
 from __future__ import annotations
 
-import hashlib
-import time
 from dataclasses import dataclass
 
 import msgspec
 
 from gateway.auth import User
 from gateway.grants import CAN_CONTROL
+from gateway.refusals import refusal_event
 from gateway.state import GatewayState
-from ledger.ids import new_event_id
 from ledger.keys import SAFE_ID
 from schemas.errors import ErrorCode, ErrorObject, error
-from schemas.events import Rejected
-from schemas.messages import CommandControl, StatusUpdate, iso_ms
+from schemas.messages import CommandControl, StatusUpdate, iso_ms, now_iso
 
-EXCERPT_CHARS = 512
 MAX_CONTROL_FRAME_BYTES = 4096  # anything bigger is left to the command intake
 
 
@@ -41,10 +37,6 @@ _CANCEL = msgspec.json.Decoder(CommandControl)
 class CancelOutcome:
     reply: StatusUpdate
     http_status: int
-
-
-def _now_iso() -> str:
-    return iso_ms(time.time_ns() // 1_000_000)
 
 
 def is_control_frame(raw: bytes) -> bool:
@@ -80,15 +72,10 @@ async def cancel(
     state: GatewayState, user: User, command_id: str, *, raw: bytes = b""
 ) -> CancelOutcome:
     """Cancel `command_id` for `user`, who needs can_control on the command's edge."""
+    unknown = error(ErrorCode.UNKNOWN_COMMAND, f"no command {command_id!r} in the ledger")
     edge_id = await state.ledger.edge_of(command_id) if SAFE_ID.fullmatch(command_id) else None
     if edge_id is None:
-        return await _refuse(
-            state,
-            user,
-            raw,
-            error(ErrorCode.UNKNOWN_COMMAND, f"no command {command_id!r} in the ledger"),
-            command_id=command_id,
-        )
+        return await _refuse(state, user, raw, unknown, command_id=command_id)
     if await state.grants.allows(user, edge_id, CAN_CONTROL) is None:
         return await _refuse(
             state,
@@ -107,14 +94,7 @@ async def cancel(
         )
         return CancelOutcome(reply, 200)
     if result.unknown:
-        return await _refuse(
-            state,
-            user,
-            raw,
-            error(ErrorCode.UNKNOWN_COMMAND, f"no command {command_id!r} in the ledger"),
-            command_id=command_id,
-            edge_id=edge_id,
-        )
+        return await _refuse(state, user, raw, unknown, command_id=command_id, edge_id=edge_id)
     # Too late (already sent) or already final: the answer carries the true status.
     refusal = error(
         ErrorCode.NOT_CANCELLABLE,
@@ -124,7 +104,7 @@ async def cancel(
     reply = StatusUpdate(
         command_id=command_id,
         status=result.previous,
-        at=_now_iso(),
+        at=now_iso(),
         edge_id=edge_id,
         error=refusal,
     )
@@ -148,19 +128,10 @@ async def _refuse(
     edge_id: str | None = None,
 ) -> CancelOutcome:
     """Record the refused request in the audit stream and answer `rejected`."""
-    event = Rejected(
-        event_id=new_event_id(),
-        at=time.time_ns() // 1_000_000,
-        command_id=command_id or "",
-        edge_id=edge_id or "",
-        actor=user.actor,
-        error=err,
-        stage="gateway",
-        input_digest=hashlib.sha256(raw).hexdigest() if raw else "",
-        input_excerpt=raw[:EXCERPT_CHARS].decode("utf-8", "replace"),
-    )
+    # A cancel by URL (no frame) has no input to digest.
+    event = refusal_event(user.actor, err, edge_id=edge_id, command_id=command_id, raw=raw or None)
     await state.ledger.record_rejection(event)
     reply = StatusUpdate(
-        command_id=command_id, status="rejected", at=_now_iso(), edge_id=edge_id, error=err
+        command_id=command_id, status="rejected", at=now_iso(), edge_id=edge_id, error=err
     )
     return CancelOutcome(reply, HTTP_STATUS.get(err.code, 400))

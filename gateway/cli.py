@@ -6,16 +6,17 @@ import argparse
 import os
 import resource
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
+from starlette.applications import Starlette
 from uvicorn.supervisors import Multiprocess
 
-from dispatch import logformat
-from dispatch.settings import Settings
+from config import logformat
+from config.settings import Settings
 from gateway import logfilter
 from gateway.admission import Admission, AdmissionLimits
-from gateway.app import create_app
 from gateway.http_limits import (
     WORKER_HTTP,
     WORKER_WS,
@@ -33,18 +34,30 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def serve(settings: Settings, *, log_level: str = "info", workers: int = 1) -> None:
+# The composition root's app factory (dispatch/app.py) and its import path, which each
+# worker process calls when there are several.
+AppFactory = Callable[[Settings, Admission], Starlette]
+
+
+def serve(
+    settings: Settings,
+    make_app: AppFactory,
+    worker_app: str,
+    *,
+    log_level: str = "info",
+    workers: int = 1,
+) -> None:
     raise_fd_limit()
     admission = Admission(AdmissionLimits.from_settings(settings))
     config = uvicorn.Config(
-        create_app(settings, admission) if workers == 1 else "gateway.app:create_worker_app",
+        make_app(settings, admission) if workers == 1 else worker_app,
         factory=workers > 1,
         workers=workers,
         host=settings.host,
         port=settings.port,
         log_level=log_level,
         access_log=False,
-        # JSON logs: uvicorn's own lines go through the root handler too (dispatch/logformat.py).
+        # JSON logs: uvicorn's own lines go through the root handler too (config/logformat.py).
         log_config=None if logformat.log_format() == "json" else uvicorn.config.LOGGING_CONFIG,
         # Our own protocols: bounded request heads (431/408) and answered refusals.
         http=limited_protocol(HeadLimits.from_settings(settings), admission)
@@ -82,7 +95,7 @@ def serve(settings: Settings, *, log_level: str = "info", workers: int = 1) -> N
     Multiprocess(config, sockets=[sock]).run()
 
 
-def cmd_gateway(args: argparse.Namespace) -> int:
+def cmd_gateway(args: argparse.Namespace, make_app: AppFactory, worker_app: str) -> int:
     settings = Settings.from_env().with_overrides(
         host=args.host, port=args.port, gateway_id=args.gateway_id
     )
@@ -90,11 +103,12 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         raise SystemExit(f"dispatch gateway: --workers must be at least 1, got {args.workers}")
     if args.workers > 1 and args.gateway_id:
         os.environ["DISPATCH_GATEWAY_ID"] = args.gateway_id  # the workers read the environment
-    serve(settings, log_level="debug" if args.verbose else "info", workers=args.workers)
+    log_level = "debug" if args.verbose else "info"
+    serve(settings, make_app, worker_app, log_level=log_level, workers=args.workers)
     return 0
 
 
-def register(sub: Any) -> None:
+def register(sub: Any, make_app: AppFactory, worker_app: str) -> None:
     p = sub.add_parser(
         "gateway",
         help="serve the WebSocket/HTTP gateway (uvicorn)",
@@ -111,4 +125,4 @@ def register(sub: Any) -> None:
         default=1,
         help="worker processes sharing the port (default 1; one per core is the ceiling)",
     )
-    p.set_defaults(func=cmd_gateway)
+    p.set_defaults(func=lambda args: cmd_gateway(args, make_app, worker_app))

@@ -16,7 +16,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gateway.api import STATIC, problem, user_route
+from edge.capabilities import shipped_config
+from gateway.api import STATIC, problem, state_of, user_route
 from gateway.auth import User
 from gateway.grants import CAN_CONTROL, CAN_VIEW
 from gateway.state import GatewayState
@@ -24,11 +25,6 @@ from schemas.errors import ErrorCode
 from schemas.identifiers import is_edge_id
 
 EDGE_GROUP = "edge"  # the consumer group of every edge stream (ledger/lua/common.lua)
-
-
-def _state(request: Request) -> GatewayState:
-    state: GatewayState = request.app.state.gateway
-    return state
 
 
 def _iso(seconds: float) -> str:
@@ -46,7 +42,7 @@ async def me(request: Request, user: User) -> Response:
 @user_route
 async def list_edges(request: Request, user: User) -> Response:
     """The enrolled edges the user may view, with presence and queue depth."""
-    state = _state(request)
+    state = state_of(request)
     keys = state.ledger.keys
     enrolled = sorted(_text(e) for e in await state.redis.smembers(keys.edges()))
     visible = await state.grants.visible_edges(user)
@@ -98,9 +94,7 @@ def _queue_depth(groups: Any) -> int | None:
 @user_route
 async def capabilities(request: Request, user: User) -> Response:
     """The edge's capability config (devices, channels, limits, controllers) for viewers."""
-    from edge.capabilities import shipped_config  # noqa: PLC0415 (api.py does the same)
-
-    state = _state(request)
+    state = state_of(request)
     edge_id = request.path_params["edge_id"]
     if not is_edge_id(edge_id):
         return problem(400, ErrorCode.INVALID_COMMAND, "the edge id has characters it may not")

@@ -9,15 +9,19 @@ logs request lines).
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
 
-from gateway.auth import bearer_token
-from schemas.errors import ErrorObject
+from gateway.auth import AuthError, bearer_token
+from ledger.errors import LedgerUnavailable
+from schemas.errors import ErrorCode, ErrorObject
+
+T = TypeVar("T")
 
 SUBPROTOCOL = "dispatch.v1"
 BEARER_PREFIX = "bearer."
@@ -97,3 +101,15 @@ async def refuse_with(
 async def refuse(ws: WebSocket, status: int, code: str, message: str) -> None:
     """Refuse the handshake with an HTTP error and a JSON body naming the cause."""
     await refuse_with(ws, status, ErrorObject(code=code, message=message))
+
+
+async def authenticated(ws: WebSocket, check: Awaitable[T]) -> T | None:
+    """Who `check` proves the peer to be, or None after refusing the handshake: 401 for a
+    bad credential, 503 when it cannot be checked now (Redis does not answer), never 500."""
+    try:
+        return await check
+    except AuthError as exc:
+        await refuse(ws, 401, "unauthenticated", str(exc))
+    except LedgerUnavailable as exc:
+        await refuse(ws, 503, ErrorCode.UNAVAILABLE, str(exc))
+    return None

@@ -32,7 +32,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from gateway.admission import Admission
 from schemas.errors import ErrorCode, error
 

@@ -17,17 +17,18 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from dispatch import tracing
+from config import tracing
 from gateway import metrics
 from gateway.follows import Follows
 from gateway.grants import GrantCache
 from gateway.lifecycle_metrics import LifecycleMetrics
+from gateway.refusals import refusal_event
 from gateway.revocations import Revocations
 from gateway.sessions import CloseCode, DashboardSession, EdgeSession, Outbox
 from ledger import lifecycle
 from ledger.connection import AnyRedis, is_cluster
-from ledger.ids import new_event_id
-from ledger.store import EVENT_DECODER, Ledger
+from ledger.records import EVENT_DECODER
+from ledger.store import Ledger
 from ledger.tail import StreamTail
 from schemas.errors import ErrorCode, error
 from schemas.events import Event, Rejected, Routed, Status, status_of
@@ -78,8 +79,8 @@ class Hub:
         self.edge_inflight = edge_inflight
         self._tail_redis = tail_redis
         self.lifecycle: LifecycleMetrics | None = None  # set by the app (gateway/app.py)
-        self._dirty: set[str] = set()
-        self._dirty_signal = asyncio.Event()
+        self._wanting_delivery: set[str] = set()  # edges with entries to deliver now
+        self._delivery_wanted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         keys = ledger.keys
@@ -174,16 +175,16 @@ class Hub:
             await self.ledger.disconnect_edge(session.edge_id, session.owner)
 
     def want_delivery(self, edge_id: str) -> None:
-        self._dirty.add(edge_id)
-        self._dirty_signal.set()
+        self._wanting_delivery.add(edge_id)
+        self._delivery_wanted.set()
 
     async def _deliveries(self) -> None:
-        """Deliver to every edge marked dirty; many edges share each Redis round trip."""
+        """Deliver to every edge wanting delivery; many edges share each Redis round trip."""
         while True:
-            await self._dirty_signal.wait()
-            self._dirty_signal.clear()
-            dirty, self._dirty = self._dirty, set()
-            sessions = [s for e in dirty if (s := self.edges.get(e)) is not None and s.ready]
+            await self._delivery_wanted.wait()
+            self._delivery_wanted.clear()
+            wanting, self._wanting_delivery = self._wanting_delivery, set()
+            sessions = [s for e in wanting if (s := self.edges.get(e)) is not None and s.ready]
             results = await asyncio.gather(
                 *(self._deliver(s) for s in sessions), return_exceptions=True
             )
@@ -342,14 +343,10 @@ class Hub:
             return
         outbox.close(CloseCode.CREDENTIAL_ENDED, reason)
         log.info("gateway.session.ended actor=%s reason=%s", actor, reason.replace(" ", "_"))
-        event = Rejected(
-            event_id=new_event_id(),
-            at=int(time.time() * 1000),
-            command_id="",
+        event = refusal_event(
+            actor,
+            error(ErrorCode.UNAUTHENTICATED, f"{reason}: connection closed (4003)"),
             edge_id=actor.removeprefix("edge:") if actor.startswith("edge:") else "",
-            actor=actor,
-            error=error(ErrorCode.UNAUTHENTICATED, f"{reason}: connection closed (4003)"),
-            stage="gateway",
         )
         task = asyncio.create_task(self.ledger.record_rejection(event))
         self._background.add(task)

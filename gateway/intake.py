@@ -8,7 +8,6 @@ audit stream with who sent it, a digest and an excerpt of what they sent, and wh
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -16,25 +15,24 @@ from dataclasses import dataclass
 
 import msgspec
 
-from dispatch import tracing
+from config import tracing
 from gateway import metrics
 from gateway.auth import User
 from gateway.grants import CAN_CONTROL, GrantCache
-from gateway.ratelimit import ALLOWED, RateLimiter, Verdict
+from gateway.ratelimit import ALLOWED, RateDecision, RateLimiter
+from gateway.refusals import refusal_event
 from gateway.revocations import Revocations
 from ledger.errors import LedgerUnavailable
-from ledger.ids import new_event_id
 from ledger.keys import SAFE_ID
 from ledger.ordering import Turn
-from ledger.store import Ledger, SubmitOutcome
+from ledger.records import SubmitOutcome
+from ledger.store import Ledger
 from schemas.commands import Command
 from schemas.errors import ErrorCode, ErrorObject, error
-from schemas.events import Rejected
-from schemas.messages import StatusUpdate, iso_ms
+from schemas.messages import StatusUpdate, now_iso
 
 log = logging.getLogger("gateway.intake")
 COMMAND_DECODER = msgspec.json.Decoder(Command)
-EXCERPT_CHARS = 512
 
 
 class _IdProbe(msgspec.Struct):
@@ -74,10 +72,6 @@ class Outcome:
     @property
     def rejected(self) -> bool:
         return self.reply.status == "rejected"
-
-
-def now_iso() -> str:
-    return iso_ms(time.time_ns() // 1_000_000)
 
 
 def probe(raw: bytes) -> tuple[str | None, str | None]:
@@ -122,7 +116,7 @@ class Intake:
         self.revocations = revocations
         self.ledger_wait_s = ledger_wait_s
 
-    async def _charge(self, user: User, edge_id: str | None) -> Verdict:
+    async def _charge(self, user: User, edge_id: str | None) -> RateDecision:
         if self.limiter is None:
             return ALLOWED
         return await self.limiter.check(user.user_id, edge_id)
@@ -217,11 +211,11 @@ class Intake:
         cmd = decoded
         edge_id = cmd.target.edge_id
         grant = await self.grants.allows(user, edge_id, CAN_CONTROL)
-        enrolled, verdict = await asyncio.gather(
+        enrolled, decision = await asyncio.gather(
             self._is_enrolled(edge_id),
             self._charge(user, edge_id if grant is not None else None),
         )
-        problem = _limited(verdict) or self._refusal(cmd, enrolled=enrolled)
+        problem = _limited(decision) or self._refusal(cmd, enrolled=enrolled)
         if problem is None and grant is None:
             problem = error(
                 ErrorCode.FORBIDDEN,
@@ -276,8 +270,8 @@ class Intake:
 
     async def refuse(self, raw: bytes, user: User, err: ErrorObject) -> Outcome:
         """Reject input that is not a command; it still counts against the user's rate."""
-        verdict = await self._charge(user, None)
-        return await self.reject(raw, user.actor, _limited(verdict) or err)
+        decision = await self._charge(user, None)
+        return await self.reject(raw, user.actor, _limited(decision) or err)
 
     def _refusal(self, cmd: Command, *, enrolled: bool) -> ErrorObject | None:
         skew_s = cmd.timestamp.timestamp() - time.time()
@@ -304,17 +298,7 @@ class Intake:
             edge_id: str | None = cmd.target.edge_id
         else:
             command_id, edge_id = probe(raw) if len(raw) <= self.max_message_bytes else (None, None)
-        event = Rejected(
-            event_id=new_event_id(),
-            at=time.time_ns() // 1_000_000,
-            command_id=command_id or "",
-            edge_id=edge_id or "",
-            actor=actor,
-            error=err,
-            stage="gateway",
-            input_digest=hashlib.sha256(raw).hexdigest(),
-            input_excerpt=raw[:EXCERPT_CHARS].decode("utf-8", "replace"),
-        )
+        event = refusal_event(actor, err, edge_id=edge_id, command_id=command_id, raw=raw)
         try:
             async with asyncio.timeout(self.ledger_wait_s):
                 await self.ledger.record_rejection(event)
@@ -349,13 +333,13 @@ def failure(exc: BaseException, wait_s: float) -> ErrorObject:
     )
 
 
-def _limited(verdict: Verdict) -> ErrorObject | None:
-    if verdict.allowed:
+def _limited(decision: RateDecision) -> ErrorObject | None:
+    if decision.allowed:
         return None
     return error(
         ErrorCode.RATE_LIMITED,
-        f"over the {verdict.scope} rate limit ({verdict.limit}); retry in "
-        f"{verdict.retry_after_s:.3f} s",
-        limit=verdict.limit,
-        retry_after_s=verdict.retry_after_s,
+        f"over the {decision.scope} rate limit ({decision.limit}); retry in "
+        f"{decision.retry_after_s:.3f} s",
+        limit=decision.limit,
+        retry_after_s=decision.retry_after_s,
     )

@@ -14,8 +14,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from dispatch.tracing import enabled as tracing_enabled
-from dispatch.tracing import trace_id
+from config.tracing import enabled as tracing_enabled
+from config.tracing import trace_id
 from gateway import metrics
 from schemas.errors import ErrorCode
 from schemas.events import (

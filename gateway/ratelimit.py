@@ -36,14 +36,16 @@ class Rate:
 
 
 @dataclass(frozen=True, slots=True)
-class Verdict:
+class RateDecision:
+    """The rate limiter's answer to one charge (a timeout verdict is another thing)."""
+
     allowed: bool
     scope: str = ""
     limit: str = ""
     retry_after_s: float = 0.0
 
 
-ALLOWED = Verdict(True)
+ALLOWED = RateDecision(True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +69,7 @@ class RateLimiter:
         ]
         return [(scope, who, rate) for scope, who, rate in wanted if who and rate.enabled]
 
-    async def check(self, user_id: str, edge_id: str | None) -> Verdict:
+    async def check(self, user_id: str, edge_id: str | None) -> RateDecision:
         """Charge one command to the user, the edge (when given) and the global budget."""
         scopes = self._scopes(user_id, edge_id)
         if not scopes:
@@ -81,7 +83,7 @@ class RateLimiter:
         if index == 0:
             return ALLOWED
         scope, _, rate = scopes[index - 1]
-        return Verdict(
+        return RateDecision(
             False,
             scope=scope,
             limit=rate.describe(scope),

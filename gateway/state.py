@@ -4,27 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 import uuid
 from dataclasses import dataclass
 
 from psycopg_pool import AsyncConnectionPool
 from starlette.requests import HTTPConnection
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from gateway.auth import AuthConfig, Authenticator, AuthError, EdgeIdentity, User, claimed
 from gateway.grants import GrantCache
 from gateway.hub import Hub
 from gateway.intake import Intake
 from gateway.jwks import JwksSource
 from gateway.ratelimit import Rate, RateLimiter, RateLimits
+from gateway.refusals import refusal_event
 from gateway.revocations import Revocations
 from ledger.connection import AnyRedis, connect
 from ledger.errors import translated
-from ledger.ids import new_event_id
 from ledger.store import Ledger
 from schemas.errors import ErrorCode, ErrorObject, error
-from schemas.events import Rejected
 
 log = logging.getLogger("gateway.state")
 
@@ -175,16 +173,8 @@ class GatewayState:
     ) -> None:
         """Record a refused handshake or request; unauthenticated peers are named by address."""
         peer = f"{conn.client.host}:{conn.client.port}" if conn.client else "unknown"
-        event = Rejected(
-            event_id=new_event_id(),
-            at=time.time_ns() // 1_000_000,
-            command_id="",
-            edge_id=edge_id,
-            actor=actor or f"anonymous@{peer}",
-            error=err,
-            stage="gateway",
-            input_excerpt=f"{conn.url.path} from {peer}" + (f"; {detail}" if detail else ""),
-        )
+        excerpt = f"{conn.url.path} from {peer}" + (f"; {detail}" if detail else "")
+        event = refusal_event(actor or f"anonymous@{peer}", err, edge_id=edge_id, excerpt=excerpt)
         with contextlib.suppress(Exception):
             await self.ledger.record_rejection(event)
 

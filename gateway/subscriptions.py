@@ -15,7 +15,8 @@ import msgspec
 from gateway.follows import Follows
 from gateway.sessions import DashboardSession
 from ledger import lifecycle
-from ledger.store import CommandRecord, Ledger
+from ledger.records import CommandRecord
+from ledger.store import Ledger
 from schemas.events import Status
 from schemas.messages import StatusUpdate, Subscribe, Subscribed, iso_ms
 

@@ -17,7 +17,8 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ledger.store import Ledger, TrimResult
+from ledger.records import TrimResult
+from ledger.store import Ledger
 
 log = logging.getLogger("ledger.retention")
 

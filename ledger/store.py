@@ -1,5 +1,9 @@
 """The ledger: append lifecycle transitions, hand commands to edges, read lifecycles.
 
+Its methods come in the order of the script families: admission (`submit`, refusals),
+delivery, transitions (acks, cancels), presence, verdicts and sweeps, trims, reads. What
+they take and return (config, results, records, codecs) is in ledger/records.py.
+
 This is the only module that knows how a transition is stored. Each public method is
 one atomic script call (through the batcher, so concurrent callers share round trips),
 except `submit`, which first claims the command id in a global index (a separate slot
@@ -8,11 +12,8 @@ on Redis Cluster) and then runs the admission script in the edge's partition.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from enum import StrEnum
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -24,10 +25,23 @@ from ledger.errors import LedgerError, translated
 from ledger.ids import new_event_id
 from ledger.keys import Keys
 from ledger.ordering import Turn
+from ledger.records import (
+    EDGE_COMMAND_DECODER,
+    EVENT_DECODER,
+    CommandRecord,
+    Delivery,
+    LedgerConfig,
+    Persistence,
+    SubmitOutcome,
+    SubmitResult,
+    TransitionResult,
+    TrimResult,
+    body_digest,
+    to_utc,
+)
 from schemas.commands import Ack, Command, CommandType, EdgeCommand
 from schemas.errors import ErrorCode, ErrorObject, error
 from schemas.events import (
-    AnyEvent,
     Authorized,
     Cancelled,
     Delivered,
@@ -41,139 +55,7 @@ from schemas.events import (
 )
 
 log = logging.getLogger("ledger.store")
-
-EVENT_DECODER = msgspec.json.Decoder(AnyEvent)
-EDGE_COMMAND_DECODER = msgspec.json.Decoder(EdgeCommand)
 _encode = msgspec.json.Encoder().encode
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerConfig:
-    namespace: str = "dispatch"
-    partitions: int = 16
-    ack_timeout_ms: int = 10_000
-    default_expiry_s: int = 86_400
-    state_ttl_s: int = 7 * 86_400
-    presence_ttl_ms: int = 30_000
-    delivery_batch: int = 100
-    # Tests only: shifts the scripts' clock (Redis TIME cannot be advanced). Every
-    # process of a namespace must use the same value; production leaves it at 0.
-    clock_offset_ms: int = 0
-
-
-class SubmitOutcome(StrEnum):
-    ADMITTED = "admitted"  # new command, recorded and routed or queued
-    EXISTS = "exists"  # same id, same body: nothing appended, current status returned
-    DUPLICATE = "duplicate"  # same id, different body: refused
-    STALE = "stale"  # its expiry had already passed on arrival
-
-
-@dataclass(frozen=True, slots=True)
-class SubmitResult:
-    outcome: SubmitOutcome
-    status: str
-    gateway: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class TransitionResult:
-    applied: bool
-    previous: str  # status before the attempt ('' when the command is unknown)
-    late: bool = False
-    at_ms: int = 0
-
-    @property
-    def unknown(self) -> bool:
-        return not self.applied and self.previous == ""
-
-
-class _Lifetime(msgspec.Struct):
-    expires_at: datetime
-
-
-_LIFETIME_DECODER = msgspec.json.Decoder(_Lifetime)
-# How every stored body ends (EdgeCommand's last fields, as `submit` encodes them): the
-# send-time fields are spliced in there instead of decoding and re-encoding the body.
-_STORED_TAIL = b',"delivery":1,"sent_at":null,"remaining_ms":null}'
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    command_id: str
-    delivery: int
-    body: bytes  # EdgeCommand JSON as stored
-
-    def frame(self, now: datetime | None = None) -> bytes:
-        """The gateway -> edge message: the stored body with its delivery count and the
-        gateway's clock at send (`sent_at`, `remaining_ms` of the command's lifetime)."""
-        now = now or datetime.now(UTC)
-        expires_at = _LIFETIME_DECODER.decode(self.body).expires_at
-        remaining_ms = max(0, int((expires_at - now).total_seconds() * 1000))
-        if self.body.endswith(_STORED_TAIL):
-            tail = b',"delivery":%d,"sent_at":%s,"remaining_ms":%d}' % (
-                self.delivery,
-                _encode(now),
-                remaining_ms,
-            )
-            return self.body[: -len(_STORED_TAIL)] + tail
-        command = EDGE_COMMAND_DECODER.decode(self.body)  # stored by another version
-        return _encode(
-            msgspec.structs.replace(
-                command, delivery=self.delivery, sent_at=now, remaining_ms=remaining_ms
-            )
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class TrimResult:
-    trimmed: int  # entries removed
-    floor: str  # the MINID used ('' when the stream was left alone)
-    skipped: int = 0  # unread entries of unsendable commands the edge group skipped
-
-
-@dataclass(frozen=True, slots=True)
-class Persistence:
-    """How Redis keeps the ledger across restarts (what /readyz reports)."""
-
-    aof_enabled: bool
-    appendfsync: str  # always | everysec | no | unknown (CONFIG may be disabled)
-    rdb_snapshots: bool | None
-
-    @property
-    def mode(self) -> str:
-        if self.aof_enabled:
-            return f"aof-{self.appendfsync}"
-        return "rdb-only" if self.rdb_snapshots else "none"
-
-    @property
-    def warning(self) -> str | None:
-        if not self.aof_enabled:
-            return (
-                "AOF is off: a Redis restart loses queued commands and their streams; "
-                "set `appendonly yes` (appendfsync everysec, see docs/operations.md)"
-            )
-        if self.appendfsync == "no":
-            return "appendfsync is `no`: the OS decides when the AOF reaches the disk"
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class CommandRecord:
-    command_id: str
-    edge_id: str
-    status: str
-    late: bool
-    command: EdgeCommand
-    events: list[Event] = field(default_factory=list)
-
-
-def body_digest(cmd: Command) -> str:
-    """Identity of a command body: a reused id with another digest is a duplicate."""
-    # The trace context is not part of a command's identity: leave the field out, so the
-    # digest is also the one computed before the field existed.
-    fields = msgspec.structs.asdict(cmd)
-    del fields["traceparent"]
-    return hashlib.blake2b(_encode(fields), digest_size=16).hexdigest()
 
 
 def _statuses(values: frozenset[Status]) -> str:
@@ -201,10 +83,6 @@ def log_lost(command_id: str, edge_id: str, reason: str) -> None:
     log.error(
         "command.lost command_id=%s edge_id=%s status=lost reason=%r", command_id, edge_id, reason
     )
-
-
-def to_utc(ms: int) -> datetime:
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
 
 
 class Ledger:

@@ -12,7 +12,7 @@ from typing import Any, TextIO
 import msgspec
 from psycopg import AsyncConnection, sql
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger.connection import connect
 from ledger.errors import LedgerError
 from ledger.store import Ledger

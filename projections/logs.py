@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ledger.connection import AnyRedis
-from ledger.store import EVENT_DECODER
+from ledger.records import EVENT_DECODER
 from projections import quarantine
 from projections.quarantine import Quarantined
 from projections.writer import Entry, Gap

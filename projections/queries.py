@@ -42,8 +42,9 @@ class NotProjected(QueryError):
     """The audit tables do not exist (yet)."""
 
 
-def _time(name: str, raw: str | None) -> datetime | None:
-    if raw is None or raw == "":
+def parse_time(name: str, raw: str | None) -> datetime | None:
+    """The time given as query parameter `name` (ISO 8601 with a zone), None if not given."""
+    if not raw:
         return None
     try:
         value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
@@ -124,8 +125,7 @@ class AuditQuery:
         edge_id = params.get("edge_id") or None
         if edge_id is not None and not SAFE_ID.fullmatch(edge_id):
             raise QueryError(f"`edge_id` {edge_id[:64]!r} is not a valid edge id")
-        raw_cursor = params.get("cursor") or None
-        query = cls(
+        return cls(
             edge_id=edge_id,
             source=_text_filter("source", params.get("source")),
             user=_text_filter("user", params.get("user")),
@@ -133,14 +133,8 @@ class AuditQuery:
             command_type=_choice(
                 "command_type", params.get("command_type"), sorted(t.value for t in CommandType)
             ),
-            since=_time("since", params.get("since")),
-            until=_time("until", params.get("until")),
-            limit=_limit(params.get("limit"), None if export else DEFAULT_LIMIT),
-            cursor=Cursor.decode(raw_cursor) if raw_cursor else None,
+            **_window(params, export),
         )
-        if query.since and query.until and query.since >= query.until:
-            raise QueryError("`since` must be earlier than `until`")
-        return query
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,19 +151,26 @@ class RefusalQuery:
 
     @classmethod
     def from_params(cls, params: Mapping[str, str], *, export: bool = False) -> RefusalQuery:
-        raw_cursor = params.get("cursor") or None
-        query = cls(
+        return cls(
             edge_id=_text_filter("edge_id", params.get("edge_id")),
             user=_text_filter("user", params.get("user")),
             code=_text_filter("code", params.get("code")),
-            since=_time("since", params.get("since")),
-            until=_time("until", params.get("until")),
-            limit=_limit(params.get("limit"), None if export else DEFAULT_LIMIT),
-            cursor=Cursor.decode(raw_cursor) if raw_cursor else None,
+            **_window(params, export),
         )
-        if query.since and query.until and query.since >= query.until:
-            raise QueryError("`since` must be earlier than `until`")
-        return query
+
+
+def _window(params: Mapping[str, str], export: bool) -> dict[str, Any]:
+    """The time range and page shared by every listing: `since`, `until`, `limit`, `cursor`."""
+    since, until = (
+        parse_time("since", params.get("since")),
+        parse_time("until", params.get("until")),
+    )
+    limit = _limit(params.get("limit"), None if export else DEFAULT_LIMIT)
+    raw_cursor = params.get("cursor") or None
+    cursor = Cursor.decode(raw_cursor) if raw_cursor else None
+    if since and until and since >= until:
+        raise QueryError("`since` must be earlier than `until`")
+    return {"since": since, "until": until, "limit": limit, "cursor": cursor}
 
 
 COLUMNS: tuple[str, ...] = (

@@ -15,25 +15,13 @@ from typing import Any
 
 from psycopg import AsyncConnection, sql
 
-from projections.queries import NotProjected, QueryError, iso
+from projections.queries import NotProjected, QueryError, iso, parse_time
 from projections.schema import TIMESCALEDB, storage_of
 from schemas.identifiers import is_edge_id
 
 BUCKETS = {"hour": "1 hour", "day": "1 day"}
 ORIGIN = "2000-01-03T00:00:00Z"
 MAX_BUCKETS = 10_000  # hours in about 14 months: bounds the answer's size
-
-
-def _time(name: str, raw: str | None) -> datetime | None:
-    if not raw:
-        return None
-    try:
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise QueryError(f"`{name}` must be an ISO 8601 time, got {raw[:64]!r}") from None
-    if value.tzinfo is None:
-        raise QueryError(f"`{name}` needs a timezone (e.g. 2026-02-15T14:30:00Z), got {raw[:64]!r}")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +42,10 @@ class StatsQuery:
         edge_id = params.get("edge_id") or None
         if edge_id is not None and not is_edge_id(edge_id):
             raise QueryError(f"`edge_id` is not a valid edge id: {edge_id[:64]!r}")
-        since, until = _time("since", params.get("since")), _time("until", params.get("until"))
+        since, until = (
+            parse_time("since", params.get("since")),
+            parse_time("until", params.get("until")),
+        )
         if since is not None and until is not None and since >= until:
             raise QueryError("`since` must be before `until`")
         return cls(bucket, edge_id, since, until)

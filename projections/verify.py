@@ -24,7 +24,7 @@ import msgspec
 from psycopg import AsyncConnection, sql
 
 from ledger import lifecycle
-from ledger.store import EVENT_DECODER, to_utc
+from ledger.records import EVENT_DECODER, to_utc
 from projections import quarantine
 from projections.schema import GENESIS, REFUSALS_CHAIN, storage_of
 from projections.text import pg_text

@@ -29,7 +29,7 @@ from psycopg import AsyncConnection, sql
 from psycopg.errors import UniqueViolation
 
 from ledger import lifecycle
-from ledger.store import to_utc as _to_utc
+from ledger.records import to_utc as _to_utc
 from projections import quarantine
 from projections import schema as schema_mod
 from projections.quarantine import Quarantined

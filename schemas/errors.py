@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 from msgspec import Struct
 
@@ -62,3 +63,8 @@ class ErrorObject(Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 def error(code: ErrorCode, message: str, **hints: float | str | None) -> ErrorObject:
     return ErrorObject(code=code.value, message=message, **hints)  # type: ignore[arg-type]
+
+
+def problem_body(code: ErrorCode | str, message: str, **extra: Any) -> dict[str, Any]:
+    """The JSON body of every HTTP refusal: `{"status": "rejected", "error": {code, message}}`."""
+    return {"status": "rejected", "error": {"code": str(code), "message": message, **extra}}

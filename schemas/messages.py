@@ -97,3 +97,8 @@ def iso_ms(ms: int) -> str:
     """ISO 8601 UTC with milliseconds, e.g. 2026-02-15T14:30:01.050Z."""
     seconds, millis = divmod(ms, 1000)
     return f"{_iso_second(seconds)}.{millis:03d}Z"
+
+
+def now_iso() -> str:
+    """The clock of this process now, as `iso_ms` writes it."""
+    return iso_ms(time.time_ns() // 1_000_000)

@@ -12,7 +12,7 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger.store import Ledger
 
 from support import DATABASE_URL, REDIS_URL, SECRET, Processes, drop_namespace

@@ -16,7 +16,8 @@ import pytest
 import websockets
 from redis.asyncio.cluster import RedisCluster
 
-from ledger.store import Ledger, LedgerConfig, SubmitOutcome
+from ledger.records import LedgerConfig, SubmitOutcome
+from ledger.store import Ledger
 from schemas.commands import Ack, Command
 
 from support import Processes, command, edge_token, user_token, wait_until

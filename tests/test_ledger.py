@@ -11,7 +11,8 @@ from redis.crc import key_slot
 
 from ledger import lifecycle
 from ledger.keys import Keys, UnsafeKeyPart
-from ledger.store import Ledger, LedgerConfig, SubmitOutcome
+from ledger.records import LedgerConfig, SubmitOutcome
+from ledger.store import Ledger
 from schemas.commands import Ack, Command
 from schemas.errors import ErrorObject
 from schemas.events import Status, status_of

@@ -10,9 +10,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from config.settings import Settings, SettingsError
 from dispatch.replay.run import ReplayOptions, replay
 from dispatch.replay.window import ReplayError
-from dispatch.settings import Settings, SettingsError
 from ledger.errors import LedgerError
 from ledger.keys import check_id
 

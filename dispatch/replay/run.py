@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+from config.settings import Settings
 from dispatch.replay.report import Report, Row
 from dispatch.replay.sandbox import POLL_S, Sandbox
 from dispatch.replay.schedule import Action, Kind, Plan, body, plan, reached
@@ -32,12 +33,12 @@ from dispatch.replay.window import (
     read_audit,
     read_ledger,
 )
-from dispatch.settings import Settings
 from ledger import lifecycle
 from ledger.connection import AnyRedis, connect
 from ledger.errors import LedgerError
 from ledger.lifecycle import CommandState
-from ledger.store import EVENT_DECODER, Ledger, LedgerConfig
+from ledger.records import EVENT_DECODER, LedgerConfig
+from ledger.store import Ledger
 from schemas.events import Event
 
 log = logging.getLogger("dispatch.replay")

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from config.settings import Settings
 from dispatch.replay.relay import EdgeRelay
 from dispatch.replay.window import ReplayError
-from dispatch.settings import Settings
 from dispatch.tokens import edge_claims, sign, user_claims
 from ledger.connection import AnyRedis
 from ledger.keys import Keys, check_id

@@ -18,9 +18,10 @@ import psycopg
 from psycopg import sql
 from redis import exceptions as redis_errors
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger import lifecycle
-from ledger.store import EVENT_DECODER, Ledger
+from ledger.records import EVENT_DECODER
+from ledger.store import Ledger
 from schemas.commands import EdgeCommand
 from schemas.events import Event, Issued, status_of
 

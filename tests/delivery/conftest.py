@@ -8,7 +8,7 @@ import pytest
 from delivery_clock import Clock
 from redis.asyncio import Redis
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger.store import Ledger
 
 

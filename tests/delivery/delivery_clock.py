@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger.keys import partition_of
 from ledger.store import Ledger
 from schemas.commands import Command

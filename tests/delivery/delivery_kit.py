@@ -17,7 +17,7 @@ import redis
 import websockets
 from pymodbus.client import AsyncModbusTcpClient
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from edge.journal import JOURNAL_FILE, Journal, read_log
 from ledger.keys import Keys
 

@@ -14,10 +14,11 @@ from dataclasses import replace
 import pytest
 from delivery_clock import Clock, same_partition_edges
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger.keys import EDGE_GROUP, PROJECTOR_GROUP
+from ledger.records import SubmitOutcome
 from ledger.retention import Retention, RetentionConfig
-from ledger.store import Ledger, SubmitOutcome
+from ledger.store import Ledger
 from projections.verdicts import VerdictLoop
 from schemas.commands import Ack, Command
 from schemas.events import status_of

@@ -44,8 +44,9 @@ from redis.asyncio import Redis
 
 from ledger import lifecycle
 from ledger.keys import partition_of
+from ledger.records import LedgerConfig, SubmitOutcome
 from ledger.retention import Retention, RetentionConfig
-from ledger.store import Ledger, LedgerConfig, SubmitOutcome
+from ledger.store import Ledger
 from schemas.commands import Ack, Command
 from schemas.events import Routed, Status, status_of
 

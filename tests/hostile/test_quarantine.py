@@ -21,7 +21,7 @@ import pytest
 from psycopg import AsyncConnection, sql
 from redis.asyncio import Redis
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger.ids import new_event_id
 from ledger.store import Ledger
 from projections import loadgen, queries

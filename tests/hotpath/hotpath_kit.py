@@ -13,7 +13,7 @@ from typing import Any
 import redis
 import websockets
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger.keys import Keys
 
 from support import Gateway, edge_token, wait_until

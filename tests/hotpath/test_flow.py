@@ -10,7 +10,7 @@ import redis
 from hotpath_kit import Dashboard, Edge, enroll, keys
 from redis.asyncio import Redis
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger.store import Ledger
 
 from support import Processes, command, user_token

@@ -11,7 +11,7 @@ from hotpath_kit import Dashboard, Edge, enroll
 from netproxy import NetProxy
 from redis.asyncio import Redis
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger.store import Ledger
 
 from support import Gateway, Processes, command, user_token

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from dispatch import logformat, tracing
-from dispatch.settings import Settings, SettingsError
+from config import logformat, tracing
+from config.settings import Settings, SettingsError
 
 
 def record(message: str, *args: object, **extra: object) -> logging.LogRecord:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from ledger.store import body_digest
+from ledger.records import body_digest
 from schemas.commands import Command
 
 RAW = (

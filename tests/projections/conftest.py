@@ -17,7 +17,7 @@ import timescale
 from projection_support import NATIVE, TIMESCALE, StorageServer, drop_schemas
 from redis.asyncio import Redis
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger.store import Ledger
 
 from support import DATABASE_URL

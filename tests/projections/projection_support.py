@@ -14,7 +14,7 @@ import psycopg
 from psycopg import AsyncConnection, sql
 from redis.asyncio import Redis
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger.keys import Keys
 from ledger.store import Ledger
 from projections.schema import Roles

@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 import pytest
 from projection_support import running, wait_caught_up
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger.ids import new_event_id
 from ledger.store import Ledger
 from projections import loadgen

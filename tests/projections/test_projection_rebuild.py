@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from projection_support import pg, roles, running, scalar, wait_caught_up
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger.ids import new_event_id
 from ledger.store import Ledger
 from projections import loadgen, rebuild

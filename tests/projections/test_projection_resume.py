@@ -12,7 +12,7 @@ import pytest
 from projection_support import at_port, log_ids, pg, positions, roles, scalar, wait_caught_up
 from redis.asyncio import Redis
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger.store import Ledger
 from projections import loadgen
 from projections.logs import LogReader, decode

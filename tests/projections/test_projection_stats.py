@@ -10,7 +10,7 @@ from typing import Any
 from projection_support import drop_schemas, pg, roles, running, wait_caught_up
 from psycopg import AsyncConnection, sql
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger.store import Ledger
 from projections import loadgen, rebuild, schema, stats
 from projections.worker import Database

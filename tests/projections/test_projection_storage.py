@@ -18,7 +18,7 @@ from projection_support import (
 )
 from psycopg import AsyncConnection, errors, sql
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger.store import Ledger
 from projections import loadgen, schema
 from projections.verify import verify

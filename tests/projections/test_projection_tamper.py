@@ -11,7 +11,7 @@ import pytest
 from projection_support import pg, roles, running, scalar, wait_caught_up
 from psycopg import errors, sql
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from ledger.ids import new_event_id
 from ledger.store import Ledger
 from projections import loadgen, schema

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import ClientConnection
 
-from ledger.store import EVENT_DECODER
+from ledger.records import EVENT_DECODER
 
 from .conftest import EDGE, Site, recv_json
 from support import command, wait_until

@@ -17,8 +17,7 @@ from starlette.websockets import WebSocket
 
 from gateway import cancels, subscriptions
 from gateway.admission import admit_user_socket
-from gateway.auth import AuthError
-from gateway.handshake import credentials, origin_allowed, refuse
+from gateway.handshake import authenticated, credentials, origin_allowed, refuse
 from gateway.sessions import (
     CloseCode,
     DashboardSession,
@@ -28,7 +27,6 @@ from gateway.sessions import (
     ws_hard_limit_bytes,
 )
 from gateway.state import GatewayState
-from ledger.errors import LedgerUnavailable
 from ledger.ordering import InOrder, Turn
 from schemas.errors import ErrorCode, error
 from schemas.messages import StatusUpdate, Subscribed
@@ -46,13 +44,8 @@ async def dashboard_endpoint(ws: WebSocket) -> None:
         await refuse(ws, 403, "forbidden", err.message)
         return
     token, subprotocol = credentials(ws)
-    try:
-        user = await state.authenticate_user(ws, token)
-    except AuthError as exc:
-        await refuse(ws, 401, "unauthenticated", str(exc))
-        return
-    except LedgerUnavailable as exc:  # the token cannot be checked now: say so, not 500
-        await refuse(ws, 503, ErrorCode.UNAVAILABLE, str(exc))
+    user = await authenticated(ws, state.authenticate_user(ws, token))
+    if user is None:
         return
     if not await admit_user_socket(ws, user.user_id, user.actor):  # per-user socket cap
         return

@@ -10,18 +10,16 @@ import uuid
 import msgspec
 from starlette.websockets import WebSocket
 
-from dispatch import tracing
+from config import tracing
 from gateway import metrics
-from gateway.auth import AuthError
-from gateway.handshake import credentials, refuse
+from gateway.handshake import authenticated, credentials, refuse
 from gateway.intake import failure
 from gateway.lifecycle_metrics import CLOCK_OFFSETS, traceparent_of
 from gateway.sessions import EdgeSession, Outbox, protocol_refusal, ws_hard_limit_bytes
 from gateway.state import GatewayState
-from ledger.errors import LedgerUnavailable
 from ledger.keys import SAFE_ID
 from ledger.ordering import InOrder, Turn
-from ledger.store import TransitionResult
+from ledger.records import TransitionResult
 from schemas.commands import Ack
 from schemas.errors import ErrorCode, ErrorObject, error
 from schemas.messages import EdgeNotice
@@ -46,13 +44,8 @@ async def edge_endpoint(ws: WebSocket) -> None:
         await refuse(ws, 403, err.code, err.message)
         return
     token, _ = credentials(ws)
-    try:
-        identity = await state.authenticate_edge(ws, token, edge_id)
-    except AuthError as exc:
-        await refuse(ws, 401, "unauthenticated", str(exc))
-        return
-    except LedgerUnavailable as exc:  # the credential cannot be checked now: say so, not 500
-        await refuse(ws, 503, ErrorCode.UNAVAILABLE, str(exc))
+    identity = await authenticated(ws, state.authenticate_edge(ws, token, edge_id))
+    if identity is None:
         return
     await ws.accept()
     owner = f"{state.gateway_id}|{uuid.uuid4().hex[:16]}"

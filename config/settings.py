@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ledger.records import LedgerConfig
 from ledger.retention import RetentionConfig
-from ledger.store import LedgerConfig
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "postgresql://127.0.0.1:5432/test"

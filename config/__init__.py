@@ -1,0 +1,1 @@
+"""Settings, tracing and log format: what every process is configured with (the ground floor)."""
