@@ -26,15 +26,21 @@ from support import DEMO_EDGE, now_iso
 _values = itertools.count(1001)
 
 
-def setpoint(edge_id: str = DEMO_EDGE, *, expiry_sec: int = 300, **extra: Any) -> dict[str, Any]:
-    """A SetActivePower setpoint whose value no other command of the run has."""
+def setpoint(
+    edge_id: str = DEMO_EDGE,
+    *,
+    expiry_sec: int = 300,
+    channel: str = "SetActivePower",
+    **extra: Any,
+) -> dict[str, Any]:
+    """A setpoint (SetActivePower unless told) whose value no other command of the run has."""
     value = next(_values)
     if value > 99_000:
         raise RuntimeError("ran out of unique setpoint values")
     body: dict[str, Any] = {
         "command_id": f"cmd_{uuid.uuid4().hex[:12]}",
         "command_type": "setpoint",
-        "target": {"edge_id": edge_id, "device_id": "bms_main", "channel": "SetActivePower"},
+        "target": {"edge_id": edge_id, "device_id": "bms_main", "channel": channel},
         "value": value,
         "unit": "W",
         "expiry_sec": expiry_sec,

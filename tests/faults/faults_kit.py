@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from faults_checker import Checker, Report
+from faults_clients import FrameLog
 
 from dispatch.settings import Settings
 from edge.journal import JOURNAL_FILE, Journal, read_log
 from ledger.keys import Keys
 
-from support import DEMO_EDGE, Proc, Processes, edge_token, free_port, wait_until
+from support import DEMO_EDGE, Gateway, Proc, Processes, edge_token, free_port, wait_until
 
 
 def spawn(
@@ -179,3 +181,45 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.02): 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+# -- a whole deployment ------------------------------------------------------------------------
+def deploy(
+    processes: Processes,
+    root: Path,
+    *,
+    redis_url: str | None = None,
+    ack_timeout_ms: int = 3000,
+    projector: bool = True,
+    agent: bool = True,
+    agent_args: tuple[str, ...] = (),
+    gateway_port: int | None = None,
+) -> tuple[Gateway, RecordingSite]:
+    """Gateway `gw-a`, a projector, the recording device and the real agent."""
+    if redis_url:
+        processes.env["DISPATCH_REDIS_URL"] = redis_url
+    processes.env["DISPATCH_ACK_TIMEOUT_MS"] = str(ack_timeout_ms)
+    enroll(processes.env, DEMO_EDGE)
+    gw = processes.gateway(port=gateway_port, gateway_id="gw-a")
+    if projector:
+        processes.dispatch("projector", "projector")
+    site = RecordingSite(processes, root).start_device()
+    if agent:
+        site.start_agent(gw.ws, *agent_args)
+    return gw, site
+
+
+def checker_for(processes: Processes, site: RecordingSite | None, *logs: FrameLog) -> Checker:
+    def alarms() -> str:
+        return "".join(p.log() for p in processes.procs)
+
+    records = {(site.edge_id, "bms_main"): site.record} if site else {}
+    return Checker(processes.env, device_records=records, frames=list(logs), alarm_text=alarms)
+
+
+def assert_invariants(checker: Checker, drain_s: float = 25) -> Report:
+    took = checker.drain(drain_s)
+    report = checker.check()
+    print(f"drained in {took:.1f} s\n{report}")
+    assert report.ok, report
+    return report

@@ -10,51 +10,24 @@ import time
 from pathlib import Path
 
 import pytest
-from faults_checker import Checker
 from faults_clients import Dashboard, HttpSender, setpoint
-from faults_kit import PrivateRedis, RecordingSite, enroll
+from faults_kit import PrivateRedis, checker_for, deploy
 
-from support import DEMO_EDGE, Gateway, Processes, user_token
+from support import DEMO_EDGE, Processes, user_token
 
 pytestmark = pytest.mark.slow
 
 OPERATOR = user_token("op_faults", control=[DEMO_EDGE], view=[DEMO_EDGE])
 
 
-def _deployment(
-    processes: Processes, tmp_path: Path, redis_url: str | None = None
-) -> tuple[Gateway, RecordingSite]:
-    if redis_url:
-        processes.env["DISPATCH_REDIS_URL"] = redis_url
-    processes.env["DISPATCH_ACK_TIMEOUT_MS"] = "3000"
-    enroll(processes.env, DEMO_EDGE)
-    gw = processes.gateway(gateway_id="gw-a")
-    processes.dispatch("projector", "projector")
-    site = RecordingSite(processes, tmp_path).start_device()
-    site.start_agent(gw.ws)
-    return gw, site
-
-
-def _checker(processes: Processes, site: RecordingSite, *logs: object) -> Checker:
-    def alarms() -> str:
-        return "".join(p.log() for p in processes.procs)
-
-    return Checker(
-        processes.env,
-        device_records={(DEMO_EDGE, "bms_main"): site.record},
-        frames=[log for log in logs],  # type: ignore[misc]
-        alarm_text=alarms,
-    )
-
-
 def test_quiet_traffic_holds_every_invariant(processes: Processes, tmp_path: Path) -> None:
     """The baseline the checker is calibrated on: no fault, 20 setpoints, all invariants."""
-    gw, site = _deployment(processes, tmp_path)
+    gw, site = deploy(processes, tmp_path)
     dash, sender = Dashboard(gw.ws, OPERATOR), HttpSender(gw.http, OPERATOR)
     for i in range(20):
         (dash if i % 2 else sender).send(setpoint())
     assert dash.wait_answers()
-    checker = _checker(processes, site, dash.log, sender.log)
+    checker = checker_for(processes, site, dash.log, sender.log)
     took = checker.drain(30)
     report = checker.check()
     print(f"drained in {took:.1f} s\n{report}")
@@ -105,7 +78,7 @@ def test_redis_restart_under_traffic_loses_and_doubles_nothing(
     outage_s: float,
 ) -> None:
     private_redis.start()
-    gw, site = _deployment(processes, tmp_path, private_redis.url)
+    gw, site = deploy(processes, tmp_path, redis_url=private_redis.url)
     dash, sender = Dashboard(gw.ws, OPERATOR), HttpSender(gw.http, OPERATOR)
     stop = threading.Event()
     loads = [
@@ -125,7 +98,7 @@ def test_redis_restart_under_traffic_loses_and_doubles_nothing(
     for load in loads:
         load.join(30)
     dash.wait_answers(15)
-    checker = _checker(processes, site, dash.log, sender.log)
+    checker = checker_for(processes, site, dash.log, sender.log)
     took = checker.drain(25)
     report = checker.check()
     print(f"drained in {took:.1f} s\n{report}")
