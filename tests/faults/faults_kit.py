@@ -194,13 +194,19 @@ def deploy(
     agent: bool = True,
     agent_args: tuple[str, ...] = (),
     gateway_port: int | None = None,
+    gateway_env: dict[str, str] | None = None,
 ) -> tuple[Gateway, RecordingSite]:
     """Gateway `gw-a`, a projector, the recording device and the real agent."""
     if redis_url:
         processes.env["DISPATCH_REDIS_URL"] = redis_url
     processes.env["DISPATCH_ACK_TIMEOUT_MS"] = str(ack_timeout_ms)
     enroll(processes.env, DEMO_EDGE)
-    gw = processes.gateway(port=gateway_port, gateway_id="gw-a")
+    port = gateway_port or free_port()
+    proc = processes.dispatch(
+        "gateway", "gateway", "--port", str(port), "--gateway-id", "gw-a", env=gateway_env
+    )
+    gw = Gateway(proc, port)
+    gw.wait_ready()
     if projector:
         processes.dispatch("projector", "projector")
     site = RecordingSite(processes, root).start_device()

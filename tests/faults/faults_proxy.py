@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: kept in a set
 class _Conn:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter | None = None
