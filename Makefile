@@ -4,7 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint fmt bench services clean
+.PHONY: demo test lint fmt bench services clean client
+
+# The TypeScript client: npm packages (when missing) and its build check.
+client:
+	@scripts/client.sh
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -22,6 +26,8 @@ demo: $(STAMP) services
 test: $(STAMP) services
 	@scripts/browser.sh
 	@scripts/test-tools.sh
+	@scripts/promtool.sh
+	@scripts/client.sh
 	@trap 'scripts/services.sh stop' EXIT; $(BIN)/pytest -q
 
 lint: $(STAMP)

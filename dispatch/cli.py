@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
-from dispatch import demo, replay, tokens
+from dispatch import demo, logformat, replay, tokens, tracing
 from dispatch.settings import SettingsError
 from edge import cli as edge_cli
 from gateway import cli as gateway_cli
@@ -34,14 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    logformat.configure(verbose=args.verbose)
     try:
+        if args.command in tracing.TRACED_COMMANDS:
+            tracing.configure(f"dispatch-{args.command}")
         return int(args.func(args) or 0)
-    except SettingsError as exc:
+    except (SettingsError, tracing.TracingError) as exc:
         print(f"dispatch: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -78,6 +79,11 @@ class Children:
     def dead(self) -> str | None:
         return next((name for name, p in self.procs if p.poll() is not None), None)
 
+    def interrupted(self, name: str) -> bool:
+        """The child ended as a Ctrl-C ends it (uvicorn exits 0 after a SIGINT)."""
+        code = next(p.returncode for n, p in self.procs if n == name)
+        return code in (0, -signal.SIGINT, 128 + signal.SIGINT, -signal.SIGTERM)
+
     def stop(self) -> None:
         for _, proc in reversed(self.procs):
             if proc.poll() is None:
@@ -88,6 +94,7 @@ class Children:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait(5)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -127,7 +134,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"""
 Command Dispatch demo is running (logs in {children.log_dir}).
 
-  Dashboard:      {gateway}/#token={token}
+  Console:        {gateway}/   (sign in with the operator token below)
   Operator token: {token}
   Demo site:      edge {DEMO_EDGE}, device {DEMO_DEVICE} (Modbus TCP 127.0.0.1:{modbus_port})
 
@@ -137,15 +144,24 @@ Try:  curl -s -X POST {gateway}/api/commands -H "Authorization: Bearer $TOKEN" \
 Press Ctrl-C to stop everything.""",
             flush=True,
         )
-        while True:
-            time.sleep(0.5)
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        while not stop.wait(0.5):
             dead = children.dead()
-            if dead is not None:
-                print(
-                    f"dispatch demo: {dead} stopped unexpectedly; see {children.log_dir}/{dead}.log",
-                    file=sys.stderr,
-                )
-                return 1
+            if dead is None:
+                continue
+            # A terminal's Ctrl-C reaches the children too, and one may exit before our
+            # own handler has run: that is a normal stop, not a crash.
+            if stop.wait(1.0) or children.interrupted(dead):
+                break
+            print(
+                f"dispatch demo: {dead} stopped unexpectedly; see {children.log_dir}/{dead}.log",
+                file=sys.stderr,
+            )
+            return 1
+        print("\nstopping the demo...", flush=True)
+        return 0
     except KeyboardInterrupt:
         print("\nstopping the demo...", flush=True)
         return 0

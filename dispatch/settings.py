@@ -73,6 +73,26 @@ class Settings:
     outbox_frames: int = 1000
     # Kernel send buffer per connection in bytes (0: the kernel autotunes, up to MiBs).
     socket_send_buffer_bytes: int = 0
+    # Handshake limits (docs/security.md, "Handshake limits"). Request heads: longest
+    # request or header line, whole head, header count, and the time to send it all.
+    http_max_line_bytes: int = 8192
+    http_max_head_bytes: int = 32 * 1024
+    http_max_headers: int = 100
+    handshake_timeout_s: float = 10.0
+    # Refused handshakes per client address before it is answered 429 (0/s: off), and the
+    # window in which its throttled refusals are summarised by one audit entry.
+    handshake_refusals_per_s: float = 1.0
+    handshake_refusal_burst: int = 30
+    handshake_summary_window_s: float = 60.0
+    # Dashboard connections one user may hold on one gateway (0: no cap).
+    max_sockets_per_user: int = 16
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (comma-separated
+    # addresses or networks, `*` for any); none by default, so clients cannot pose as
+    # another address in the audit.
+    forwarded_allow_ips: tuple[str, ...] = ()
+    # The `kid` HS256 user tokens may carry (empty: an HS256 token with any `kid` is
+    # refused, as SimpleJWT sets none).
+    jwt_key_id: str = ""
     # Retention (docs/operations.md): kept at least this long even when acknowledged.
     retain_log_s: int = 86_400
     retain_edge_s: int = 3_600
@@ -82,6 +102,14 @@ class Settings:
     projector_database_url: str = ""
     db_role_prefix: str = ""
     audit_retention_days: int = 400
+    # Observability (docs/operations.md "Metrics"): the lifecycle step metrics and the
+    # gateway's transition log lines (which need them), how often each
+    # gateway reads Redis for the fleet gauges, and per-edge series for the N edges with
+    # the longest queues / largest clock offsets (0: no per-edge series at all).
+    metrics_lifecycle: bool = True
+    log_transitions: bool = True  # one `command.transition` line per lifecycle event
+    metrics_interval_s: float = 15.0
+    metrics_top_edges: int = 0
 
     def __post_init__(self) -> None:
         for name, scheme in (
@@ -113,6 +141,15 @@ class Settings:
                 raise SettingsError(
                     f"DISPATCH_{name.upper()} must be positive, got {getattr(self, name)}"
                 )
+        if not 0 < self.metrics_interval_s < float("inf"):
+            raise SettingsError(
+                f"DISPATCH_METRICS_INTERVAL_S={self.metrics_interval_s} must be a positive number of seconds"
+            )
+        if not 0 <= self.metrics_top_edges <= 1000:
+            raise SettingsError(
+                f"DISPATCH_METRICS_TOP_EDGES={self.metrics_top_edges} must be 0..1000: it bounds "
+                "how many per-edge series /metrics carries"
+            )
         if self.port > 65535:
             raise SettingsError(f"DISPATCH_PORT must be at most 65535, got {self.port}")
         if self.socket_send_buffer_bytes < 0:
@@ -135,6 +172,7 @@ class Settings:
             )
         self._check_algorithms()
         self._check_rates()
+        self._check_handshake_limits()
 
     def _check_algorithms(self) -> None:
         unknown = [a for a in self.jwt_algorithms if a not in JWT_ALGORITHMS]
@@ -168,6 +206,39 @@ class Settings:
                     f"DISPATCH_RATE_{scope.upper()}_BURST={burst} must be at least 1 "
                     f"while DISPATCH_RATE_{scope.upper()}_PER_S is {per_s}"
                 )
+
+    def _check_handshake_limits(self) -> None:
+        if not 1024 <= self.http_max_line_bytes <= 8192:
+            raise SettingsError(
+                f"DISPATCH_HTTP_MAX_LINE_BYTES={self.http_max_line_bytes} must be between 1024 "
+                "and 8192 (the WebSocket layer refuses longer lines itself)"
+            )
+        if self.http_max_head_bytes < self.http_max_line_bytes:
+            raise SettingsError(
+                f"DISPATCH_HTTP_MAX_HEAD_BYTES={self.http_max_head_bytes} must be at least "
+                f"DISPATCH_HTTP_MAX_LINE_BYTES ({self.http_max_line_bytes})"
+            )
+        if not 8 <= self.http_max_headers <= 128:
+            raise SettingsError(
+                f"DISPATCH_HTTP_MAX_HEADERS={self.http_max_headers} must be between 8 and 128"
+            )
+        if not 0 < self.handshake_timeout_s <= 300:
+            raise SettingsError(
+                f"DISPATCH_HANDSHAKE_TIMEOUT_S={self.handshake_timeout_s} must be above 0 and "
+                "at most 300 seconds"
+            )
+        per_s = self.handshake_refusals_per_s
+        if not (per_s >= 0 and per_s < float("inf")) or (
+            per_s > 0 and self.handshake_refusal_burst < 1
+        ):
+            raise SettingsError(
+                f"DISPATCH_HANDSHAKE_REFUSALS_PER_S={per_s} must be a finite number >= 0 "
+                "(0 switches the throttle off), with DISPATCH_HANDSHAKE_REFUSAL_BURST >= 1"
+            )
+        if not self.handshake_summary_window_s > 0:
+            raise SettingsError("DISPATCH_HANDSHAKE_SUMMARY_WINDOW_S must be positive")
+        if self.max_sockets_per_user < 0:
+            raise SettingsError("DISPATCH_MAX_SOCKETS_PER_USER must be 0 (no cap) or positive")
 
     @property
     def edge_secret(self) -> str:

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from dispatch import tracing
 from edge.capabilities import (
     ConfigSource,
     SiteConfig,
@@ -414,16 +415,17 @@ class Agent:
             )
             self._acks.set()
             return
-        verdict = validate(
-            cmd,
-            self.site,
-            self.clock.wall(),
-            edge_id=self.settings.edge_id,
-            skew_s=self.settings.clock_skew_s,
-            remaining_s=None if cmd.remaining_ms is None else cmd.remaining_ms / 1000,
-            clock_problem=self.core.clock_problem(),
-            max_override_s=self.settings.max_override_s,
-        )
+        with tracing.span("edge.validate", cmd.traceparent, command_id=cmd.command_id):
+            verdict = validate(
+                cmd,
+                self.site,
+                self.clock.wall(),
+                edge_id=self.settings.edge_id,
+                skew_s=self.settings.clock_skew_s,
+                remaining_s=None if cmd.remaining_ms is None else cmd.remaining_ms / 1000,
+                clock_problem=self.core.clock_problem(),
+                max_override_s=self.settings.max_override_s,
+            )
         if isinstance(verdict, Rejection):
             answer = ack(cmd.command_id, "rejected", code=verdict.code, message=verdict.message)
             meta = CommandMeta(cmd.command_id, cmd.command_type.value, cmd.priority, cmd.source)

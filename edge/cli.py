@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dispatch import logformat, tracing
 from edge.agent import EXIT_RESTART, EXIT_USAGE, Agent, AgentSettings
 from edge.errors import EdgeError
 from edge.journal import JOURNAL_FILE, Journal, read_log
@@ -302,11 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    logformat.configure(verbose=args.verbose)
+    try:
+        if args.command in tracing.TRACED_COMMANDS:
+            tracing.configure(f"dispatch-{args.command}")
+    except tracing.TracingError as exc:
+        print(f"dispatch: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -24,6 +24,7 @@ from enum import StrEnum
 
 import msgspec
 
+from dispatch import tracing
 from edge.capabilities import Channel, Device, SiteConfig
 from edge.clock import ClockOffset, deadline
 from edge.errors import DeviceError
@@ -194,7 +195,8 @@ class CoreCycle:
         except BaseException:
             self._depth(-1)
             raise
-        self._report(cmd.command_id, answer, queued=self._live)
+        trace = tracing.trace_id(cmd.traceparent) or None
+        self._report(cmd.command_id, answer, queued=self._live, trace_id=trace)
         self._seq += 1
         job = Job(
             cmd=cmd,
@@ -341,6 +343,8 @@ class CoreCycle:
     # -- execution ---------------------------------------------------------------------------
     async def _execute(self, job: Job) -> None:
         cmd = job.cmd
+        waited_ns = round((time.monotonic() - job.received_mono) * 1e9)
+        tracing.record("edge.queue", cmd.traceparent, start_ns=time.time_ns() - waited_ns)
         site = self.site()
         # Check again: the command may have expired in the queue or the config changed.
         plan = validate(
@@ -385,7 +389,8 @@ class CoreCycle:
         log_transition(cmd.command_id, self.settings.edge_id, "executing", value=plan.value)
         started = time.time()
         try:
-            await self._device_write(device, channel, plan.value)
+            with tracing.span("edge.modbus.write", cmd.traceparent, device=plan.device_id):
+                await self._device_write(device, channel, plan.value)
         except DeviceError as exc:
             # A timed-out write may still land: an override then still needs its revert.
             keep_revert = restore is not None and exc.code is ErrorCode.DEVICE_TIMEOUT
@@ -443,7 +448,11 @@ class CoreCycle:
             cancel_override_of=cancel_override_of,
         )
         elapsed_ms = round((time.monotonic() - job.received_mono) * 1000)
-        self._report(job.cmd.command_id, answer, elapsed_ms=elapsed_ms)
+        trace = tracing.trace_id(job.cmd.traceparent) or None
+        self._report(job.cmd.command_id, answer, elapsed_ms=elapsed_ms, trace_id=trace)
+        tracing.record(
+            "edge.ack", job.cmd.traceparent, start_ns=time.time_ns(), status=answer.status
+        )
 
     def clock_problem(self) -> str | None:
         """Why commands are refused `clock_skew`, while the clock is off past the limit."""

@@ -19,7 +19,7 @@ from gateway.grants import CAN_VIEW
 from gateway.state import GatewayState
 from ledger.keys import SAFE_ID
 from ledger.store import CommandRecord, to_utc
-from projections import queries
+from projections import queries, stats
 from schemas.errors import ErrorCode, error
 from schemas.events import Event, status_of
 
@@ -193,6 +193,29 @@ async def _audit_listing(request: Request, user: User, *, refusals: bool) -> Res
         return problem(503, "unavailable", f"the audit database does not answer ({exc})")
     key = "rejections" if refusals else "commands"
     return JSONResponse({key: page.rows, "count": len(page.rows), "next_cursor": page.next_cursor})
+
+
+@user_route
+async def get_stats(request: Request, user: User) -> Response:
+    """Commands per hour or day by status (`?bucket=hour|day&edge_id=&since=&until=`)."""
+    state = _state(request)
+    if state.pg is None:
+        return problem(503, "unavailable", "the audit database is not configured")
+    try:
+        query = stats.StatsQuery.from_params(request.query_params)
+    except queries.QueryError as exc:
+        return problem(400, "invalid_query", str(exc))
+    visible = await _visible_edges(state, user)
+    try:
+        async with state.pg.connection() as conn:
+            buckets = await stats.stats(conn, state.settings.namespace, query, visible)
+    except queries.NotProjected as exc:
+        return problem(503, "unavailable", str(exc))
+    except queries.QueryError as exc:
+        return problem(400, "invalid_query", str(exc))
+    except (PoolTimeout, psycopg.OperationalError) as exc:
+        return problem(503, "unavailable", f"the audit database does not answer ({exc})")
+    return JSONResponse({"bucket": query.bucket, "buckets": buckets})
 
 
 def _export(

@@ -2,27 +2,40 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Route, WebSocketRoute
 
 from dispatch.settings import Settings
-from gateway import api
+from gateway import api, console_api
+from gateway.admission import Admission, AdmissionLimits, AdmissionMiddleware
 from gateway.dashboard import dashboard_endpoint
 from gateway.edges import edge_endpoint
+from gateway.headers import SecurityHeaders
+from gateway.lifecycle_metrics import TRANSITION_LOGGER, LifecycleMetrics
+from gateway.observer import Observer, ObserverConfig
 from gateway.state import GatewayState
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, admission: Admission | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = await GatewayState.open(settings)
         app.state.gateway = state
+        if settings.metrics_lifecycle:
+            state.hub.lifecycle = LifecycleMetrics(settings.ack_timeout_ms)
+        if not settings.log_transitions:
+            logging.getLogger(TRANSITION_LOGGER).setLevel(logging.WARNING)
+        observer = observer_for(settings, state)
+        observer.start()
         try:
             yield
         finally:
+            await observer.stop()
             await state.close()
 
     routes = [
@@ -33,10 +46,27 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/commands", api.post_command, methods=["POST"]),
         Route("/api/commands", api.list_commands, methods=["GET"]),
         Route("/api/rejections", api.list_rejections, methods=["GET"]),
+        Route("/api/stats", api.get_stats, methods=["GET"]),
         Route("/api/commands/{command_id}", api.get_command, methods=["GET"]),
         Route("/api/commands/{command_id}/cancel", api.cancel_command, methods=["POST"]),
         Route("/api/edges/{edge_id}/config", api.edge_config, methods=["GET"]),
         WebSocketRoute("/ws/dashboard", dashboard_endpoint),
         WebSocketRoute("/ws/edge/{edge_id}", edge_endpoint),
+        *console_api.routes(),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    admission = admission or Admission(AdmissionLimits.from_settings(settings))
+    guard = Middleware(AdmissionMiddleware, admission=admission)  # docs/security.md
+    # Headers outermost, so refusals of the admission guard carry them too.
+    middleware = [Middleware(SecurityHeaders), guard]
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+
+
+def observer_for(settings: Settings, state: GatewayState) -> Observer:
+    config = ObserverConfig(
+        interval_s=settings.metrics_interval_s,
+        top_edges=settings.metrics_top_edges,
+        schema=settings.namespace,
+    )
+    return Observer(
+        state.redis, state.ledger.keys, config, pg=state.pg, connected_edges=state.hub.edges.keys
+    )

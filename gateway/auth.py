@@ -12,6 +12,8 @@ checking a token is a refusal.
 
 from __future__ import annotations
 
+import base64
+import functools
 import json
 import math
 import re
@@ -92,6 +94,7 @@ class AuthConfig:
     leeway_s: int = 10
     max_lifetime_s: int = 7 * 86_400
     edge_max_lifetime_s: int = 2 * 366 * 86_400
+    hmac_key_id: str = ""  # the only `kid` an HS256 user token may carry ("" = none)
 
 
 def signing_key(secret: str) -> OctKey:
@@ -134,6 +137,45 @@ def claimed(token: str | None) -> str:
         return f"unreadable token of {len(token)} characters"
 
 
+class _Repeated(Exception):
+    def __init__(self, member: str) -> None:
+        self.member = member
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Repeated(key)
+        seen[key] = value
+    return seen
+
+
+def check_unique_members(token: str) -> None:
+    """Refuse a token whose header or payload repeats a JSON member (ambiguous claims)."""
+    repeated = _repeated_member(token)
+    if repeated is not None:
+        raise AuthError(
+            f"token refused: member {repeated[:40]!r} appears twice in the token's JSON; "
+            "a parser that keeps the first and one that keeps the last would disagree"
+        )
+
+
+# A client presents the same token on every request: parse each one once (~30 µs).
+@functools.lru_cache(maxsize=4096)
+def _repeated_member(token: str) -> str | None:
+    """The first JSON member repeated in the token's header or payload, if any."""
+    for segment in token.split(".")[:2]:
+        padded = segment + "=" * (-len(segment) % 4)
+        try:
+            json.loads(base64.urlsafe_b64decode(padded.encode("ascii")), object_pairs_hook=_unique)
+        except _Repeated as exc:
+            return exc.member
+        except (ValueError, UnicodeEncodeError):
+            return None  # not base64 or not JSON: the decoder refused it already
+    return None
+
+
 def _edges(value: Any, claim: str) -> frozenset[str]:
     if value is None:
         return frozenset()
@@ -173,7 +215,9 @@ class Authenticator:
     def leeway_s(self) -> int:
         return self.config.leeway_s
 
-    async def _key(self, header: dict[str, Any], allowed: tuple[str, ...]) -> tuple[str, Any]:
+    async def _key(
+        self, header: dict[str, Any], allowed: tuple[str, ...], *, edge: bool
+    ) -> tuple[str, Any]:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in allowed:
             raise AuthError(
@@ -181,6 +225,13 @@ class Authenticator:
                 f"(accepted: {', '.join(allowed)})"
             )
         if alg == HMAC_ALGORITHM:
+            kid = header.get("kid")
+            expected = "" if edge else self.config.hmac_key_id
+            if kid is not None and (not expected or kid != expected):
+                known = f"only {expected!r}" if expected else "none (DISPATCH_JWT_KEY_ID)"
+                raise AuthError(
+                    f"token refused: unknown kid {str(kid)[:64]!r} for HS256; known: {known}"
+                )
             return alg, None  # the caller's own secret
         if self.jwks is None:
             raise AuthError(f"token refused: no key set is configured for {alg}")
@@ -204,10 +255,12 @@ class Authenticator:
                 raise AuthError(f"token refused: longer than {MAX_TOKEN_BYTES} bytes")
             header = jws.extract_compact(token.encode()).headers()
             allowed = (HMAC_ALGORITHM,) if edge else cfg.algorithms
-            alg, key = await self._key(header, allowed)
+            alg, key = await self._key(header, allowed, edge=edge)
             if key is None:
                 key = self._edge_key if edge else self._user_key
             decoded = jwt.decode(token, key, algorithms=[alg], registry=self._registries[alg])
+            # Signed, but is it unambiguous? (`alg` twice was resolved last-wins above.)
+            check_unique_members(token)
             claims = dict(decoded.claims)
             options: dict[str, Any] = {
                 "exp": {"essential": True},

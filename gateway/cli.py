@@ -9,8 +9,12 @@ from typing import Any
 
 import uvicorn
 
+from dispatch import logformat
 from dispatch.settings import Settings
+from gateway import logfilter
+from gateway.admission import Admission, AdmissionLimits
 from gateway.app import create_app
+from gateway.http_limits import HeadLimits, answering_ws_protocol, limited_protocol
 from gateway.sessions import ws_hard_limit_bytes
 
 
@@ -23,12 +27,21 @@ def raise_fd_limit() -> None:
 
 def serve(settings: Settings, *, log_level: str = "info") -> None:
     raise_fd_limit()
+    admission = Admission(AdmissionLimits.from_settings(settings))
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, admission),
         host=settings.host,
         port=settings.port,
         log_level=log_level,
         access_log=False,
+        # JSON logs: uvicorn's own lines go through the root handler too (dispatch/logformat.py).
+        log_config=None if logformat.log_format() == "json" else uvicorn.config.LOGGING_CONFIG,
+        # Our own protocols: bounded request heads (431/408) and answered refusals.
+        http=limited_protocol(HeadLimits.from_settings(settings), admission),
+        ws=answering_ws_protocol(admission),
+        # X-Forwarded-* only from the proxies named; otherwise the socket's peer counts.
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=list(settings.forwarded_allow_ips),
         ws_max_size=ws_hard_limit_bytes(settings.max_message_bytes),
         ws_per_message_deflate=False,  # compression costs ~45 % throughput and opens zip bombs
         ws_ping_interval=20.0,
@@ -36,6 +49,7 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
+    logfilter.install()  # after uvicorn configured logging: its handlers exist now
     server = uvicorn.Server(config)
     if not settings.socket_send_buffer_bytes:
         server.run()

@@ -15,6 +15,7 @@ import msgspec
 from starlette.websockets import WebSocket
 
 from gateway import cancels
+from gateway.admission import admit_user_socket
 from gateway.auth import AuthError
 from gateway.handshake import credentials, origin_allowed, refuse
 from gateway.sessions import (
@@ -46,6 +47,8 @@ async def dashboard_endpoint(ws: WebSocket) -> None:
         user = await state.authenticate_user(ws, token)
     except AuthError as exc:
         await refuse(ws, 401, "unauthenticated", str(exc))
+        return
+    if not await admit_user_socket(ws, user.user_id, user.actor):  # per-user socket cap
         return
     await ws.accept(subprotocol=subprotocol)
     dash = DashboardSession(ws=ws, user=user, outbox=Outbox(ws, state.outbox_limit))

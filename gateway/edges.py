@@ -9,9 +9,11 @@ import uuid
 import msgspec
 from starlette.websockets import WebSocket
 
+from dispatch import tracing
 from gateway import metrics
 from gateway.auth import AuthError
 from gateway.handshake import credentials, refuse
+from gateway.lifecycle_metrics import CLOCK_OFFSETS, traceparent_of
 from gateway.sessions import EdgeSession, Outbox, protocol_refusal, ws_hard_limit_bytes
 from gateway.state import GatewayState
 from ledger.keys import SAFE_ID
@@ -91,7 +93,10 @@ async def _acknowledge(state: GatewayState, session: EdgeSession, raw: bytes, tu
         )
         session.outbox.put(_encode(notice).decode())
         return
-    result = await state.ledger.acknowledge(session.edge_id, ack, turn=turn)
+    CLOCK_OFFSETS.note(session.edge_id, ack.clock_offset_ms)
+    parent = traceparent_of(state.hub.lifecycle, ack.command_id)
+    with tracing.span("dispatch.ack", parent, status=ack.status):
+        result = await state.ledger.acknowledge(session.edge_id, ack, turn=turn)
     if result.applied:
         metrics.ACKS.labels(ack.status, "applied").inc()
         log.info(

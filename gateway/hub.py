@@ -16,8 +16,10 @@ from collections.abc import Iterable
 
 import msgspec
 
+from dispatch import tracing
 from gateway import metrics
 from gateway.grants import GrantCache
+from gateway.lifecycle_metrics import LifecycleMetrics
 from gateway.revocations import Revocations
 from gateway.sessions import CloseCode, DashboardSession, EdgeSession, Outbox
 from ledger.connection import AnyRedis, is_cluster
@@ -65,6 +67,7 @@ class Hub:
         self._watchers: dict[str, set[DashboardSession]] = {}
         self._watch_all: set[DashboardSession] = set()
         self._tail_redis = tail_redis
+        self.lifecycle: LifecycleMetrics | None = None  # set by the app (gateway/app.py)
         self._dirty: set[str] = set()
         # Edges whose last delivery failed: the script may have run (entries now pending)
         # with its reply lost, so the retry reclaims pending entries too.
@@ -199,6 +202,13 @@ class Hub:
             if not session.outbox.put(delivery.frame().decode()):
                 break
             metrics.DELIVERIES.inc()
+            if tracing.enabled():
+                tracing.record(
+                    "dispatch.deliver",
+                    tracing.traceparent_in(delivery.body),
+                    start_ns=time.time_ns(),
+                    delivery=delivery.delivery,
+                )
         if len(deliveries) >= self.ledger.config.delivery_batch:
             self.want_delivery(session.edge_id)  # more waiting beyond this batch
 
@@ -215,6 +225,8 @@ class Hub:
                     log.exception("gateway.tail.bad_entry stream=%s", stream)
 
     def _on_event(self, event: Event) -> None:
+        if self.lifecycle is not None:
+            self.lifecycle.observe(event)
         if isinstance(event, Routed) and event.gateway == self.gateway_id:
             self.want_delivery(event.edge_id)
         if isinstance(event, Rejected) and event.stage == "gateway":

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from dispatch import tracing
 from gateway import metrics
 from gateway.auth import User
 from gateway.grants import CAN_CONTROL, GrantCache
@@ -174,9 +175,11 @@ class Intake:
         if problem is not None:
             return await self.reject(raw, user.actor, problem, cmd=cmd)
         assert grant is not None
-        result = await self.ledger.submit(
-            cmd, actor=user.actor, grant=grant, gateway_id=self.gateway_id, turn=turn
-        )
+        with tracing.span("dispatch.admit", cmd.traceparent, command_id=cmd.command_id) as tp:
+            cmd = msgspec.structs.replace(cmd, traceparent=tp) if tp else cmd
+            result = await self.ledger.submit(
+                cmd, actor=user.actor, grant=grant, gateway_id=self.gateway_id, turn=turn
+            )
         metrics.SUBMIT_SECONDS.observe(time.perf_counter() - started)
         if result.outcome is SubmitOutcome.DUPLICATE:
             return await self.reject(

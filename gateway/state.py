@@ -191,6 +191,7 @@ def auth_from(settings: Settings) -> Authenticator:
         leeway_s=settings.jwt_leeway_s,
         max_lifetime_s=settings.jwt_max_lifetime_s,
         edge_max_lifetime_s=settings.edge_max_lifetime_s,
+        hmac_key_id=settings.jwt_key_id,
     )
     return Authenticator(config, jwks)
 

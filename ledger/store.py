@@ -146,7 +146,11 @@ class CommandRecord:
 
 def body_digest(cmd: Command) -> str:
     """Identity of a command body: a reused id with another digest is a duplicate."""
-    return hashlib.blake2b(_encode(cmd), digest_size=16).hexdigest()
+    # The trace context is not part of a command's identity: leave the field out, so the
+    # digest is also the one computed before the field existed.
+    fields = msgspec.structs.asdict(cmd)
+    del fields["traceparent"]
+    return hashlib.blake2b(_encode(fields), digest_size=16).hexdigest()
 
 
 def _statuses(values: frozenset[Status]) -> str:
@@ -255,6 +259,7 @@ class Ledger:
             duration_sec=cmd.duration_sec,
             expires_at=to_utc(expires_at),
             actor=actor,
+            traceparent=cmd.traceparent,
         )
         base = new_event_id()
         issued = Issued(

@@ -16,7 +16,7 @@ from dispatch.settings import Settings
 from ledger.connection import connect
 from ledger.errors import LedgerError
 from ledger.store import Ledger
-from projections import queries, rebuild, verify
+from projections import queries, rebuild, stats, verify
 from projections.schema import Roles, SchemaError
 from projections.worker import Database, Projector, ProjectorConfig
 
@@ -313,12 +313,27 @@ async def _audit_verify(settings: Settings, args: argparse.Namespace) -> int:
     return 1
 
 
+async def _audit_stats(settings: Settings, args: argparse.Namespace) -> int:
+    query = stats.StatsQuery.from_params(_params(args, ("bucket", "edge_id", "since", "until")))
+    async with _reader(settings) as conn:
+        buckets = await stats.stats(conn, settings.namespace, query, None)
+    if args.json:
+        sys.stdout.write(_encode({"bucket": query.bucket, "buckets": buckets}).decode() + "\n")
+        return 0
+    for b in buckets:
+        counts = " ".join(f"{status}={n}" for status, n in sorted(b["statuses"].items()))
+        print(f"{b['bucket']}  total={b['total']} final={b['final']}  {counts}")
+    print(f"({len(buckets)} {query.bucket} buckets)")
+    return 0
+
+
 AUDIT_COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "list": _audit_list,
     "refusals": _audit_list,
     "show": _audit_show,
     "export": _audit_export,
     "verify": _audit_verify,
+    "stats": _audit_stats,
 }
 
 
@@ -393,7 +408,7 @@ def register(sub: Any) -> None:
 
     a = sub.add_parser(
         "audit",
-        help="query the audit history (list, show, export, refusals, verify)",
+        help="query the audit history (list, show, export, refusals, verify, stats)",
         description="Read the projected audit tables in PostgreSQL (DISPATCH_DATABASE_URL, "
         "schema = DISPATCH_NAMESPACE).",
     )
@@ -430,6 +445,12 @@ def register(sub: Any) -> None:
         action="store_true",
         help="also re-derive the commands rows from the verified events",
     )
-    for parser in (lst, ref, show, exp, ver):
+    sts = asub.add_parser("stats", help="commands per hour or day by status")
+    sts.add_argument("--bucket", choices=list(stats.BUCKETS), default="hour", help="hour|day")
+    sts.add_argument("--edge", dest="edge_id", metavar="EDGE", help="one edge")
+    sts.add_argument("--since", metavar="TIME", help="issued at or after (ISO 8601 with zone)")
+    sts.add_argument("--until", metavar="TIME", help="issued before (ISO 8601 with zone)")
+    sts.add_argument("--json", action="store_true", help="print as JSON")
+    for parser in (lst, ref, show, exp, ver, sts):
         _database_flag(parser)
     a.set_defaults(func=cmd_audit)

@@ -22,7 +22,7 @@ from ledger.store import Ledger
 from projections import schema
 from projections.logs import LogReader
 from projections.worker import Database
-from projections.writer import Fetch, Gap, Writer, entry_key
+from projections.writer import START, Fetch, Gap, Writer, entry_key
 
 log = logging.getLogger("projections.rebuild")
 
@@ -41,6 +41,9 @@ COMPARED = {
     "chains": "chain, seq, hash",
     "positions": "stream, entry_id",
 }
+# Rows that mean "nothing yet": a live projector keeps a `0-0` position for every stream it
+# reads, even an empty one, which a rebuild (reading only streams with entries) omits.
+NOTHING_YET = {"positions": sql.SQL(" WHERE entry_id <> {}").format(sql.Literal(START))}
 
 
 @dataclass
@@ -141,11 +144,12 @@ async def compare(conn: AsyncConnection, live: str, rebuilt: str) -> Comparison:
     """Rows only in the live tables and rows only in the rebuilt ones, per table."""
     result = Comparison()
     for table, columns in COMPARED.items():
-        a = sql.SQL("SELECT {c} FROM {s}.{t}").format(
-            c=sql.SQL(columns), s=sql.Identifier(live), t=sql.Identifier(table)
+        where = NOTHING_YET.get(table, sql.SQL(""))
+        a = sql.SQL("SELECT {c} FROM {s}.{t}{w}").format(
+            c=sql.SQL(columns), s=sql.Identifier(live), t=sql.Identifier(table), w=where
         )
-        b = sql.SQL("SELECT {c} FROM {s}.{t}").format(
-            c=sql.SQL(columns), s=sql.Identifier(rebuilt), t=sql.Identifier(table)
+        b = sql.SQL("SELECT {c} FROM {s}.{t}{w}").format(
+            c=sql.SQL(columns), s=sql.Identifier(rebuilt), t=sql.Identifier(table), w=where
         )
         for left, right, into in ((a, b, result.only_live), (b, a, result.only_rebuilt)):
             cur = await conn.execute(
@@ -154,8 +158,8 @@ async def compare(conn: AsyncConnection, live: str, rebuilt: str) -> Comparison:
             row = await cur.fetchone()
             into[table] = int(row[0]) if row else 0
         cur = await conn.execute(
-            sql.SQL("SELECT count(*) FROM {}.{}").format(
-                sql.Identifier(rebuilt), sql.Identifier(table)
+            sql.SQL("SELECT count(*) FROM {}.{}{}").format(
+                sql.Identifier(rebuilt), sql.Identifier(table), where
             )
         )
         row = await cur.fetchone()

@@ -1,8 +1,13 @@
 """The audit schema, its roles and its migrations, applied by the projector itself.
 
-One logical schema whatever the storage: `events` is a TimescaleDB hypertable when the
-extension exists and a natively range-partitioned table (one partition per UTC day)
-otherwise. Queries never need to know which.
+One logical schema whatever the storage: `events` is a TimescaleDB hypertable (1-day
+chunks) when the extension is usable (installed or creatable, and preloaded) and a
+natively range-partitioned table (one partition per UTC day) otherwise; the log says
+which and why. Queries never need to know which. Both storages share one retention
+mechanism (the project's own sweep drops whole days and records the cut in `chain_cuts`
+and `retention_cuts`; no background policy, so the Apache edition suffices) and the same
+tamper evidence (row triggers refuse UPDATE/DELETE, every partition or chunk refuses
+TRUNCATE).
 
 Three roles per deployment (names from `Roles.for_prefix`, the namespace by default):
 
@@ -15,7 +20,8 @@ Three roles per deployment (names from `Roles.for_prefix`, the namespace by defa
 * `<prefix>_reader` reads everything (auditors, `dispatch audit`).
 
 Migrations run as the connecting (admin) user, who must be a superuser or hold
-CREATEROLE; the schema's objects are created under `SET ROLE <owner>`.
+CREATEROLE (and be allowed to CREATE EXTENSION timescaledb, to use it); the schema's
+objects are created under `SET ROLE <owner>`.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
 from psycopg import AsyncConnection, sql
-from psycopg.errors import DuplicateObject
+from psycopg.errors import DuplicateObject, InsufficientPrivilege
 
 log = logging.getLogger("projections.schema")
 
@@ -163,46 +169,111 @@ BEGIN
 END $$
 """
 
+# One retention mechanism for both storages, run by the project's own sweep (no
+# background policy: the Apache edition has none, and jobs need a LOGIN owner). Whole
+# days older than the horizon go: native day partitions by DROP TABLE, TimescaleDB chunks
+# by drop_chunks. Before a day goes, each chain's last link in it is recorded
+# (`chain_cuts`) so `dispatch audit verify` can tell retention from deletion; the sweep
+# itself is recorded in `retention_cuts`. `{parts}`, `{lock}`, `{drop_*}`: the storage's part.
 SWEEP_RETENTION = """
 CREATE OR REPLACE FUNCTION {s}.sweep_retention() RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = {s}, pg_temp AS $$
 DECLARE
   keep_days integer;
-  horizon date;
-  part record;
+  horizon timestamptz;
+  part regclass;
   dropped integer := 0;
+  trimmed integer;
 BEGIN
   SELECT value::integer INTO keep_days FROM audit_settings WHERE key = 'retention_days';
   IF keep_days IS NULL OR keep_days < 1 THEN
     RETURN 0;
   END IF;
-  horizon := (now() AT TIME ZONE 'UTC')::date - keep_days;
+  horizon := ((now() AT TIME ZONE 'UTC')::date - keep_days)::timestamp AT TIME ZONE 'UTC';
   PERFORM pg_advisory_xact_lock(hashtext('dispatch-partitions:' || current_schema()));
-  FOR part IN
-    SELECT c.relname FROM pg_inherits i
-      JOIN pg_class c ON c.oid = i.inhrelid
-      JOIN pg_class p ON p.oid = i.inhparent
-      JOIN pg_namespace n ON n.oid = p.relnamespace
-     WHERE n.nspname = current_schema() AND p.relname = 'events'
-       AND c.relname ~ '^events_[0-9]{{8}}$'
-       AND to_date(substr(c.relname, 8), 'YYYYMMDD') < horizon
-     ORDER BY c.relname
-  LOOP
-    -- Remember where each chain was cut so `dispatch audit verify` can tell retention
-    -- from deletion.
+  {lock}
+  FOR part IN {parts} LOOP
     EXECUTE format('INSERT INTO chain_cuts AS k (chain, seq, hash, cut_at) '
-      'SELECT DISTINCT ON (chain) chain, seq, hash, now() FROM %I.%I ORDER BY chain, seq DESC '
+      'SELECT DISTINCT ON (chain) chain, seq, hash, now() FROM %s ORDER BY chain, seq DESC '
       'ON CONFLICT (chain) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash, '
-      'cut_at = EXCLUDED.cut_at WHERE EXCLUDED.seq > k.seq', current_schema(), part.relname);
-    EXECUTE format('DROP TABLE %I.%I', current_schema(), part.relname);
+      'cut_at = EXCLUDED.cut_at WHERE EXCLUDED.seq > k.seq', part);
+    {drop_one}
     dropped := dropped + 1;
   END LOOP;
-  DELETE FROM commands WHERE issued_at < horizon::timestamp AT TIME ZONE 'UTC';
+  {drop_all}
+  DELETE FROM commands WHERE issued_at < horizon;
+  GET DIAGNOSTICS trimmed = ROW_COUNT;
+  IF dropped > 0 OR trimmed > 0 THEN
+    INSERT INTO retention_cuts (horizon, swept_at, parts_dropped, commands_deleted)
+    VALUES (horizon, now(), dropped, trimmed);
+  END IF;
   RETURN dropped;
 END $$
 """
 
-FUNCTIONS = ("ensure_day(date)", "sweep_retention()")
+_NATIVE_PARTS = (
+    "SELECT c.oid::regclass FROM pg_inherits i"
+    " JOIN pg_class c ON c.oid = i.inhrelid"
+    " WHERE i.inhparent = format('%I.events', current_schema())::regclass"
+    " AND c.relname ~ '^events_[0-9]{{8}}$'"
+    " AND to_date(substr(c.relname, 8), 'YYYYMMDD')::timestamp AT TIME ZONE 'UTC' < horizon"
+    " ORDER BY c.relname"
+)
+# Chunks are 1 UTC day: those entirely below the horizon are the rows `at < horizon`.
+_CHUNK_PARTS = (
+    "SELECT c FROM {ts}.show_chunks(format('%I.events', current_schema())::regclass,"
+    " older_than => horizon) AS c"
+)
+
+
+def sweep_function(kind: str, extension_schema: str = "") -> str:
+    """The sweep's body for a storage (`{s}` left for the schema)."""
+    if kind == PARTITIONED:
+        return SWEEP_RETENTION.format(
+            s="{s}",
+            parts=_NATIVE_PARTS,
+            lock="",  # day partitions are created under the advisory lock above
+            drop_one="EXECUTE format('DROP TABLE %s', part);",
+            drop_all="",
+        )
+    ts = '"' + extension_schema.replace('"', '""') + '"'
+    return SWEEP_RETENTION.format(
+        s="{s}",
+        parts=_CHUNK_PARTS.format(ts=ts),
+        # Chunks appear as rows arrive: hold inserts back so drop_chunks drops exactly
+        # the chunks whose cuts were recorded (a few milliseconds, once an hour).
+        lock="LOCK TABLE events IN SHARE MODE;",
+        drop_one="",
+        drop_all=(
+            f"PERFORM {ts}.drop_chunks(format('%I.events', current_schema())::regclass,"
+            " older_than => horizon);"
+        ),
+    )
+
+
+# TimescaleDB creates chunks itself and copies only row triggers to them: each new chunk
+# gets the TRUNCATE refusal from a statement trigger of the insert that created it (in
+# the same transaction, so no chunk is ever visible unprotected).
+PROTECT_CHUNKS = """
+CREATE OR REPLACE FUNCTION {s}.protect_chunks() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = {s}, pg_temp AS $$
+DECLARE
+  chunk regclass;
+BEGIN
+  FOR chunk IN
+    SELECT c FROM {ts}.show_chunks(format('%I.events', current_schema())::regclass) AS c
+     WHERE NOT EXISTS (SELECT 1 FROM pg_trigger t
+                        WHERE t.tgrelid = c AND t.tgname = 'events_no_truncate')
+  LOOP
+    EXECUTE format('CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON %s '
+      'FOR EACH STATEMENT EXECUTE FUNCTION %I.refuse_change()', chunk, current_schema());
+  END LOOP;
+  RETURN NULL;
+END $$
+"""
+
+FUNCTIONS = ("ensure_day(date)", "sweep_retention()")  # the writer may EXECUTE these
+DEFINERS = (*FUNCTIONS, "protect_chunks()")  # SECURITY DEFINER: bound to their schema
 
 # Each migration is a list of statements run as the owner; `{s}` is the schema.
 MIGRATIONS: list[list[str]] = [
@@ -231,6 +302,14 @@ MIGRATIONS: list[list[str]] = [
         "CREATE TABLE {s}.audit_settings (key text PRIMARY KEY, value text NOT NULL)",
         REFUSE_CHANGE,
     ],
+    [
+        # One row per retention sweep that removed something: the horizon it cut at.
+        "CREATE TABLE {s}.retention_cuts ("
+        " horizon timestamptz NOT NULL,"
+        " swept_at timestamptz NOT NULL,"
+        " parts_dropped integer NOT NULL,"
+        " commands_deleted integer NOT NULL)",
+    ],
 ]
 
 
@@ -238,9 +317,103 @@ def _q(statement: str, schema: str) -> sql.Composed:
     return sql.SQL(statement).format(s=sql.Identifier(schema))
 
 
-async def has_timescaledb(conn: AsyncConnection) -> bool:
-    cur = await conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'")
-    return await cur.fetchone() is not None
+@dataclass(frozen=True, slots=True)
+class Storage:
+    """The storage a schema uses, and why (logged at migration)."""
+
+    kind: str
+    reason: str
+    extension_schema: str = ""  # where TimescaleDB's functions live
+
+
+# GUCs only the preloaded TimescaleDB loader defines: readable without privileges, unlike
+# `shared_preload_libraries`.
+_LOADER_SETTINGS = ("timescaledb.disable_load", "timescaledb.bgw_launcher_poll_time")
+
+
+async def _preloaded(conn: AsyncConnection) -> bool:
+    try:
+        async with conn.transaction():
+            cur = await conn.execute("SELECT current_setting('shared_preload_libraries')")
+            row = await cur.fetchone()
+        libraries = [lib.strip().strip('"') for lib in str(row[0] if row else "").split(",")]
+        return "timescaledb" in libraries
+    except InsufficientPrivilege:
+        cur = await conn.execute(
+            "SELECT 1 FROM pg_settings WHERE name = ANY(%s)", (list(_LOADER_SETTINGS),)
+        )
+        return await cur.fetchone() is not None
+
+
+async def _extension(conn: AsyncConnection) -> tuple[str, str] | None:
+    """(version, schema) of the timescaledb extension in this database, if created."""
+    cur = await conn.execute(
+        "SELECT e.extversion, n.nspname FROM pg_extension e"
+        " JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'timescaledb'"
+    )
+    row = await cur.fetchone()
+    return (str(row[0]), str(row[1])) if row else None
+
+
+async def _edition(conn: AsyncConnection) -> str:
+    cur = await conn.execute("SELECT current_setting('timescaledb.license', true)")
+    row = await cur.fetchone()
+    return str(row[0]) if row and row[0] else "unknown"
+
+
+async def choose_storage(conn: AsyncConnection) -> Storage:
+    """TimescaleDB when it is usable here (created, or creatable, and preloaded); native
+    partitioning otherwise. Creates the extension when it is available but not created."""
+    cur = await conn.execute(
+        "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'"
+    )
+    available = await cur.fetchone()
+    created = await _extension(conn)
+    if available is None and created is None:
+        return Storage(PARTITIONED, "the timescaledb extension is not installed on the server")
+    if not await _preloaded(conn):
+        # Using the extension without its preloaded loader fails (and ends the session).
+        return Storage(
+            PARTITIONED,
+            "the timescaledb extension is installed but not in shared_preload_libraries "
+            "(add it there and restart PostgreSQL to use TimescaleDB)",
+        )
+    if created is None:
+        try:
+            async with conn.transaction():
+                await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        except Exception as exc:
+            return Storage(PARTITIONED, f"CREATE EXTENSION timescaledb failed: {_first_line(exc)}")
+        created = await _extension(conn)
+        if created is None:  # pragma: no cover - CREATE EXTENSION succeeded
+            return Storage(PARTITIONED, "the timescaledb extension vanished after creation")
+        how = "created"
+    else:
+        how = "already created"
+    version, where = created
+    edition = await _edition(conn)
+    return Storage(
+        TIMESCALEDB, f"timescaledb {version} ({edition} edition) {how} in this database", where
+    )
+
+
+async def _existing_storage(conn: AsyncConnection, schema: str, kind: str) -> Storage:
+    if kind == PARTITIONED:
+        return Storage(PARTITIONED, "the schema already uses native partitions")
+    created = await _extension(conn)
+    if created is None or not await _preloaded(conn):
+        raise SchemaError(
+            f"the audit schema {schema!r} is a TimescaleDB hypertable but the timescaledb "
+            "extension is not usable in this database (not created, or not in "
+            "shared_preload_libraries): restore it, or rebuild into native partitions "
+            "with `dispatch projector --rebuild --swap` on a server without it"
+        )
+    return Storage(TIMESCALEDB, "the schema already uses a hypertable", created[1])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 async def storage_of(conn: AsyncConnection, schema: str) -> str | None:
@@ -306,18 +479,19 @@ async def migrate(
             )
             await _ensure_roles(conn, roles)
             owner = sql.Identifier(roles.owner)
-            kind = await storage_of(conn, schema)
-            if kind is None:
-                kind = TIMESCALEDB if await has_timescaledb(conn) else PARTITIONED
-                if kind == TIMESCALEDB:
-                    await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            existing = await storage_of(conn, schema)
+            storage = (
+                await choose_storage(conn)
+                if existing is None
+                else await _existing_storage(conn, schema, existing)
+            )
             await conn.execute(
                 sql.SQL("CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {}").format(
                     sql.Identifier(schema), owner
                 )
             )
             await conn.execute(sql.SQL("SET LOCAL ROLE {}").format(owner))
-            await _apply_migrations(conn, schema, kind)
+            applied = await _apply_migrations(conn, schema, storage)
             await conn.execute(
                 _q(
                     "INSERT INTO {s}.audit_settings (key, value) VALUES ('retention_days', %s)"
@@ -326,22 +500,37 @@ async def migrate(
                 ),
                 (str(retention_days),),
             )
-            if kind == TIMESCALEDB:
-                await _timescale_retention(conn, schema, retention_days)
             await _grant(conn, schema, roles)
             await conn.execute("RESET ROLE")
     except SchemaError:
         raise
+    except InsufficientPrivilege as exc:
+        raise SchemaError(
+            f"migrating the audit schema {schema!r} failed: {_first_line(exc)}. The migrating "
+            "user (from DISPATCH_DATABASE_URL) must be a superuser or hold CREATEROLE and "
+            "CREATE on the database"
+        ) from exc
     except Exception as exc:
         raise SchemaError(
-            f"migrating the audit schema {schema!r} failed: {exc}. The migrating user (from "
-            "DISPATCH_DATABASE_URL) must be a superuser or hold CREATEROLE and CREATE on the "
-            "database"
+            f"migrating the audit schema {schema!r} failed ({type(exc).__name__}): "
+            f"{_first_line(exc)}; nothing was changed"
         ) from exc
-    return kind
+    # Only now, after the commit: a rolled-back migration was never applied.
+    for version in applied:
+        log.info(
+            "projector.migration.applied schema=%s version=%d storage=%s",
+            schema,
+            version,
+            storage.kind,
+        )
+    log.info(
+        "projector.storage schema=%s storage=%s reason=%s", schema, storage.kind, storage.reason
+    )
+    return storage.kind
 
 
-async def _apply_migrations(conn: AsyncConnection, schema: str, kind: str) -> None:
+async def _apply_migrations(conn: AsyncConnection, schema: str, storage: Storage) -> list[int]:
+    kind = storage.kind
     await conn.execute(
         _q(
             "CREATE TABLE IF NOT EXISTS {s}.schema_migrations ("
@@ -354,33 +543,85 @@ async def _apply_migrations(conn: AsyncConnection, schema: str, kind: str) -> No
     )
     row = await cur.fetchone()
     current = int(row[0]) if row else 0
+    applied: list[int] = []
     for version, statements in enumerate(MIGRATIONS, start=1):
         if version <= current:
             continue
         for statement in statements:
             await conn.execute(_q(statement, schema))
         if version == 1:
-            await _create_events(conn, schema, kind)
+            await _create_events(conn, schema, storage)
         await conn.execute(
             _q("INSERT INTO {s}.schema_migrations (version) VALUES (%s)", schema), (version,)
         )
-        log.info(
-            "projector.migration.applied schema=%s version=%d storage=%s", schema, version, kind
-        )
+        applied.append(version)
     # Functions are (re)created every time so their bodies follow the code.
     await conn.execute(_q(REFUSE_CHANGE, schema))
+    await conn.execute(_q(sweep_function(kind, storage.extension_schema), schema))
     if kind == PARTITIONED:
         await conn.execute(_q(ENSURE_DAY, schema))
-        await conn.execute(_q(SWEEP_RETENTION, schema))
+    else:
+        await _protect_chunks(conn, schema, storage.extension_schema)
+        await _remove_old_policy(conn, schema, storage.extension_schema)
+    return applied
 
 
-async def _create_events(conn: AsyncConnection, schema: str, kind: str) -> None:
-    if kind == TIMESCALEDB:
-        # TimescaleDB path (the extension is not installable on the reference machine).
+async def _remove_old_policy(conn: AsyncConnection, schema: str, extension_schema: str) -> None:
+    """Earlier versions added a retention policy (licensed edition only): the sweep
+    replaces it, and two mechanisms would cut without recording."""
+    cur = await conn.execute(
+        "SELECT count(*) FROM timescaledb_information.jobs WHERE proc_name = 'policy_retention'"
+        " AND hypertable_schema = %s AND hypertable_name = 'events'",
+        (schema,),
+    )
+    row = await cur.fetchone()
+    if row and row[0]:
+        await conn.execute(
+            sql.SQL("SELECT {}.remove_retention_policy(%s::regclass)").format(
+                sql.Identifier(extension_schema)
+            ),
+            (sql.Identifier(schema, "events").as_string(conn),),
+        )
+        log.info("projector.retention.policy_removed schema=%s (the sweep replaces it)", schema)
+
+
+async def _protect_chunks(conn: AsyncConnection, schema: str, extension_schema: str) -> None:
+    ts = '"' + extension_schema.replace('"', '""') + '"'
+    await conn.execute(_q(PROTECT_CHUNKS.replace("{ts}", ts), schema))
+    await conn.execute(_q("DROP TRIGGER IF EXISTS events_protect_chunks ON {s}.events", schema))
+    await conn.execute(
+        _q(
+            "CREATE TRIGGER events_protect_chunks AFTER INSERT ON {s}.events"
+            " FOR EACH STATEMENT EXECUTE FUNCTION {s}.protect_chunks()",
+            schema,
+        )
+    )
+    # Chunks made before this trigger existed (an earlier version's schema) get theirs now.
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT c::text FROM {}.show_chunks(%s::regclass) AS c WHERE NOT EXISTS"
+            " (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c AND t.tgname = 'events_no_truncate')"
+        ).format(sql.Identifier(extension_schema)),
+        (sql.Identifier(schema, "events").as_string(conn),),
+    )
+    for (chunk,) in await cur.fetchall():
+        await conn.execute(
+            sql.SQL(
+                "CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON {} FOR EACH STATEMENT"
+                " EXECUTE FUNCTION {}.refuse_change()"
+            ).format(sql.SQL(chunk), sql.Identifier(schema))
+        )
+
+
+async def _create_events(conn: AsyncConnection, schema: str, storage: Storage) -> None:
+    if storage.kind == TIMESCALEDB:
         await conn.execute(_q("CREATE TABLE {s}.events (" + EVENT_COLUMNS + ")", schema))
         await conn.execute(
-            "SELECT create_hypertable(%s, 'at', chunk_time_interval => interval '1 day')",
-            (f"{schema}.events",),
+            sql.SQL(
+                "SELECT {}.create_hypertable(%s::regclass, 'at',"
+                " chunk_time_interval => interval '1 day')"
+            ).format(sql.Identifier(storage.extension_schema)),
+            (sql.Identifier(schema, "events").as_string(conn),),
         )
     else:
         await conn.execute(
@@ -407,16 +648,6 @@ async def _create_events(conn: AsyncConnection, schema: str, kind: str) -> None:
         await conn.execute(_q(statement, schema))
 
 
-async def _timescale_retention(conn: AsyncConnection, schema: str, retention_days: int) -> None:
-    await conn.execute(
-        "SELECT remove_retention_policy(%s, if_exists => true)", (f"{schema}.events",)
-    )
-    await conn.execute(
-        "SELECT add_retention_policy(%s, drop_after => make_interval(days => %s))",
-        (f"{schema}.events", retention_days),
-    )
-
-
 async def _grant(conn: AsyncConnection, schema: str, roles: Roles) -> None:
     s = sql.Identifier(schema)
     writer, reader = sql.Identifier(roles.writer), sql.Identifier(roles.reader)
@@ -428,7 +659,7 @@ async def _grant(conn: AsyncConnection, schema: str, roles: Roles) -> None:
             s, s, s, writer
         ),
     ]
-    for function in ("refuse_change()", *FUNCTIONS):
+    for function in ("refuse_change()", *DEFINERS):
         exists = await conn.execute(
             "SELECT to_regprocedure(%s) IS NOT NULL", (f"{schema}.{function}",)
         )
@@ -445,7 +676,7 @@ async def _grant(conn: AsyncConnection, schema: str, roles: Roles) -> None:
 
 async def bind_functions(conn: AsyncConnection, schema: str) -> None:
     """Point the maintenance functions at `schema` (after a schema was renamed)."""
-    for function in FUNCTIONS:
+    for function in DEFINERS:
         exists = await conn.execute(
             "SELECT to_regprocedure(%s) IS NOT NULL", (f"{schema}.{function}",)
         )
@@ -474,15 +705,13 @@ async def ensure_day(conn: AsyncConnection, schema: str, kind: str, day: date) -
     return created
 
 
-async def sweep_retention(conn: AsyncConnection, schema: str, kind: str) -> int:
-    """Drop whole day partitions past the retention (TimescaleDB runs its own policy)."""
-    if kind != PARTITIONED:
-        return 0
+async def sweep_retention(conn: AsyncConnection, schema: str, kind: str = "") -> int:
+    """Drop whole days past the retention (partitions or chunks: the function knows)."""
     cur = await conn.execute(_q("SELECT {s}.sweep_retention()", schema))
     row = await cur.fetchone()
     dropped = int(row[0]) if row else 0
     if dropped:
-        log.info("projector.retention.swept schema=%s partitions_dropped=%d", schema, dropped)
+        log.info("projector.retention.swept schema=%s days_dropped=%d", schema, dropped)
     return dropped
 
 

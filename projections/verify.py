@@ -5,8 +5,9 @@ is sound when its hash covers its own bytes and place, it follows the previous l
 (seq + 1, `prev_hash` = the previous hash), and the columns queries use (status, actor,
 time, ids, error code) say what its stored payload says. The chain head kept by the
 projector must be the last link: a shorter chain means rows were deleted at the end.
-Retention drops whole day partitions and records where it cut each chain
-(`chain_cuts`), so a chain may start after its cut without being reported.
+Retention drops whole days (partitions or chunks, the same on either storage) and records
+where it cut each chain (`chain_cuts`): a chain may start later than seq 1 only right
+after its recorded cut (the horizon check), so deleting its oldest links is caught.
 
 With `commands=True` the `commands` rows (a mutable current-state view) are also
 re-derived from the verified events and compared.
@@ -24,7 +25,7 @@ from psycopg import AsyncConnection, sql
 
 from ledger import lifecycle
 from ledger.store import EVENT_DECODER, to_utc
-from projections.schema import GENESIS, REFUSALS_CHAIN, TIMESCALEDB, storage_of
+from projections.schema import GENESIS, REFUSALS_CHAIN, storage_of
 from projections.writer import COMMAND_FIELDS, command_row, link_hash
 from schemas.events import Event, status_of
 
@@ -89,17 +90,28 @@ def _derived_mismatch(row: dict[str, Any], event: Event) -> str | None:
     return None
 
 
+def horizon_problem(seq: int, prev: str, cut: _Link | None) -> str | None:
+    """Where a chain's stored links may begin: at seq 1 (genesis), or only right after
+    the retention cut recorded for it (rows at or below the cut may linger, e.g. in the
+    default partition). Anything later means its oldest links were deleted."""
+    if cut is not None and seq == cut.seq + 1:
+        return None if prev == cut.hash else "prev_hash does not match the retention cut"
+    if cut is not None and seq <= cut.seq:
+        return None  # its successors were dropped by the retention sweep
+    if cut is None and seq == 1:
+        return None if prev == GENESIS else "first link does not start from the genesis hash"
+    after = cut.seq if cut is not None else 0
+    return f"links {after + 1}..{seq - 1} are missing"
+
+
 class _ChainCheck:
     """One chain, link by link; remembers only its first break."""
 
-    def __init__(
-        self, chain: str, cut: _Link | None, lenient_start: bool, *, keep: bool = False
-    ) -> None:
+    def __init__(self, chain: str, cut: _Link | None, *, keep: bool = False) -> None:
         self.chain = chain
         self.keep = keep  # keep the decoded events (to re-derive the commands)
         self.cut = cut
         self.last: _Link | None = None
-        self.lenient_start = lenient_start
         self.broken: Break | None = None
         self.events: list[Event] = []
 
@@ -142,16 +154,9 @@ class _ChainCheck:
             return f"seq {seq} appears twice"
         if last is not None and seq == last.seq + 1:
             return None if prev == last.hash else "prev_hash does not match the previous link"
-        if cut is not None and seq == cut.seq + 1:
-            return None if prev == cut.hash else "prev_hash does not match the retention cut"
-        if cut is not None and seq <= cut.seq + 1:
-            return None  # its predecessors were dropped by the retention sweep
-        if last is None and seq == 1:
-            return None if prev == GENESIS else "first link does not start from the genesis hash"
-        if last is None and self.lenient_start:
-            return None  # TimescaleDB's own retention drops chunks without recording cuts
-        after = last.seq if last is not None else cut.seq if cut is not None else 0
-        return f"links {after + 1}..{seq - 1} are missing"
+        if last is None or (cut is not None and seq <= cut.seq + 1):
+            return horizon_problem(seq, prev, cut)
+        return f"links {last.seq + 1}..{seq - 1} are missing"
 
     def close(self, head: _Link | None) -> None:
         if self.broken is not None or head is None:
@@ -227,9 +232,7 @@ async def verify(
         if current is None or row["chain"] != current.chain:
             if current is not None:
                 await finish(current)
-            current = _ChainCheck(
-                row["chain"], cuts.get(row["chain"]), storage == TIMESCALEDB, keep=commands
-            )
+            current = _ChainCheck(row["chain"], cuts.get(row["chain"]), keep=commands)
             seen.add(current.chain)
             result.chains += 1
         current.check(row)
@@ -237,7 +240,7 @@ async def verify(
         await finish(current)
     for name in sorted(heads):
         if name not in seen and (chain is None or name == chain):
-            check = _ChainCheck(name, cuts.get(name), storage == TIMESCALEDB)
+            check = _ChainCheck(name, cuts.get(name))
             result.chains += 1
             await finish(check)
     for b in result.breaks:

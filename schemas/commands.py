@@ -42,6 +42,14 @@ UtcTime = Annotated[datetime, Meta(tz=True, description="RFC 3339 timestamp with
 # Setpoint values are bounded well beyond any real device so absurd numbers fail early.
 Value = Annotated[float, Meta(ge=-1e12, le=1e12)] | Annotated[int, Meta(ge=-(10**12), le=10**12)]
 TextValue = Annotated[str, Meta(min_length=1, max_length=64)]
+TraceParent = Annotated[
+    str,
+    Meta(
+        pattern=schema_pattern(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}"),
+        description="W3C trace context (`traceparent`) linking this command's trace spans.",
+        examples=["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"],
+    ),
+]
 
 # The virtual device that addresses the edge's Core Cycle (controllers, system actions).
 CORE_DEVICE = "core"
@@ -80,6 +88,8 @@ class Command(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     timestamp: UtcTime
     priority: Priority = "normal"
     duration_sec: DurationSec | None = None
+    # Optional: the sender's trace context; not part of the command's identity.
+    traceparent: TraceParent | None = None
 
     def __post_init__(self) -> None:
         problem = command_shape_problem(self)
@@ -137,6 +147,8 @@ class EdgeCommand(Struct, frozen=True, kw_only=True):
     # a valid command or execute a stale one.
     sent_at: datetime | None = None
     remaining_ms: int | None = None
+    # The gateway's admission span (W3C), so the edge's spans join the command's trace.
+    traceparent: str | None = None
 
 
 AckStatus = Literal["accepted", "executed", "failed", "rejected"]

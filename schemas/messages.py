@@ -32,7 +32,7 @@ class CommandControl(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     command_id: CommandId
 
 
-class EdgeNotice(Struct, frozen=True, kw_only=True, omit_defaults=True):
+class EdgeNotice(Struct, frozen=True, kw_only=True):
     """Gateway -> edge: what became of an acknowledgment.
 
     `ack_recorded`: the ack is in the ledger, the edge may forget it.

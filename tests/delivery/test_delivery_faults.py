@@ -11,6 +11,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -87,7 +88,11 @@ def test_verdicts_go_on_while_postgresql_is_unreachable(
     enroll(processes.env, EDGE)
     processes.env["DISPATCH_ACK_TIMEOUT_MS"] = "1000"
     gw = processes.gateway()
-    nowhere = f"postgresql://127.0.0.1:{free_port()}/test"
+    # The test server's URL (DISPATCH_DATABASE_URL) on a port where nothing listens.
+    parts = urlsplit(DATABASE_URL)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo + '@' if userinfo else ''}{parts.hostname or '127.0.0.1'}:{free_port()}"
+    nowhere = urlunsplit(parts._replace(netloc=netloc))
     proj = projector(processes, started="projector.verdicts.started", DISPATCH_DATABASE_URL=nowhere)
 
     async def scenario() -> None:
@@ -106,6 +111,15 @@ def test_verdicts_go_on_while_postgresql_is_unreachable(
 
     asyncio.run(scenario())
     assert "projector.postgres.unavailable" in proj.log() and proj.alive()
+    # Nothing of this namespace reached the test server (nor any other).
+    ns = processes.env["DISPATCH_NAMESPACE"]
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        left = conn.execute(
+            "SELECT (SELECT count(*) FROM pg_namespace WHERE nspname LIKE %s)"
+            " + (SELECT count(*) FROM pg_roles WHERE rolname LIKE %s)",
+            (ns + "%", ns + "%"),
+        ).fetchone()
+    assert left == (0,)
 
 
 def test_gateway_killed_after_routing_redelivers_through_the_other_gateway_once(

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import AsyncConnection, sql
@@ -17,6 +19,40 @@ from ledger.keys import Keys
 from ledger.store import Ledger
 from projections.schema import Roles
 from projections.worker import Projector, ProjectorConfig
+
+NATIVE = "native"
+TIMESCALE = "timescaledb"
+
+
+@dataclass(frozen=True)
+class StorageServer:
+    """Where a parametrised projection test keeps its audit tables."""
+
+    name: str  # NATIVE: the machine's PostgreSQL; TIMESCALE: the private cluster
+    url: str  # the admin URL the projector migrates with
+
+
+def drop_schemas(url: str, ns: str) -> None:
+    """The namespace's schemas and roles on a private server (tests/support does the rest)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for (name,) in conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname = %s OR nspname LIKE %s",
+            (ns, ns + "\\_%"),
+        ).fetchall():
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+        for (role,) in conn.execute(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (ns + "\\_%",)
+        ).fetchall():
+            conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def at_port(url: str, port: int) -> str:
+    """`url` (user, database, options kept) on another port of its host."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@" if userinfo else ""
+    return urlunsplit(parts._replace(netloc=f"{netloc}{parts.hostname or '127.0.0.1'}:{port}"))
 
 
 def streams(keys: Keys) -> list[str]:

@@ -35,6 +35,33 @@ async def refuse(ledger: Ledger, count: int) -> None:
         )
 
 
+async def test_rebuild_of_a_namespace_with_empty_partitions_is_identical(
+    ledger: Ledger, settings: Settings
+) -> None:
+    # One edge: one partition log has entries, the others and the refusals stream have none.
+    plans = await loadgen.generate(ledger, range(12), edge_ids=["edge_00"], offline=0)
+    async with running(ledger, settings):
+        await wait_caught_up(settings, ledger.redis, ledger.keys)
+        conn = await pg(settings)
+        try:
+            # The live projector keeps a `0-0` position for each stream it found empty.
+            assert await scalar(
+                conn, "SELECT count(*) FROM {s}.positions WHERE entry_id = '0-0'",
+                schema=settings.namespace,
+            )  # fmt: skip
+        finally:
+            await conn.close()
+    report = await rebuild.rebuild(ledger, Database(settings.database_url, roles(settings)))
+    conn = await pg(settings)
+    try:
+        comparison = await rebuild.compare(conn, settings.namespace, report.schema)
+        assert comparison.equal, comparison
+        assert comparison.rows["commands"] == len(plans)
+        assert comparison.rows["positions"] == 1
+    finally:
+        await conn.close()
+
+
 @pytest.mark.slow
 async def test_rebuild_equals_incremental_projection(
     ledger: Ledger, settings: Settings, processes: Processes
@@ -119,7 +146,7 @@ async def test_swapped_in_rebuild_keeps_being_projected(ledger: Ledger, settings
             path = await scalar(
                 conn,
                 "SELECT proconfig::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
-                " WHERE n.nspname = %s AND p.proname = 'ensure_day'",
+                " WHERE n.nspname = %s AND p.proname = 'sweep_retention'",
                 settings.namespace,
             )
             assert f"search_path={settings.namespace}, pg_temp" in path

@@ -6,9 +6,10 @@ import asyncio
 import time
 from dataclasses import replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
-from projection_support import log_ids, pg, positions, roles, scalar, wait_caught_up
+from projection_support import at_port, log_ids, pg, positions, roles, scalar, wait_caught_up
 from redis.asyncio import Redis
 
 from dispatch.settings import Settings
@@ -233,7 +234,8 @@ async def test_verdicts_go_on_while_postgres_is_down_and_projection_resumes(
 ) -> None:
     """Timeouts are safety-relevant: they must not wait for the audit database."""
     port = free_port()  # nothing listens here yet: PostgreSQL is "down"
-    url = f"postgresql://127.0.0.1:{port}/test"
+    url = at_port(settings.database_url, port)
+    target = urlsplit(settings.database_url)
     client = Redis.from_url(settings.redis_url)
     ledger = Ledger(client, replace(settings.ledger(), ack_timeout_ms=300))
     await ledger.start()
@@ -249,7 +251,9 @@ async def test_verdicts_go_on_while_postgres_is_down_and_projection_resumes(
         assert projector.storage == "" and projector.verdicts.reached >= 1
 
         async def forward(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            pr, pw = await asyncio.open_connection("127.0.0.1", 5432)
+            pr, pw = await asyncio.open_connection(
+                target.hostname or "127.0.0.1", target.port or 5432
+            )
             await asyncio.gather(_pipe(r, pw), _pipe(pr, w))
 
         server = await asyncio.start_server(forward, "127.0.0.1", port)  # PostgreSQL is back

@@ -33,6 +33,16 @@ def admin(settings: Settings) -> psycopg.Connection[Any]:
     return psycopg.connect(settings.database_url, autocommit=True)
 
 
+def parts(conn: psycopg.Connection[Any], schema: str) -> list[str]:
+    """The day partitions or TimescaleDB chunks of `events` (both are its children)."""
+    rows = conn.execute(
+        "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = %s::regclass"
+        " ORDER BY 1",
+        (sql.Identifier(schema, "events").as_string(conn),),
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
 def login_url(settings: Settings, role: str) -> str:
     """The database URL with `role` as the user (trust authentication on the test server)."""
     scheme, rest = settings.database_url.split("://", 1)
@@ -51,6 +61,7 @@ async def test_the_projector_role_cannot_change_or_unprotect_audit_rows(
             (settings.namespace,),
         ).fetchone()
         assert owner is not None and owner[0] == roles(settings).owner != writer
+        part = parts(conn, settings.namespace)[0]
         # The deployment with least privilege: the projector logs in as the writer role.
         conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(writer)))
     with psycopg.connect(login_url(settings, writer), autocommit=True) as conn:
@@ -62,7 +73,8 @@ async def test_the_projector_role_cannot_change_or_unprotect_audit_rows(
             "TRUNCATE {}.events",
             "ALTER TABLE {}.events DISABLE TRIGGER ALL",
             "DROP TABLE {}.events",
-            "UPDATE {}.events_default SET status = 'x'",
+            f"UPDATE {part} SET status = 'x'",
+            f"TRUNCATE {part}",
             "UPDATE {}.chain_cuts SET seq = 0",
             "SET ROLE " + roles(settings).owner,
             "SET session_replication_role = replica",
@@ -71,10 +83,8 @@ async def test_the_projector_role_cannot_change_or_unprotect_audit_rows(
                 conn.execute(sql.SQL(statement).format(s))
         after = conn.execute(sql.SQL("SELECT count(*) FROM {}.events").format(s)).fetchone()
         assert before == after and before is not None and before[0] > 0
-        # What it may do: append, and run the partition policy.
-        assert conn.execute(
-            sql.SQL("SELECT {}.ensure_day(current_date + 30)").format(s)
-        ).fetchone() == (True,)
+        # What it may do: append, and run the retention policy (nothing is old enough).
+        assert conn.execute(sql.SQL("SELECT {}.sweep_retention()").format(s)).fetchone() == (0,)
 
 
 async def test_triggers_refuse_even_a_superuser_and_verify_names_an_altered_row(
@@ -90,6 +100,13 @@ async def test_triggers_refuse_even_a_superuser_and_verify_names_an_altered_row(
         ):
             with pytest.raises(errors.InsufficientPrivilege, match="append-only"):
                 conn.execute(sql.SQL(statement).format(s))
+        # Each day partition / chunk refuses TRUNCATE on its own too (they do not inherit
+        # the parent's statement trigger; TimescaleDB creates chunks as rows arrive).
+        children = parts(conn, settings.namespace)
+        assert children
+        for child in children:
+            with pytest.raises(errors.InsufficientPrivilege, match="append-only"):
+                conn.execute(sql.SQL("TRUNCATE {}").format(sql.SQL(child)))
     ok = processes.dispatch("verify-ok", "audit", "verify", "--commands")
     assert ok.popen.wait(60) == 0, ok.log()
     assert "audit chain intact" in ok.log() and "120 command rows" in ok.log()
@@ -125,9 +142,13 @@ async def test_verify_finds_deleted_links_and_rewritten_command_rows(
     plans = await projected(ledger, settings)
     s = sql.Identifier(settings.namespace)
     edges = sorted({p.edge_id for p in plans if p.status == "executed"})
-    middle, last, view = edges[0], edges[1], edges[2]
+    middle, last, view, oldest = edges[0], edges[1], edges[2], edges[3]
     with admin(settings) as conn:
         conn.execute("SET session_replication_role = replica")
+        # The oldest links, with no retention cut recorded: the horizon check finds them.
+        conn.execute(
+            sql.SQL("DELETE FROM {}.events WHERE chain = %s AND seq <= 2").format(s), (oldest,)
+        )
         conn.execute(
             sql.SQL("DELETE FROM {}.events WHERE chain = %s AND seq = 5").format(s), (middle,)
         )
@@ -157,7 +178,8 @@ async def test_verify_finds_deleted_links_and_rewritten_command_rows(
     assert reasons[middle] == "links 5..5 are missing"
     assert "after the last stored are missing" in reasons[last]
     assert reasons[view].startswith(f"command {executed.command_id}: column status is 'failed'")
-    assert len(result.breaks) == 3
+    assert reasons[oldest] == "links 1..2 are missing"
+    assert len(result.breaks) == 4
 
 
 def old_event(edge: str, at: datetime, n: int) -> bytes:
@@ -172,7 +194,7 @@ def old_event(edge: str, at: datetime, n: int) -> bytes:
     return msgspec.json.encode(event)
 
 
-async def test_retention_drops_old_day_partitions_and_verify_accepts_the_cut(
+async def test_retention_drops_old_days_and_verify_accepts_the_cut(
     ledger: Ledger, settings: Settings
 ) -> None:
     edge = "edge_00"
@@ -183,25 +205,38 @@ async def test_retention_drops_old_day_partitions_and_verify_accepts_the_cut(
     plans = await loadgen.generate(ledger, range(40))
     async with running(ledger, settings, retention_days=5):
         await wait_caught_up(settings, ledger.redis, ledger.keys)
-    part = f"events_{old_day:%Y%m%d}"
+    s = settings.namespace
+    old = "SELECT count(*) FROM {s}.events WHERE at < now() - interval '5 days'"
     conn = await Database(settings.database_url, roles(settings)).connect_writer("test")
     try:
-        s = settings.namespace
-        assert await scalar(conn, "SELECT to_regclass(%s) IS NOT NULL", f'"{s}".{part}')
+        assert await scalar(conn, old, schema=s) == 5
         before = await scalar(conn, "SELECT count(*) FROM {s}.events", schema=s)
-        # The writer role runs the policy through its SECURITY DEFINER function.
-        assert await schema.sweep_retention(conn, s, schema.PARTITIONED) == 1
-        assert not await scalar(conn, "SELECT to_regclass(%s) IS NOT NULL", f'"{s}".{part}')
+        # The old events' commands are projected too (issued ten days ago).
+        commands = "SELECT count(*) FROM {s}.commands"
+        assert await scalar(conn, commands, schema=s) == len(plans) + 5
+        # The writer role runs the policy through its SECURITY DEFINER function: one whole
+        # day (a partition, or a chunk) goes, whatever the storage.
+        assert await schema.sweep_retention(conn, s) == 1
+        assert await scalar(conn, old, schema=s) == 0
         assert await scalar(conn, "SELECT count(*) FROM {s}.events", schema=s) == before - 5
+        assert await scalar(conn, commands, schema=s) == len(plans)
         cut = await conn.execute(
             sql.SQL("SELECT chain, seq FROM {}.chain_cuts").format(sql.Identifier(s))
         )
         assert await cut.fetchall() == [(edge, 5)]
+        sweeps = await conn.execute(
+            sql.SQL(
+                "SELECT parts_dropped, commands_deleted, horizon > %s FROM {}.retention_cuts"
+            ).format(sql.Identifier(s)),
+            (old_day,),
+        )
+        assert await sweeps.fetchall() == [(1, 5, True)]
         result = await verify(conn, s, commands=True)
         assert result.ok, result.breaks
         assert result.commands == len(plans)
-        # A sweep again changes nothing; today's partitions are untouched.
-        assert await schema.sweep_retention(conn, s, schema.PARTITIONED) == 0
+        # A sweep again changes nothing; today's days are untouched.
+        assert await schema.sweep_retention(conn, s) == 0
+        assert await scalar(conn, "SELECT count(*) FROM {s}.events", schema=s) == before - 5
     finally:
         await conn.close()
     with admin(settings) as sa:
@@ -212,7 +247,7 @@ async def test_retention_drops_old_day_partitions_and_verify_accepts_the_cut(
         )
     conn = await pg(settings)
     try:
-        result = await verify(conn, settings.namespace, chain=edge)
+        result = await verify(conn, s, chain=edge)
         assert [b.reason for b in result.breaks] == ["links 6..6 are missing"]
     finally:
         await conn.close()

@@ -50,6 +50,8 @@ NO_LIMITS = {
     "DISPATCH_RATE_EDGE_BURST": "100000",
     "DISPATCH_RATE_GLOBAL_PER_S": "100000",
     "DISPATCH_RATE_GLOBAL_BURST": "100000",
+    # Modules refuse many handshakes from 127.0.0.1 on purpose; the throttle has its own.
+    "DISPATCH_HANDSHAKE_REFUSALS_PER_S": "0",
 }
 
 

@@ -116,6 +116,28 @@ def hs256_raw(header: dict[str, Any], payload: dict[str, Any], secret: str = SEC
     return f"{unsigned}.{b64(sig)}"
 
 
+def hs256_text(header: str, payload: str) -> str:
+    """HS256 over header and payload given as JSON text (e.g. with a repeated member)."""
+    import hashlib  # noqa: PLC0415
+    import hmac  # noqa: PLC0415
+
+    unsigned = f"{b64(header.encode())}.{b64(payload.encode())}"
+    sig = hmac.new(SECRET.encode(), unsigned.encode(), hashlib.sha256).digest()
+    return f"{unsigned}.{b64(sig)}"
+
+
+def repeated_payload_member() -> str:
+    """`user_id` twice: a last-wins parser sees alice, a first-wins one mallory."""
+    body = json.dumps(claims())[:-1] + ', "user_id": "mallory"}'
+    body = body.replace('"user_id": "alice"', '"user_id": "mallory"', 1)
+    body = body[: body.rindex('"mallory"')] + '"alice"}'
+    return hs256_text('{"alg": "HS256", "typ": "JWT"}', body)
+
+
+def repeated_header_member() -> str:
+    return hs256_text('{"alg": "none", "alg": "HS256", "typ": "JWT"}', json.dumps(claims()))
+
+
 def oversized() -> str:
     pad = 5800
     while len(token := hs256(claims(pad="p" * pad))) <= 8000:
@@ -204,6 +226,10 @@ BAD_TOKENS: list[tuple[str, Callable[[], str], str]] = [
     ("missing_user_id", lambda: hs256(claims(user_id=None)), "user_id"),
     ("user_id_json_injection", lambda: hs256(claims(user_id='x","actor":"admin')), "user_id"),
     ("user_id_too_long", lambda: hs256(claims(user_id="u" * 500)), "user_id"),
+    ("user_id_trailing_newline", lambda: hs256(claims(user_id="alice\n")), "user_id"),
+    ("hs256_unknown_kid", lambda: hs256(claims(), kid="rotated-key-2"), "unknown kid"),
+    ("repeated_payload_member", repeated_payload_member, "twice"),
+    ("repeated_header_member", repeated_header_member, "twice"),
     ("can_control_not_a_list", lambda: hs256(claims(can_control="*")), "can_control"),
     ("payload_not_an_object", lambda: raw_token({"alg": "HS256"}, [1, 2]), "refused"),
     ("garbage", lambda: "not.a.token", "refused"),
@@ -350,7 +376,7 @@ async def test_jwks_file_source_reads_public_keys_only(tmp_path: Path) -> None:
     assert rsa is not None and not rsa.is_private
 
 
-def test_issuer_and_audience_when_configured(processes: Processes) -> None:
+def test_issuer_audience_and_hs256_key_id_when_configured(processes: Processes) -> None:
     enroll(processes, EDGE)
     gw = start_gateway(
         processes,
@@ -358,6 +384,7 @@ def test_issuer_and_audience_when_configured(processes: Processes) -> None:
             **NO_LIMITS,
             "DISPATCH_JWT_ISSUER": "https://auth.example",
             "DISPATCH_JWT_AUDIENCE": "dispatch",
+            "DISPATCH_JWT_KEY_ID": "django-2026",
         },
     )
     url = f"{gw.http}/api/commands"
@@ -371,6 +398,11 @@ def test_issuer_and_audience_when_configured(processes: Processes) -> None:
         assert status == 401 and reply["error"]["code"] == "unauthenticated", reply
     status, _, reply = http("POST", url, hs256(good), command(edge_id=EDGE))
     assert status == 202, reply
+    # The configured key id is accepted; any other is not.
+    status, _, reply = http("POST", url, hs256(good, kid="django-2026"), command(edge_id=EDGE))
+    assert status == 202, reply
+    status, _, reply = http("POST", url, hs256(good, kid="django-2025"), command(edge_id=EDGE))
+    assert status == 401 and "unknown kid" in reply["error"]["message"], reply
 
 
 def test_edge_credentials_cannot_be_forged_with_the_user_key_when_separated(

@@ -35,7 +35,7 @@ from .conftest import (
     start_gateway,
     ws_connect,
 )
-from support import REDIS_URL, Processes, command, http, user_token, wait_until
+from support import REDIS_URL, Processes, command, edge_token, http, user_token, wait_until
 
 OTHER_EDGE = "sec_edge_other"  # enrolled, but the operator may not control it
 NEVER_ENROLLED = "sec_edge_ghost"
@@ -328,3 +328,50 @@ def test_slow_reading_dashboard_is_disconnected_1013(processes: Processes) -> No
         other.send(json.dumps(body))
         assert recv_for(other, body["command_id"])["status"] == "issued"
     client.close()
+
+
+@pytest.mark.parametrize(
+    ("field", "frame"),
+    [
+        ("command_id", lambda: json.dumps(cmd(command_id=f"nl_{uuid.uuid4().hex[:8]}\n"))),
+        ("device_id", lambda: with_target(device_id="bms_main\n")),
+        ("channel", lambda: with_target(channel="SetActivePower\n")),
+        ("edge_id", lambda: with_target(edge_id=f"{EDGE}\n")),
+    ],
+)
+def test_identifier_ending_in_a_newline_is_refused_and_never_becomes_a_key(
+    site: Site, field: str, frame: Callable[[], str]
+) -> None:
+    """`$` matches before a final newline: every identifier check must be full-match."""
+    raw = frame()
+    with site.dashboard() as dash:
+        dash.send(raw)
+        reply = recv_json(dash)
+        assert reply["status"] == "rejected" and reply["error"]["code"] == "invalid_command"
+        assert field in reply["error"]["message"], reply
+        site.audit_for(code="invalid_command", raw=raw.encode())
+        site.assert_edge_got_nothing(dash)
+    assert_no_key_ends_in_a_newline(site)
+
+
+def test_edge_id_and_user_id_ending_in_a_newline_are_refused_at_the_handshake(
+    site: Site,
+) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        ws_connect(f"{site.gw.ws}/ws/edge/abc%0A", edge_token("abc\n"))
+    assert refused.value.response.status_code == 400
+    body = json.loads(refused.value.response.body or b"{}")
+    assert body["error"]["code"] == "invalid_command" and "edge id" in body["error"]["message"]
+    site.audit_for(code="invalid_command", input_excerpt="'abc\\n'")
+    with pytest.raises(InvalidStatus) as refused:
+        site.dashboard(user_token(f"{site.user}\n", control=[EDGE]))
+    assert refused.value.response.status_code == 401
+    body = json.loads(refused.value.response.body or b"{}")
+    assert body["error"]["code"] == "unauthenticated" and "user_id" in body["error"]["message"]
+    site.assert_edge_got_nothing()
+    assert_no_key_ends_in_a_newline(site)
+
+
+def assert_no_key_ends_in_a_newline(site: Site) -> None:
+    keys = list(site.redis.scan_iter(match=f"{site.namespace}:*", count=1000))
+    assert keys and not [k for k in keys if k.endswith(b"\n")]

@@ -1,0 +1,7 @@
+// The Command Dispatch client: typed wire types, the dashboard connection, the HTTP API.
+export * from "./types.js";
+export * from "./lifecycle.js";
+export * from "./rest.js";
+export * from "./client.js";
+export { newCommandId } from "./ids.js";
+export * from "./forms.js";

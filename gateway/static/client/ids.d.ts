@@ -1,0 +1,1 @@
+export declare function newCommandId(prefix?: string): string;

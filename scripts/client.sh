@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The TypeScript client (client/): install its npm packages when they are missing and
+# check that the committed build (gateway/static/client/) still compiles from the sources.
+# `make demo` needs none of this: the gateway serves the committed JavaScript.
+set -euo pipefail
+cd "$(dirname "$0")/../client"
+if ! command -v npm >/dev/null; then
+  echo "client: npm is missing (apt-get install npm); the client's tests will be skipped"
+  exit 0
+fi
+if [ ! -d node_modules ]; then
+  echo "client: installing npm packages (npm ci)..."
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+npm run --silent check
+echo "client: TypeScript build check passed"
