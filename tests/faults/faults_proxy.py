@@ -67,6 +67,7 @@ class Proxy:
         self._call(self._shutdown())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        self._loop.close()
 
     def _call(self, coro):  # type: ignore[no-untyped-def]
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
@@ -101,6 +102,7 @@ class Proxy:
         self._cut_all()
         if self._server is not None:
             self._server.close()
+            await self._server.wait_closed()
 
     def _cut_all(self) -> None:
         for conn in list(self._conns):
