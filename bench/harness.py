@@ -93,9 +93,36 @@ class Bench:
         self.procs.append(proc)
         return proc
 
-    def gateway(self) -> tuple[subprocess.Popen[bytes], int]:
+    def gateway(self, workers: int = 1) -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
-        proc = self.dispatch(f"gateway-{port}", "gateway", "--port", str(port))
+        args = ["gateway", "--port", str(port), "--workers", str(workers)]
+        return self._serving(self.dispatch(f"gateway-{port}", *args), port)
+
+    def relay(self) -> tuple[subprocess.Popen[bytes], int]:
+        """The bare in-memory relay (bench/_relay.py) on the same stack."""
+        port = free_port()
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with (self.log_dir / f"relay-{port}.log").open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bench._relay", "--port", str(port)],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs.append(proc)
+        return self._serving(proc, port)
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def _serving(
+        self, proc: subprocess.Popen[bytes], port: int
+    ) -> tuple[subprocess.Popen[bytes], int]:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             with (

@@ -93,7 +93,7 @@ async def run_dashboard(
 
 
 async def measure(
-    b: Bench, port: int, edges: int, dashboards: int, window: int, seconds: float
+    b: Bench, port: int, edges: int, dashboards: int, window: int, seconds: float, run: str = ""
 ) -> tuple[float, list[float]]:
     names = [f"edge{i:05d}" for i in range(edges)]
     b.enroll(names)
@@ -117,7 +117,7 @@ async def measure(
                 done,
                 latencies,
                 measuring,
-                f"d{i}",
+                f"{run}d{i}",
             )
         )
         for i, group in enumerate(groups)
@@ -139,19 +139,53 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dashboards", type=int, default=50)
     parser.add_argument("--window", type=int, default=4, help="commands in flight per dashboard")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--light-commands", type=int, default=300)
     args, _ = parser.parse_known_args(argv)
     raise_fd_limit()
+    shape = (args.edges, args.dashboards, args.window, args.seconds)
+    results: dict[str, tuple[float, list[float], list[float]]] = {}
     with bench() as b:
-        _, port = b.gateway()
+        # The bare relay first, then the gateway with 1 and 2 workers: same load
+        # generator, same machine, same run; each figure is also a ratio to the relay.
+        relay, port = b.relay()
+        results["relay"] = _run(b, port, shape, args.light_commands, "r")
+        b.stop(relay)
         b.dispatch("projector", "projector")
-        rate, latencies = uvloop.run(
-            measure(b, port, args.edges, args.dashboards, args.window, args.seconds)
-        )
+        for workers in (1, 2):
+            gw, port = b.gateway(workers)
+            results[f"gateway_{workers}w"] = _run(
+                b, port, shape, args.light_commands, f"g{workers}"
+            )
+            b.stop(gw)
+    rate0, _, light0 = results["relay"]
+    p50_0, p99_0 = percentile(light0, 50), percentile(light0, 99)
     print(
-        f"saturated_throughput: {rate:.0f} commands/s (full lifecycles issued..executed; "
-        f"{args.edges} scripted edges, {args.dashboards} dashboards x {args.window} in flight, "
-        f"1 gateway + 1 projector, {args.seconds:.0f} s)"
+        f"relay_baseline: {rate0:.0f} commands/s saturated; light load p50 {p50_0:.2f} ms, "
+        f"p99 {p99_0:.2f} ms (bare in-memory relay, same stack; {args.edges} scripted edges, "
+        f"{args.dashboards} dashboards x {args.window} in flight, {args.seconds:.0f} s)"
     )
-    print(f"saturated_latency_p50: {percentile(latencies, 50):.1f} ms")
-    print(f"saturated_latency_p99: {percentile(latencies, 99):.1f} ms")
+    for name, (rate, loaded, light) in results.items():
+        if name == "relay":
+            continue
+        p50, p99 = percentile(light, 50), percentile(light, 99)
+        print(
+            f"saturated_throughput_{name}: {rate:.0f} commands/s ({rate / rate0:.0%} of the relay; "
+            f"full lifecycles issued..executed, 1 projector; loaded p50 "
+            f"{percentile(loaded, 50):.1f} ms, p99 {percentile(loaded, 99):.1f} ms)"
+        )
+        print(
+            f"light_load_scripted_edge_{name}: p50 {p50:.2f} ms ({p50 / p50_0:.1f}x the relay), "
+            f"p99 {p99:.2f} ms ({p99 / p99_0:.1f}x) (send -> executed, one command in flight)"
+        )
     return 0
+
+
+def _run(
+    b: Bench, port: int, shape: tuple[int, int, int, float], light_commands: int, run: str
+) -> tuple[float, list[float], list[float]]:
+    """(saturated commands/s, latencies under load, light-load latencies) on `port`."""
+    edges, dashboards, window, seconds = shape
+    rate, loaded = uvloop.run(measure(b, port, edges, dashboards, window, seconds, run))
+    light_seconds = max(2.0, light_commands / 500)
+    _, light = uvloop.run(measure(b, port, 1, 1, 1, light_seconds, run + "l"))
+    return rate, loaded, light

@@ -110,6 +110,16 @@ class Settings:
     log_transitions: bool = True  # one `command.transition` line per lifecycle event
     metrics_interval_s: float = 15.0
     metrics_top_edges: int = 0
+    # The projector's own Prometheus endpoint (127.0.0.1:PORT/metrics; 0 = not served):
+    # quarantined log entries are counted there (docs/audit.md).
+    projector_metrics_port: int = 0
+    # The hot path (docs/protocol.md, docs/performance.md). A frame the ledger cannot
+    # handle within `ledger_wait_s` (Redis down or slow) is answered `unavailable` then.
+    ledger_wait_s: float = 2.0
+    # Commands handed to one edge and not yet accepted by it; the rest waits in Redis.
+    edge_inflight: int = 32
+    # Commands one dashboard session follows (sent or subscribed) at most; oldest go first.
+    follow_limit: int = 10_000
 
     def __post_init__(self) -> None:
         for name, scheme in (
@@ -150,6 +160,11 @@ class Settings:
                 f"DISPATCH_METRICS_TOP_EDGES={self.metrics_top_edges} must be 0..1000: it bounds "
                 "how many per-edge series /metrics carries"
             )
+        if not 0 <= self.projector_metrics_port <= 65535:
+            raise SettingsError(
+                f"DISPATCH_PROJECTOR_METRICS_PORT={self.projector_metrics_port} must be a port "
+                "(1-65535), or 0 to serve no metrics"
+            )
         if self.port > 65535:
             raise SettingsError(f"DISPATCH_PORT must be at most 65535, got {self.port}")
         if self.socket_send_buffer_bytes < 0:
@@ -160,6 +175,8 @@ class Settings:
             "jwt_max_lifetime_s",
             "edge_max_lifetime_s",
             "outbox_frames",
+            "edge_inflight",
+            "follow_limit",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(
@@ -169,6 +186,11 @@ class Settings:
             raise SettingsError(
                 f"DISPATCH_JWT_LEEWAY_S={self.jwt_leeway_s} must be between 0 and 300 seconds; "
                 "a leeway is for clock skew, not for extending tokens"
+            )
+        if not 0 < self.ledger_wait_s <= 60:
+            raise SettingsError(
+                f"DISPATCH_LEDGER_WAIT_S={self.ledger_wait_s} must be above 0 and at most 60 "
+                "seconds (how long a frame may wait for Redis before it is answered unavailable)"
             )
         self._check_algorithms()
         self._check_rates()

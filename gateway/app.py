@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,6 +21,7 @@ from gateway.headers import SecurityHeaders
 from gateway.lifecycle_metrics import TRANSITION_LOGGER, LifecycleMetrics
 from gateway.observer import Observer, ObserverConfig
 from gateway.state import GatewayState
+from ledger.verdicts import VerdictLoop
 
 
 def create_app(settings: Settings, admission: Admission | None = None) -> Starlette:
@@ -32,9 +35,14 @@ def create_app(settings: Settings, admission: Admission | None = None) -> Starle
             logging.getLogger(TRANSITION_LOGGER).setLevel(logging.WARNING)
         observer = observer_for(settings, state)
         observer.start()
+        # Verdicts need Redis only: every gateway reaches them, whatever the audit does.
+        loop = VerdictLoop(state.ledger, f"gateway:{state.gateway_id}", process="gateway")
+        verdicts = asyncio.create_task(loop.run(), name="verdicts")
         try:
             yield
         finally:
+            verdicts.cancel()
+            await asyncio.gather(verdicts, return_exceptions=True)
             await observer.stop()
             await state.close()
 
@@ -70,3 +78,14 @@ def observer_for(settings: Settings, state: GatewayState) -> Observer:
     return Observer(
         state.redis, state.ledger.keys, config, pg=state.pg, connected_edges=state.hub.edges.keys
     )
+
+
+def create_worker_app() -> Starlette:
+    """App factory for `dispatch gateway --workers N`: each worker process builds its own
+    app from the environment; a named gateway gets one id per worker (`NAME-wPID`)."""
+    # A spawned worker did not run `dispatch`'s main: log the same way it does.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = Settings.from_env()
+    if settings.gateway_id:
+        settings = settings.with_overrides(gateway_id=f"{settings.gateway_id}-w{os.getpid()}")
+    return create_app(settings)

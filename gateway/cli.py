@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import socket
 from typing import Any
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from dispatch import logformat
 from dispatch.settings import Settings
@@ -25,11 +27,13 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def serve(settings: Settings, *, log_level: str = "info") -> None:
+def serve(settings: Settings, *, log_level: str = "info", workers: int = 1) -> None:
     raise_fd_limit()
     admission = Admission(AdmissionLimits.from_settings(settings))
     config = uvicorn.Config(
-        create_app(settings, admission),
+        create_app(settings, admission) if workers == 1 else "gateway.app:create_worker_app",
+        factory=workers > 1,
+        workers=workers,
         host=settings.host,
         port=settings.port,
         log_level=log_level,
@@ -51,22 +55,34 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
     )
     logfilter.install()  # after uvicorn configured logging: its handlers exist now
     server = uvicorn.Server(config)
-    if not settings.socket_send_buffer_bytes:
+    if not settings.socket_send_buffer_bytes and workers == 1:
         server.run()
         return
     sock = config.bind_socket()
-    # Accepted connections inherit a fixed send buffer: it bounds the kernel memory each
-    # client can pin, and a client that stops reading fills it (and then its outbox, and
-    # is disconnected) after that many bytes instead of the kernel's autotuned megabytes.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
-    server.run(sockets=[sock])
+    if settings.socket_send_buffer_bytes:
+        # Accepted connections inherit a fixed send buffer: it bounds the kernel memory
+        # each client can pin, and a client that stops reading fills it (and then its
+        # outbox, and is disconnected) after that many bytes instead of the kernel's
+        # autotuned megabytes.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
+    if workers == 1:
+        server.run(sockets=[sock])
+        return
+    # Several processes accept on the one listening socket (the kernel spreads the
+    # connections); each worker has its own hub, tail and ledger clients, and they share
+    # nothing but Redis, like gateways side by side.
+    Multiprocess(config, sockets=[sock]).run()
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     settings = Settings.from_env().with_overrides(
         host=args.host, port=args.port, gateway_id=args.gateway_id
     )
-    serve(settings, log_level="debug" if args.verbose else "info")
+    if args.workers < 1:
+        raise SystemExit(f"dispatch gateway: --workers must be at least 1, got {args.workers}")
+    if args.workers > 1 and args.gateway_id:
+        os.environ["DISPATCH_GATEWAY_ID"] = args.gateway_id  # the workers read the environment
+    serve(settings, log_level="debug" if args.verbose else "info", workers=args.workers)
     return 0
 
 
@@ -81,4 +97,10 @@ def register(sub: Any) -> None:
     p.add_argument("--host", help="bind address (default DISPATCH_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default DISPATCH_PORT or 8000)")
     p.add_argument("--gateway-id", help="stable name of this gateway process (default: random)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the port (default 1; one per core is the ceiling)",
+    )
     p.set_defaults(func=cmd_gateway)

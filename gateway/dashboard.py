@@ -8,13 +8,14 @@ command's edge at that moment (grants are re-read within a second of a change).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 
 import msgspec
 from starlette.websockets import WebSocket
 
-from gateway import cancels
+from gateway import cancels, subscriptions
 from gateway.admission import admit_user_socket
 from gateway.auth import AuthError
 from gateway.handshake import credentials, origin_allowed, refuse
@@ -27,8 +28,10 @@ from gateway.sessions import (
     ws_hard_limit_bytes,
 )
 from gateway.state import GatewayState
+from ledger.errors import LedgerUnavailable
 from ledger.ordering import InOrder, Turn
 from schemas.errors import ErrorCode, error
+from schemas.messages import StatusUpdate, Subscribed
 
 log = logging.getLogger("gateway.dashboard")
 _encode = msgspec.json.Encoder().encode
@@ -47,6 +50,9 @@ async def dashboard_endpoint(ws: WebSocket) -> None:
         user = await state.authenticate_user(ws, token)
     except AuthError as exc:
         await refuse(ws, 401, "unauthenticated", str(exc))
+        return
+    except LedgerUnavailable as exc:  # the token cannot be checked now: say so, not 500
+        await refuse(ws, 503, ErrorCode.UNAVAILABLE, str(exc))
         return
     if not await admit_user_socket(ws, user.user_id, user.actor):  # per-user socket cap
         return
@@ -68,24 +74,24 @@ async def dashboard_endpoint(ws: WebSocket) -> None:
 async def _read_commands(state: GatewayState, dash: DashboardSession) -> None:
     """Read frames; handle them concurrently, admit them in arrival order."""
     ws, user, intake = dash.ws, dash.user, state.intake
-    in_order = InOrder()
+
+    def answer_failure(exc: Exception) -> None:
+        dash.outbox.put(_encode(intake.unanswered(b"", user.actor, exc).reply).decode())
+
+    in_order = InOrder(answer_failure)
 
     async def handle(raw: bytes, binary: bool, turn: Turn) -> None:
-        if not binary and cancels.is_control_frame(raw):  # {"type": "cancel", ...}
-            # Only once every earlier frame is admitted: a cancel sent right behind its
-            # command must find it.
-            await turn.wait()
-            answer = await cancels.answer_frame(state, user, raw)
-            dash.outbox.put(_encode(answer.reply).decode())
-            return
-        outcome = await intake.submit(raw, user, binary=binary, turn=turn)
-        if outcome.rejected or not outcome.admitted:
-            # Admitted commands answer through the lifecycle events of the ledger.
-            dash.outbox.put(_encode(outcome.reply).decode())
-        error_code = outcome.reply.error.code if outcome.reply.error is not None else ""
-        if error_code == ErrorCode.UNAUTHENTICATED:
-            reason = outcome.reply.error.message if outcome.reply.error else "credential ended"
-            dash.outbox.close(CloseCode.CREDENTIAL_ENDED, reason[:120], flush=True)
+        """Answer one frame, whatever happens (a failure is answered too)."""
+        try:
+            answer = await _answer(state, dash, raw, binary, turn)
+        except Exception as exc:  # a failure or a silent ledger: say so, keep the session
+            turn.passed()
+            answer = intake.unanswered(raw, user.actor, exc).reply
+        if answer is not None:
+            dash.outbox.put(_encode(answer).decode())
+        err = answer.error if isinstance(answer, StatusUpdate) else None
+        if err is not None and err.code == ErrorCode.UNAUTHENTICATED:
+            dash.outbox.close(CloseCode.CREDENTIAL_ENDED, err.message[:120], flush=True)
 
     try:
         while not dash.outbox.closing:
@@ -103,3 +109,53 @@ async def _read_commands(state: GatewayState, dash: DashboardSession) -> None:
             await in_order.run(functools.partial(handle, raw, binary))
     finally:
         await in_order.drain()
+
+
+async def _answer(
+    state: GatewayState, dash: DashboardSession, raw: bytes, binary: bool, turn: Turn
+) -> StatusUpdate | Subscribed | None:
+    """The answer frame (None: the admitted command answers through its statuses)."""
+    follows = state.hub.follows
+    if not binary and cancels.is_control_frame(raw):  # {"type": "cancel" | "subscribe", ...}
+        # Only once every earlier frame is admitted: a cancel or subscribe sent right
+        # behind its command must find it.
+        await turn.wait()
+        turn.passed()
+        # Commands are bounded by the intake's own wait (one timer per frame is enough).
+        async with asyncio.timeout(state.settings.ledger_wait_s):
+            return await _control(state, dash, raw)
+    newly: list[str] = []
+
+    def follow(command_id: str) -> None:
+        if command_id not in dash.following:
+            newly.append(command_id)
+        follows.follow(dash, command_id)
+
+    # Never raises (a silent ledger is answered `unavailable`); the follow stays then, so
+    # an admission that Redis completes after all still reaches the sender.
+    outcome = await state.intake.submit(raw, dash.user, binary=binary, turn=turn, follow=follow)
+    error_code = outcome.reply.error.code if outcome.reply.error is not None else ""
+    if outcome.rejected and error_code != ErrorCode.UNAVAILABLE:
+        for command_id in newly:
+            follows.unfollow(dash, command_id)  # refused: nothing will follow
+    if outcome.admitted:
+        return None  # answered by its lifecycle statuses (issued first), sent to the follower
+    return outcome.reply
+
+
+async def _control(
+    state: GatewayState, dash: DashboardSession, raw: bytes
+) -> StatusUpdate | Subscribed:
+    """Answer a `subscribe` or `cancel` frame."""
+    if not subscriptions.is_subscribe(raw):
+        return (await cancels.answer_frame(state, dash.user, raw)).reply
+    try:
+        frame = subscriptions.SUBSCRIBE_DECODER.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        err = error(
+            ErrorCode.INVALID_COMMAND,
+            f'invalid subscribe frame: {exc}; send {{"type": "subscribe", '
+            '"command_ids": [...]}} with 1 to 256 command ids',
+        )
+        return (await state.intake.reject(raw, dash.user.actor, err)).reply
+    return await subscriptions.subscribe(state.ledger, state.hub.follows, dash, frame)

@@ -12,25 +12,30 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
+from datetime import UTC, datetime
 
 import msgspec
 
 from dispatch import tracing
 from gateway import metrics
+from gateway.follows import Follows
 from gateway.grants import GrantCache
 from gateway.lifecycle_metrics import LifecycleMetrics
 from gateway.revocations import Revocations
 from gateway.sessions import CloseCode, DashboardSession, EdgeSession, Outbox
+from ledger import lifecycle
 from ledger.connection import AnyRedis, is_cluster
 from ledger.ids import new_event_id
 from ledger.store import EVENT_DECODER, Ledger
 from ledger.tail import StreamTail
 from schemas.errors import ErrorCode, error
-from schemas.events import Event, Rejected, Routed, status_of
+from schemas.events import Event, Rejected, Routed, Status, status_of
 from schemas.messages import StatusUpdate, iso_ms
 
 log = logging.getLogger("gateway.hub")
+# Statuses of a command that still holds a place in its edge's flight.
+_IN_FLIGHT = frozenset({Status.ISSUED, Status.AUTHORIZED, Status.QUEUED, Status.ROUTED})
 _encode = msgspec.json.Encoder().encode
 
 
@@ -56,6 +61,8 @@ class Hub:
         gateway_id: str,
         *,
         revocations: Revocations | None = None,
+        follow_limit: int = 10_000,
+        edge_inflight: int = 32,
     ) -> None:
         self.ledger = ledger
         self.grants = grants
@@ -66,12 +73,12 @@ class Hub:
         # Who may watch what, indexed so an event costs O(its viewers), not O(dashboards).
         self._watchers: dict[str, set[DashboardSession]] = {}
         self._watch_all: set[DashboardSession] = set()
+        # Senders and subscribers of each command, answered whatever their views.
+        self.follows = Follows(follow_limit)
+        self.edge_inflight = edge_inflight
         self._tail_redis = tail_redis
         self.lifecycle: LifecycleMetrics | None = None  # set by the app (gateway/app.py)
         self._dirty: set[str] = set()
-        # Edges whose last delivery failed: the script may have run (entries now pending)
-        # with its reply lost, so the retry reclaims pending entries too.
-        self._reclaim: set[str] = set()
         self._dirty_signal = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -118,6 +125,7 @@ class Hub:
     def remove_dashboard(self, dash: DashboardSession) -> None:
         self.dashboards.discard(dash)
         self._unindex(dash)
+        self.follows.forget(dash)
         metrics.DASHBOARDS.set(len(self.dashboards))
 
     def _unindex(self, dash: DashboardSession) -> None:
@@ -147,13 +155,14 @@ class Hub:
         """Take the edge's presence and hand it everything waiting for it."""
         previous_local = self.edges.get(session.edge_id)
         self.edges[session.edge_id] = session
+        session.outbox.on_drained = lambda: self.drained(session)
         metrics.EDGES.set(len(self.edges))
         if previous_local is not None and previous_local is not session:
             previous_local.outbox.close(CloseCode.REPLACED, "replaced by a newer connection")
         replaced = await self.ledger.connect_edge(session.edge_id, session.owner)
         if replaced:
             log.info("edge.session.replaced edge_id=%s previous=%s", session.edge_id, replaced)
-        await self._deliver(session, claim=True)
+        await self._deliver(session)
         session.ready = True
         self.want_delivery(session.edge_id)
 
@@ -176,31 +185,45 @@ class Hub:
             dirty, self._dirty = self._dirty, set()
             sessions = [s for e in dirty if (s := self.edges.get(e)) is not None and s.ready]
             results = await asyncio.gather(
-                *(self._deliver(s, claim=s.edge_id in self._reclaim) for s in sessions),
-                return_exceptions=True,
+                *(self._deliver(s) for s in sessions), return_exceptions=True
             )
-            failed = {s for s, r in zip(sessions, results, strict=True) if isinstance(r, Exception)}
-            for session in sessions:
-                if session not in failed:
-                    self._reclaim.discard(session.edge_id)
+            failed = [s for s, r in zip(sessions, results, strict=True) if isinstance(r, Exception)]
             for session in failed:
                 log.warning("edge.delivery.failed edge_id=%s", session.edge_id)
                 # Its reply may have been lost after Redis handed entries out: reclaim them.
-                self._reclaim.add(session.edge_id)
+                session.claim_cursor = "0-0"
             if failed:
                 await asyncio.sleep(0.2)  # Redis trouble: retry those shortly, not in a hot loop
                 for session in failed:
                     self.want_delivery(session.edge_id)
 
-    async def _deliver(self, session: EdgeSession, *, claim: bool) -> None:
-        deliveries = await self.ledger.deliver(session.edge_id, session.owner, claim=claim)
-        if deliveries is None:
+    async def _deliver(self, session: EdgeSession) -> None:
+        """Send only what the edge's link can drain; the rest waits in Redis.
+
+        Up to `edge_inflight` commands may be sent and not yet accepted. An edge that
+        has not acknowledged anything in this session cannot pace by its acks: it gets
+        more whenever its socket has written everything it was given.
+        """
+        room = self.edge_inflight - len(session.unacked)
+        if room <= 0 and not session.acknowledges and session.outbox.idle:
+            room = self.edge_inflight
+        if room <= 0:
+            session.more = True
+            return
+        count = min(room, self.ledger.config.delivery_batch)
+        got = await self.ledger.deliver_some(
+            session.edge_id, session.owner, cursor=session.claim_cursor, count=count
+        )
+        if got is None:
             # Another session owns the edge now (this one was replaced or expired).
             session.outbox.close(CloseCode.REPLACED, "another connection owns this edge now")
             return
+        deliveries, session.claim_cursor = got
+        now = datetime.now(UTC)
         for delivery in deliveries:
-            if not session.outbox.put(delivery.frame().decode()):
+            if not session.outbox.put(delivery.frame(now).decode()):
                 break
+            session.unacked.add(delivery.command_id)
             metrics.DELIVERIES.inc()
             if tracing.enabled():
                 tracing.record(
@@ -209,8 +232,21 @@ class Hub:
                     start_ns=time.time_ns(),
                     delivery=delivery.delivery,
                 )
-        if len(deliveries) >= self.ledger.config.delivery_batch:
+        session.more = len(deliveries) >= count or session.claim_cursor != ""
+        if session.more and len(session.unacked) < self.edge_inflight:
             self.want_delivery(session.edge_id)  # more waiting beyond this batch
+
+    def drained(self, session: EdgeSession) -> None:
+        """The edge's socket wrote everything queued: what waits in Redis may follow."""
+        if session.more:
+            self.want_delivery(session.edge_id)
+
+    def settled(self, session: EdgeSession, command_id: str) -> None:
+        """The edge accepted (or finished) a command: its place in flight is free."""
+        if command_id in session.unacked:
+            session.unacked.discard(command_id)
+            if session.more:
+                self.want_delivery(session.edge_id)
 
     # -- the ledger tail ---------------------------------------------------------------------
     async def _follow(self, tail: StreamTail) -> None:
@@ -231,14 +267,26 @@ class Hub:
             self.want_delivery(event.edge_id)
         if isinstance(event, Rejected) and event.stage == "gateway":
             return  # answered to the submitter directly
-        metrics.EVENTS.labels(status_of(event).value).inc()
-        self.broadcast(event.edge_id, _encode(status_update(event)).decode())
+        status = status_of(event)
+        if status not in _IN_FLIGHT and (edge := self.edges.get(event.edge_id)) is not None:
+            self.settled(edge, event.command_id)  # e.g. timed out: free its place
+        metrics.EVENTS.labels(status.value).inc()
+        frame = _encode(status_update(event)).decode()
+        viewers = self.broadcast(event.edge_id, frame)
+        for dash in self.follows.of(event.command_id):
+            if dash not in viewers:  # a viewer already has it: one frame per session
+                dash.outbox.put(frame)
+        if status in lifecycle.TERMINAL:
+            self.follows.settled(event.command_id)
 
-    def broadcast(self, edge_id: str, frame: str) -> None:
-        for dash in self._viewers(edge_id):
+    def broadcast(self, edge_id: str, frame: str) -> AbstractSet[DashboardSession]:
+        """Send `frame` to the edge's viewers; returns them."""
+        viewers = self._viewers(edge_id)
+        for dash in viewers:
             dash.outbox.put(frame)
+        return viewers
 
-    def _viewers(self, edge_id: str) -> Iterable[DashboardSession]:
+    def _viewers(self, edge_id: str) -> AbstractSet[DashboardSession]:
         watchers = self._watchers.get(edge_id)
         if not watchers:
             return self._watch_all

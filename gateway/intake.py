@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -20,6 +22,7 @@ from gateway.auth import User
 from gateway.grants import CAN_CONTROL, GrantCache
 from gateway.ratelimit import ALLOWED, RateLimiter, Verdict
 from gateway.revocations import Revocations
+from ledger.errors import LedgerUnavailable
 from ledger.ids import new_event_id
 from ledger.keys import SAFE_ID
 from ledger.ordering import Turn
@@ -29,6 +32,7 @@ from schemas.errors import ErrorCode, ErrorObject, error
 from schemas.events import Rejected
 from schemas.messages import StatusUpdate, iso_ms
 
+log = logging.getLogger("gateway.intake")
 COMMAND_DECODER = msgspec.json.Decoder(Command)
 EXCERPT_CHARS = 512
 
@@ -54,6 +58,8 @@ HTTP_STATUS = {
     ErrorCode.EXPIRED: 422,
     ErrorCode.CLOCK_SKEW: 422,
     ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.INTERNAL: 500,
 }
 
 
@@ -103,6 +109,7 @@ class Intake:
         clock_skew_s: int,
         limiter: RateLimiter | None = None,
         revocations: Revocations | None = None,
+        ledger_wait_s: float = 2.0,
     ) -> None:
         self.ledger = ledger
         self.grants = grants
@@ -113,6 +120,7 @@ class Intake:
         self._enrolled: set[str] = set()
         self.limiter = limiter
         self.revocations = revocations
+        self.ledger_wait_s = ledger_wait_s
 
     async def _charge(self, user: User, edge_id: str | None) -> Verdict:
         if self.limiter is None:
@@ -138,7 +146,54 @@ class Intake:
             return error(ErrorCode.MALFORMED_JSON, f"not valid JSON: {exc}")
 
     async def submit(
-        self, raw: bytes, user: User, *, binary: bool = False, turn: Turn | None = None
+        self,
+        raw: bytes,
+        user: User,
+        *,
+        binary: bool = False,
+        turn: Turn | None = None,
+        follow: Callable[[str], None] | None = None,
+    ) -> Outcome:
+        """Admit one command from `user`, or reject it naming the cause; never raises.
+
+        `follow(command_id)` is called just before the admission is written, so the
+        caller hears every status of the command. A ledger that does not answer within
+        `ledger_wait_s` (or fails) gives `rejected` with `unavailable` (or `internal`).
+        """
+        try:
+            async with asyncio.timeout(self.ledger_wait_s):
+                return await self._submit(raw, user, binary=binary, turn=turn, follow=follow)
+        except Exception as exc:  # TimeoutError, LedgerUnavailable, anything: still answer
+            return self.unanswered(raw, user.actor, exc)
+
+    def unanswered(self, raw: bytes, actor: str, exc: BaseException) -> Outcome:
+        """The answer to a frame whose handling failed; logged (Redis may be down)."""
+        command_id, edge_id = probe(raw) if len(raw) <= self.max_message_bytes else (None, None)
+        err = failure(exc, self.ledger_wait_s)
+        level = logging.WARNING if err.code == ErrorCode.UNAVAILABLE else logging.ERROR
+        log.log(
+            level,
+            "gateway.frame.unanswerable actor=%s command_id=%s code=%s error=%r",
+            actor,
+            command_id,
+            err.code,
+            exc,
+            exc_info=err.code == ErrorCode.INTERNAL,
+        )
+        metrics.REJECTIONS.labels(err.code).inc()
+        reply = StatusUpdate(
+            command_id=command_id, status="rejected", at=now_iso(), edge_id=edge_id, error=err
+        )
+        return Outcome(reply, HTTP_STATUS[ErrorCode(err.code)])
+
+    async def _submit(
+        self,
+        raw: bytes,
+        user: User,
+        *,
+        binary: bool,
+        turn: Turn | None,
+        follow: Callable[[str], None] | None,
     ) -> Outcome:
         """Admit one command from `user`, or reject it naming the cause.
 
@@ -175,6 +230,8 @@ class Intake:
         if problem is not None:
             return await self.reject(raw, user.actor, problem, cmd=cmd)
         assert grant is not None
+        if follow is not None:
+            follow(cmd.command_id)
         with tracing.span("dispatch.admit", cmd.traceparent, command_id=cmd.command_id) as tp:
             cmd = msgspec.structs.replace(cmd, traceparent=tp) if tp else cmd
             result = await self.ledger.submit(
@@ -258,12 +315,38 @@ class Intake:
             input_digest=hashlib.sha256(raw).hexdigest(),
             input_excerpt=raw[:EXCERPT_CHARS].decode("utf-8", "replace"),
         )
-        await self.ledger.record_rejection(event)
+        try:
+            async with asyncio.timeout(self.ledger_wait_s):
+                await self.ledger.record_rejection(event)
+        except Exception as exc:  # the answer still goes out; the log keeps the trace
+            log.warning(
+                "gateway.rejection.unrecorded actor=%s command_id=%s code=%s error=%r",
+                actor,
+                command_id,
+                err.code,
+                exc,
+            )
         metrics.REJECTIONS.labels(err.code).inc()
         reply = StatusUpdate(
             command_id=command_id, status="rejected", at=now_iso(), edge_id=edge_id, error=err
         )
         return Outcome(reply, HTTP_STATUS.get(ErrorCode(err.code), 400))
+
+
+def failure(exc: BaseException, wait_s: float) -> ErrorObject:
+    """The error object for a frame that could not be handled."""
+    if isinstance(exc, TimeoutError | LedgerUnavailable):
+        return error(
+            ErrorCode.UNAVAILABLE,
+            f"the ledger (Redis) did not answer within {wait_s:g} s; nothing was admitted "
+            "unless a later status says so: resend the same frame (the same command_id "
+            "is safe to resend) once it is back",
+        )
+    return error(
+        ErrorCode.INTERNAL,
+        f"the gateway failed to handle this frame ({type(exc).__name__}); it is logged. "
+        "Resend it; if it fails again, report it",
+    )
 
 
 def _limited(verdict: Verdict) -> ErrorObject | None:

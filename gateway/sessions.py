@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -45,6 +45,14 @@ class Outbox:
         self.closed = asyncio.Event()  # set as soon as the session is asked to close
         self.overflowed = False
         self._writer: asyncio.Task[None] | None = None
+        self._sending = False
+        # Called when everything queued has been written to the socket (flow control).
+        self.on_drained: Callable[[], None] | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing being written: the socket drains what it is given."""
+        return not self._sending and self._queue.empty()
 
     def start(self) -> None:
         self._writer = asyncio.create_task(self.run(), name="outbox-writer")
@@ -113,7 +121,11 @@ class Outbox:
                 frame = await self._queue.get()
                 if frame is None:
                     break
-                await self.ws.send_text(frame)
+                self._sending = True
+                await self.ws.send_text(frame)  # waits while the socket cannot drain
+                self._sending = False
+                if self.on_drained is not None and self._queue.empty():
+                    self.on_drained()
         except Exception as exc:  # the peer went away; the reader notices too
             log.debug("gateway.outbox.send_failed error=%s", exc)
         if self.closing and self.ws.application_state == WebSocketState.CONNECTED:
@@ -144,6 +156,8 @@ class DashboardSession:
     session_id: str = field(default_factory=_session_id)
     views_all: bool = False
     views: frozenset[str] = frozenset()
+    # Commands this session sent or subscribed to, oldest first (see gateway/follows.py).
+    following: dict[str, None] = field(default_factory=dict)
 
     def may_view(self, edge_id: str) -> bool:
         return self.views_all or edge_id in self.views
@@ -156,6 +170,12 @@ class EdgeSession:
     owner: str  # "gateway_id|session_id": the presence value in Redis
     outbox: Outbox
     ready: bool = False  # set once the reconnect backlog has been handed over
+    # Flow control (gateway/hub.py): commands sent and not yet accepted by the edge.
+    unacked: set[str] = field(default_factory=set)
+    # Where reclaiming an earlier session's unacknowledged entries goes on ('' = done).
+    claim_cursor: str = "0-0"
+    more: bool = False  # the last delivery stopped at the in-flight bound
+    acknowledges: bool = False  # it acknowledged something: acks pace its deliveries
 
     @property
     def edge_id(self) -> str:

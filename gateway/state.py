@@ -64,7 +64,15 @@ class GatewayState:
         revocations = Revocations(redis, ledger.keys)
         async with translated("loading revoked tokens", settings.redis_url):
             await revocations.poll()
-        hub = Hub(ledger, grants, tail_redis, gateway_id, revocations=revocations)
+        hub = Hub(
+            ledger,
+            grants,
+            tail_redis,
+            gateway_id,
+            revocations=revocations,
+            follow_limit=settings.follow_limit,
+            edge_inflight=settings.edge_inflight,
+        )
         await hub.start()
         limiter = RateLimiter(ledger.batcher, ledger.keys, rate_limits(settings))
         intake = Intake(
@@ -75,6 +83,7 @@ class GatewayState:
             clock_skew_s=settings.clock_skew_s,
             limiter=limiter,
             revocations=revocations,
+            ledger_wait_s=settings.ledger_wait_s,
         )
         pg = AsyncConnectionPool(
             settings.database_url,
@@ -119,7 +128,9 @@ class GatewayState:
         log.info("gateway.stopped gateway_id=%s", self.gateway_id)
 
     async def check_not_revoked(self, jti: str) -> None:
-        await self.revocations.check(jti)
+        """AuthError if revoked; LedgerUnavailable when Redis cannot say (fail closed)."""
+        async with translated("checking token revocations", self.settings.redis_url):
+            await self.revocations.check(jti)
 
     async def authenticate_user(self, conn: HTTPConnection, token: str | None) -> User:
         """The user behind `token`, or AuthError (the refusal is in the audit stream)."""

@@ -114,7 +114,11 @@ class Batcher:
             del lane.pending[: self._max_batch]
             if not lane.pending:
                 lane.wakeup.clear()
-            await self._flush(batch)
+            # A caller that stopped waiting (its frame was answered `unavailable` after
+            # the wait) must not have its call run later behind its back: drop it.
+            batch = [item for item in batch if not item[1].done()]
+            if batch:
+                await self._flush(batch)
 
     async def _flush(self, batch: list[tuple[Call, asyncio.Future[Any]]]) -> None:
         try:

@@ -89,6 +89,11 @@ class Keys:
         """SET of the partition's edges that have a delivery stream (for retention)."""
         return f"{self.tag(partition)}:streams"
 
+    def request(self, partition: int, request_id: str) -> str:
+        """STRING: a script's reply kept ~30 s, so a pipeline rerun after a lost reply
+        returns it instead of running the script twice (ledger/lua/common.lua)."""
+        return f"{self.tag(partition)}:req:{check_id(request_id)}"
+
     def projector_lease(self, partition: int) -> str:
         """STRING: the projector process holding this partition (expires unless renewed)."""
         return f"{self.tag(partition)}:projector-lease"

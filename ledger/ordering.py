@@ -38,9 +38,14 @@ class Turn:
 
 
 class InOrder:
-    """Runs each frame's handler as a task; at most `limit` frames in flight."""
+    """Runs each frame's handler as a task; at most `limit` frames in flight.
 
-    def __init__(self, limit: int = 64) -> None:
+    Handlers answer their frame themselves, failures included. Should one raise
+    anyway, `on_failure` answers for it: a frame is never dropped in silence.
+    """
+
+    def __init__(self, on_failure: Callable[[Exception], None], limit: int = 64) -> None:
+        self._on_failure = on_failure
         self._limit = limit
         self._tasks: collections.deque[asyncio.Task[None]] = collections.deque()
         self._last: asyncio.Future[None] | None = None
@@ -60,8 +65,9 @@ class InOrder:
             await handler(turn)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             log.exception("ledger.ordering.handler_failed")
+            self._on_failure(exc)
         finally:
             turn.passed()
 

@@ -87,18 +87,41 @@ class TransitionResult:
         return not self.applied and self.previous == ""
 
 
+class _Lifetime(msgspec.Struct):
+    expires_at: datetime
+
+
+_LIFETIME_DECODER = msgspec.json.Decoder(_Lifetime)
+# How every stored body ends (EdgeCommand's last fields, as `submit` encodes them): the
+# send-time fields are spliced in there instead of decoding and re-encoding the body.
+_STORED_TAIL = b',"delivery":1,"sent_at":null,"remaining_ms":null}'
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     command_id: str
     delivery: int
     body: bytes  # EdgeCommand JSON as stored
 
-    def frame(self) -> bytes:
-        """The gateway -> edge message: the stored body with its delivery count."""
-        if self.delivery == 1:
-            return self.body  # stored with delivery 1
-        command = EDGE_COMMAND_DECODER.decode(self.body)
-        return _encode(msgspec.structs.replace(command, delivery=self.delivery))
+    def frame(self, now: datetime | None = None) -> bytes:
+        """The gateway -> edge message: the stored body with its delivery count and the
+        gateway's clock at send (`sent_at`, `remaining_ms` of the command's lifetime)."""
+        now = now or datetime.now(UTC)
+        expires_at = _LIFETIME_DECODER.decode(self.body).expires_at
+        remaining_ms = max(0, int((expires_at - now).total_seconds() * 1000))
+        if self.body.endswith(_STORED_TAIL):
+            tail = b',"delivery":%d,"sent_at":%s,"remaining_ms":%d}' % (
+                self.delivery,
+                _encode(now),
+                remaining_ms,
+            )
+            return self.body[: -len(_STORED_TAIL)] + tail
+        command = EDGE_COMMAND_DECODER.decode(self.body)  # stored by another version
+        return _encode(
+            msgspec.structs.replace(
+                command, delivery=self.delivery, sent_at=now, remaining_ms=remaining_ms
+            )
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,8 +360,32 @@ class Ledger:
         """
         out: list[Delivery] = []
         cursor = "0-0" if claim else ""
+        while True:
+            got = await self.deliver_some(
+                edge_id, owner, cursor=cursor, count=self.config.delivery_batch
+            )
+            if got is None:
+                return None
+            out.extend(got[0])
+            cursor = got[1]
+            if cursor == "":
+                return out
+
+    async def deliver_some(
+        self, edge_id: str, owner: str, *, cursor: str, count: int
+    ) -> tuple[list[Delivery], str] | None:
+        """At most about `count` deliverable commands, and the claim cursor to go on from.
+
+        `cursor` is where reclaiming an earlier session's unacknowledged entries goes on
+        ("0-0" to start, "" when nothing is left to reclaim; reclaiming also coalesces
+        the backlog's setpoints). None if `owner` no longer holds the edge.
+        """
+        out: list[Delivery] = []
         for _ in range(self._MAX_DELIVERY_ROUNDS):
-            reply = await self._deliver_round(edge_id, owner, cursor, coalesce=claim)
+            claiming = cursor != ""
+            reply = await self._deliver_round(
+                edge_id, owner, cursor, coalesce=claiming, count=max(1, count - len(out))
+            )
             if _text(reply[0]) != "ok":
                 return None
             next_cursor, fresh_full, lost = _text(reply[1]), _text(reply[2]), _text(reply[3])
@@ -348,15 +395,16 @@ class Ledger:
                 Delivery(_text(reply[i]), int(reply[i + 1]), bytes(reply[i + 2]))
                 for i in range(4, len(reply), 3)
             )
-            claiming = claim and next_cursor != "0-0"
-            cursor = next_cursor if claiming else ""
-            if not claiming and (fresh_full != "1" or len(out) >= self.config.delivery_batch):
+            cursor = next_cursor if claiming and next_cursor != "0-0" else ""
+            if len(out) >= count or (cursor == "" and fresh_full != "1"):
                 break
-        return out
+        return out, cursor
 
     _MAX_DELIVERY_ROUNDS = 1000
 
-    def _deliver_round(self, edge_id: str, owner: str, cursor: str, *, coalesce: bool) -> Any:
+    def _deliver_round(
+        self, edge_id: str, owner: str, cursor: str, *, coalesce: bool, count: int
+    ) -> Any:
         k = self.keys
         p = k.partition(edge_id)
         return self._script(
@@ -369,12 +417,13 @@ class Ledger:
                 k.expiries(p),
                 k.inflight(p),
                 k.latest(edge_id),
+                k.request(p, new_event_id()),
             ],
             [
                 edge_id,
                 owner,
                 cursor,
-                self.config.delivery_batch,
+                count,
                 self.config.ack_timeout_ms,
                 k.command_prefix(p),
                 new_event_id(),
@@ -410,6 +459,7 @@ class Ledger:
                 k.deadlines(p),
                 k.expiries(p),
                 k.inflight(p),
+                k.request(p, new_event_id()),
             ],
             [
                 to.value,

@@ -8,6 +8,8 @@ from typing import Any
 
 from ledger.connection import AnyRedis
 from ledger.store import EVENT_DECODER
+from projections import quarantine
+from projections.quarantine import Quarantined
 from projections.writer import Entry, Gap
 
 log = logging.getLogger("projections.logs")
@@ -17,26 +19,28 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def decode(stream: str, rows: Iterable[Any]) -> tuple[list[Entry], list[str]]:
-    """Decoded entries and the ids of every row (undecodable ones are logged, not lost)."""
+def decode(stream: str, rows: Iterable[Any]) -> tuple[list[Entry], list[str], list[Quarantined]]:
+    """Decoded entries, the ids of every row, and the entries to quarantine (undecodable)."""
     entries: list[Entry] = []
     ids: list[str] = []
+    bad: list[Quarantined] = []
     for entry_id_raw, fields in rows:
         entry_id = _text(entry_id_raw)
         ids.append(entry_id)
-        raw = fields.get(b"e") if fields else None
-        if raw is None:
+        if not fields:
             continue  # deleted while pending (trimmed): nothing left to project
+        raw = fields.get(b"e")
+        if raw is None:
+            bad.append(quarantine.undecodable(stream, entry_id, fields, "no `e` field"))
+            continue
         try:
             raw.decode()  # stored as text: must be UTF-8
             event = EVENT_DECODER.decode(raw)
         except Exception as exc:
-            log.error(
-                "projector.entry.undecodable stream=%s entry=%s error=%s", stream, entry_id, exc
-            )
+            bad.append(quarantine.undecodable(stream, entry_id, fields, exc))
             continue
         entries.append(Entry(stream, entry_id, event, bytes(raw)))
-    return entries, ids
+    return entries, ids, bad
 
 
 class LogReader:
@@ -52,18 +56,20 @@ class LogReader:
         end = upto if before == "+" else f"({before}"
         entries: list[Entry] = []
         examined: list[str] = []
+        bad: list[Quarantined] = []
         reached = after
         while len(examined) < self.gap_limit:
             rows: Any = await self.redis.xrange(
                 stream, f"({reached}", end, count=min(self.batch, self.gap_limit - len(examined))
             )
             if not rows:
-                return Gap(entries, True, reached, examined)
-            got, ids = decode(stream, rows)
+                return Gap(entries, True, reached, examined, bad)
+            got, ids, undecodable = decode(stream, rows)
             entries.extend(got)
             examined.extend(ids)
+            bad.extend(undecodable)
             reached = ids[-1]
-        return Gap(entries, False, reached, examined)
+        return Gap(entries, False, reached, examined, bad)
 
     async def last_id(self, stream: str) -> str | None:
         rows: Any = await self.redis.xrevrange(stream, "+", "-", count=1)

@@ -23,7 +23,9 @@ from psycopg.rows import dict_row
 
 from ledger.keys import SAFE_ID
 from projections.schema import REFUSALS_CHAIN
+from projections.text import pg_text
 from schemas.commands import CommandType
+from schemas.errors import ErrorObject
 from schemas.events import Status
 
 MAX_LIMIT = 1000
@@ -284,7 +286,7 @@ def _filters(
     for column, value in equal:
         if value is not None:
             where.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
-            args.append(value)
+            args.append(pg_text(value))  # stored text is escaped the same way
     t = sql.Identifier(time_column)
     if since is not None:
         where.append(sql.SQL("{} >= %s").format(t))
@@ -297,7 +299,7 @@ def _filters(
         args.append(sorted(visible))
     if cursor is not None:
         where.append(sql.SQL("({}, {}) < (%s, %s)").format(t, sql.Identifier(key_column)))
-        args.extend([cursor.at, cursor.key])
+        args.extend([cursor.at, pg_text(cursor.key)])
     return where, args
 
 
@@ -360,14 +362,14 @@ async def show_command(
         sql.SQL("SELECT {cols} FROM {s}.commands WHERE command_id = %s").format(
             cols=sql.SQL(", ").join(map(sql.Identifier, COLUMNS)), s=s
         ),
-        [command_id],
+        [pg_text(command_id)],
     )
     events = await _fetch(
         conn,
         sql.SQL(
             "SELECT {cols} FROM {s}.events WHERE command_id = %s AND chain <> %s ORDER BY seq"
         ).format(cols=sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS)), s=s),
-        [command_id, REFUSALS_CHAIN],
+        [pg_text(command_id), REFUSALS_CHAIN],
     )
     return (view(rows[0]) if rows else None), [view(e) for e in events]
 
@@ -393,14 +395,36 @@ async def list_refusals(
         args=[REFUSALS_CHAIN],
     )
     limit = query.limit or DEFAULT_LIMIT
+    # The payload's details are read here, not with `::jsonb`: jsonb refuses `\u0000`.
     statement = sql.SQL(
-        "SELECT event_id, at, edge_id, command_id, actor, error_code,"
-        " payload::jsonb -> 'error' ->> 'message' AS error_message,"
-        " payload::jsonb ->> 'input_digest' AS input_digest,"
-        " payload::jsonb ->> 'input_excerpt' AS input_excerpt"
+        "SELECT event_id, at, edge_id, command_id, actor, error_code, payload"
         " FROM {s}.events {where} ORDER BY at DESC, event_id DESC LIMIT %s"
     ).format(s=sql.Identifier(schema), where=_where(where))
-    return _page(await _fetch(conn, statement, [*args, limit + 1]), limit, "at", "event_id")
+    rows = await _fetch(conn, statement, [*args, limit + 1])
+    return _page([_refusal(r) for r in rows], limit, "at", "event_id")
+
+
+class _RefusalDetail(msgspec.Struct):
+    error: ErrorObject | None = None
+    input_digest: str | None = None
+    input_excerpt: str | None = None
+
+
+_REFUSAL_DETAIL = msgspec.json.Decoder(_RefusalDetail)
+
+
+def _refusal(row: dict[str, Any]) -> dict[str, Any]:
+    """A refusal row with its message, digest and excerpt from the payload (escaped)."""
+    payload = row.pop("payload")
+    try:
+        detail = _REFUSAL_DETAIL.decode(payload)
+    except msgspec.MsgspecError:
+        detail = _RefusalDetail()  # verify reports a payload that is not an event
+    message = detail.error.message if detail.error is not None else None
+    row["error_message"] = None if message is None else pg_text(message)
+    row["input_digest"] = None if detail.input_digest is None else pg_text(detail.input_digest)
+    row["input_excerpt"] = None if detail.input_excerpt is None else pg_text(detail.input_excerpt)
+    return row
 
 
 async def export_refusals(
@@ -449,14 +473,27 @@ def view(row: Mapping[str, Any]) -> dict[str, Any]:
 _encode = msgspec.json.Encoder().encode
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP: CSV
+# injection); such text gets a leading single quote. Numbers are left as they are.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """One CSV cell: None empty, JSON for objects, text escaped and formula-safe."""
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        value = _encode(value).decode()
+    if isinstance(value, str):
+        value = pg_text(value)  # NUL and lone surrogates, as stored
+        if value.startswith(FORMULA_STARTS):
+            return "'" + value
+    return value
+
+
 def csv_line(values: list[Any]) -> str:
     out = io.StringIO()
-    csv.writer(out, lineterminator="\r\n").writerow(
-        [
-            "" if v is None else _encode(v).decode() if isinstance(v, dict | list) else v
-            for v in values
-        ]
-    )
+    csv.writer(out, lineterminator="\r\n").writerow([csv_cell(v) for v in values])
     return out.getvalue()
 
 

@@ -312,6 +312,20 @@ MIGRATIONS: list[list[str]] = [
     ],
 ]
 
+# Log entries the projector could not decode or store (projections/quarantine.py); the
+# same table in native and TimescaleDB mode. The writer role may INSERT (see _grant).
+QUARANTINE_TABLE = (
+    "CREATE TABLE {s}.quarantine ("
+    " stream text NOT NULL,"
+    " entry_id text NOT NULL,"
+    " raw bytea NOT NULL,"
+    " kind text NOT NULL,"
+    " reason text NOT NULL,"
+    " quarantined_at timestamptz NOT NULL DEFAULT now(),"
+    " PRIMARY KEY (stream, entry_id))"
+)
+MIGRATIONS.append([QUARANTINE_TABLE])
+
 
 def _q(statement: str, schema: str) -> sql.Composed:
     return sql.SQL(statement).format(s=sql.Identifier(schema))
@@ -659,6 +673,8 @@ async def _grant(conn: AsyncConnection, schema: str, roles: Roles) -> None:
             s, s, s, writer
         ),
     ]
+    if await _has_table(conn, schema, "quarantine"):
+        statements.append(sql.SQL("GRANT INSERT ON {}.quarantine TO {}").format(s, writer))
     for function in ("refuse_change()", *DEFINERS):
         exists = await conn.execute(
             "SELECT to_regprocedure(%s) IS NOT NULL", (f"{schema}.{function}",)
@@ -672,6 +688,12 @@ async def _grant(conn: AsyncConnection, schema: str, roles: Roles) -> None:
             statements.append(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(name, writer))
     for statement in statements:
         await conn.execute(statement)
+
+
+async def _has_table(conn: AsyncConnection, schema: str, table: str) -> bool:
+    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}".{table}',))
+    row = await cur.fetchone()
+    return bool(row and row[0])
 
 
 async def bind_functions(conn: AsyncConnection, schema: str) -> None:

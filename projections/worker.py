@@ -5,9 +5,11 @@ For every partition it holds a lease on, it reads the lifecycle log with the
 one PostgreSQL transaction from the stored position on, then acknowledges it. The audit
 stream (refused inputs) is projected by whichever process holds partition 0, which also
 runs the audit tables' retention sweep. Verdicts (`timed_out`, `expired`) are reached
-for every partition by atomic ledger scripts (projections/verdicts.py), so each command
+for every partition by atomic ledger scripts (ledger/verdicts.py; every gateway runs them too), so each command
 gets exactly one; they need Redis only and go on while PostgreSQL is away. The Redis
 streams are trimmed below what is stored (projections/retention.py) for held partitions.
+No entry can stop it: one it cannot decode or store is quarantined (projections/
+quarantine.py, projections/isolation.py) and it goes on with the next.
 
 It connects twice: once as the admin (DISPATCH_DATABASE_URL) to apply migrations, then
 as the writer role for everything else: DISPATCH_PROJECTOR_DATABASE_URL when set,
@@ -34,13 +36,13 @@ from ledger.connection import is_cluster
 from ledger.keys import PROJECTOR_GROUP
 from ledger.retention import RetentionConfig
 from ledger.store import Ledger
-from projections import schema
+from ledger.verdicts import VerdictConfig, VerdictLoop
+from projections import isolation, quarantine, schema
 from projections.leases import Leases
 from projections.logs import LogReader, decode
 from projections.retention import RetentionLoop
 from projections.schema import Roles
-from projections.verdicts import VerdictConfig, VerdictLoop
-from projections.writer import Gap, Writer
+from projections.writer import Gap, Writer, entry_key
 
 log = logging.getLogger("projections.worker")
 
@@ -58,6 +60,7 @@ class ProjectorConfig:
     retention_days: int = schema.DEFAULT_RETENTION_DAYS
     retention_interval_s: float = 3600.0
     partition_days_ahead: int = 3
+    metrics_port: int = 0  # serve the quarantine counter at 127.0.0.1:PORT/metrics (0: off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +160,11 @@ class Projector:
     async def run(self) -> None:
         """Project and reach verdicts until cancelled. The verdicts never wait for
         PostgreSQL: while it is unreachable the audit side retries with backoff."""
+        if self.config.metrics_port:
+            try:
+                quarantine.serve_metrics(self.config.metrics_port)
+            except OSError as exc:
+                log.error("projector.metrics.unavailable error=%s", exc)
         try:
             await asyncio.gather(
                 self.verdicts.run(), self._audit(), self._rebalance(), self.retention.run()
@@ -196,6 +204,10 @@ class Projector:
                 )
             except schema.SchemaError as exc:
                 log.error("projector.migration.failed error=%s retry_in_s=%.1f", exc, delay_s)
+            except Exception as exc:  # whatever it is, the verdicts and the process go on
+                log.exception(
+                    "projector.audit.failed error=%s retry_in_s=%.1f", _first_line(exc), delay_s
+                )
             finally:
                 if conn is not None:
                     with contextlib.suppress(Exception):
@@ -312,8 +324,15 @@ class Projector:
         while True:
             fetched: list[str] = []
             before = self.progress.positions.get(stream)
-            applied = await writer.catch_up(
-                stream, self._fetcher(reader, fetched), refusals=self._is_refusals(stream)
+            fetch = self._fetcher(reader, fetched)
+            refusals = self._is_refusals(stream)
+            applied = await isolation.guarded(
+                writer,
+                reader,
+                stream,
+                writer.catch_up(stream, fetch, refusals=refusals),
+                upto="+",
+                refusals=refusals,
             )
             await self._settle(redis, stream, fetched, applied.new, applied.position)
             if not fetched or applied.position == before:
@@ -330,10 +349,18 @@ class Projector:
     async def _store(
         self, writer: Writer, redis: Redis, reader: LogReader, stream: str, rows: list[Any]
     ) -> None:
-        batch, ids = decode(stream, rows)
+        batch, ids, bad = decode(stream, rows)
         fetched: list[str] = []
-        applied = await writer.apply(
-            stream, batch, self._fetcher(reader, fetched), refusals=self._is_refusals(stream)
+        step = writer.apply(
+            stream,
+            batch,
+            self._fetcher(reader, fetched),
+            refusals=self._is_refusals(stream),
+            bad=bad,
+        )
+        upto = max(ids, key=entry_key) if ids else "+"
+        applied = await isolation.guarded(
+            writer, reader, stream, step, upto=upto, refusals=self._is_refusals(stream)
         )
         await self._settle(redis, stream, [*fetched, *ids], applied.new, applied.position)
 

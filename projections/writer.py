@@ -30,8 +30,11 @@ from psycopg.errors import UniqueViolation
 
 from ledger import lifecycle
 from ledger.store import to_utc as _to_utc
+from projections import quarantine
 from projections import schema as schema_mod
+from projections.quarantine import Quarantined
 from projections.schema import GENESIS, REFUSALS_CHAIN
+from projections.text import pg_text, pg_value
 from schemas.events import EVENT_TYPES, AnyEvent, Event, Status
 
 log = logging.getLogger("projections.writer")
@@ -60,6 +63,7 @@ class Gap:
     complete: bool
     reached: str
     ids: list[str] = field(default_factory=list)  # every entry examined, decodable or not
+    bad: list[Quarantined] = field(default_factory=list)  # undecodable ones among them
 
 
 # Entries of `stream` strictly after `after` and strictly before `before` ('+': the end).
@@ -73,7 +77,7 @@ def entry_key(entry_id: str) -> tuple[int, int]:
 
 def chain_of(event: Event, refusals: bool) -> str:
     """An edge's events form one chain; gateway refusals (any or no edge) form another."""
-    return REFUSALS_CHAIN if refusals else event.edge_id
+    return REFUSALS_CHAIN if refusals else pg_text(event.edge_id)
 
 
 def link_hash(
@@ -89,6 +93,7 @@ class Applied:
     new: int  # events stored by this batch
     position: str  # the stream position now stored
     filled: int = 0  # entries fetched from the log to close a gap
+    quarantined: list[Quarantined] = field(default_factory=list)
 
 
 def _q(statement: str, schema: str) -> sql.Composed:
@@ -122,14 +127,33 @@ class Writer:
     days: set[date] = field(default_factory=set)
 
     async def apply(
-        self, stream: str, entries: Sequence[Entry], fetch: Fetch, *, refusals: bool = False
+        self,
+        stream: str,
+        entries: Sequence[Entry],
+        fetch: Fetch,
+        *,
+        refusals: bool = False,
+        bad: Sequence[Quarantined] = (),
     ) -> Applied:
-        """Project `entries` of `stream` (in any order) from the stored position on."""
-        return await self._apply(stream, entries, fetch, refusals)
+        """Project `entries` of `stream` (in any order) from the stored position on;
+        `bad` entries go to the quarantine table in the same transaction."""
+        applied = await self._apply(stream, entries, fetch, refusals, bad=bad)
+        quarantine.alarm(applied.quarantined)
+        return applied
 
     async def catch_up(self, stream: str, fetch: Fetch, *, refusals: bool = False) -> Applied:
         """Project what the log holds after the stored position (one bounded step)."""
-        return await self._apply(stream, (), fetch, refusals, to_end=True)
+        applied = await self._apply(stream, (), fetch, refusals, to_end=True)
+        quarantine.alarm(applied.quarantined)
+        return applied
+
+    async def position(self, stream: str) -> str:
+        """The stream's stored position (no lock)."""
+        cur = await self.conn.execute(
+            _q("SELECT entry_id FROM {s}.positions WHERE stream = %s", self.schema), (stream,)
+        )
+        row = await cur.fetchone()
+        return str(row[0]) if row else START
 
     async def _apply(
         self,
@@ -139,19 +163,29 @@ class Writer:
         refusals: bool,
         *,
         to_end: bool = False,
+        bad: Sequence[Quarantined] = (),
     ) -> Applied:
         conn, s = self.conn, self.schema
         await self._prepare()
         async with conn.transaction():
             done = await self._lock_position(stream)
+            after = entry_key(done)
             fresh = sorted(
-                (e for e in entries if entry_key(e.entry_id) > entry_key(done)),
+                (e for e in entries if entry_key(e.entry_id) > after),
                 key=lambda e: entry_key(e.entry_id),
             )
-            if not fresh and not to_end:
+            held = sorted(
+                (q for q in bad if entry_key(q.entry_id) > after),
+                key=lambda q: entry_key(q.entry_id),
+            )
+            # Both are sorted: their first and last entries bound the batch.
+            ends = [x.entry_id for x in (*fresh[:1], *fresh[-1:])]
+            ends += [q.entry_id for q in (*held[:1], *held[-1:])]
+            if not ends and not to_end:
                 return Applied(0, done)
-            gap = await fetch(stream, done, fresh[0].entry_id if fresh else "+")
-            if gap.reached == done and not fresh:
+            first = min(ends, key=entry_key) if ends else "+"
+            gap = await fetch(stream, done, first)
+            if gap.reached == done and not ends:
                 return Applied(0, done)
             if gap.entries and fresh:
                 log.info(
@@ -161,9 +195,11 @@ class Writer:
                     len(gap.entries),
                 )
             # A long gap is applied on its own; the rest follows in the next batch.
-            whole = gap.complete and bool(fresh)
-            last = fresh[-1].entry_id if whole else gap.reached
+            whole = gap.complete and bool(ends)
+            last = max(ends, key=entry_key) if whole else gap.reached
             batch = _unique([*gap.entries, *fresh] if whole else gap.entries)
+            quarantined = [*gap.bad, *held] if whole else gap.bad
+            await quarantine.store(conn, s, quarantined)
             days = await self._ensure_days(batch)
             stored = await self._store_events(stream, batch, refusals)
             if not refusals:
@@ -176,7 +212,7 @@ class Writer:
                 (last, stream),
             )
         self.days |= days  # only once the partitions are committed
-        return Applied(len(stored), last, len(gap.entries))
+        return Applied(len(stored), last, len(gap.entries), quarantined)
 
     async def _lock_position(self, stream: str) -> str:
         """The stream's stored position, row-locked: one writer per stream at a time."""
@@ -271,7 +307,7 @@ class Writer:
 
     async def _fold_commands(self, batch: Sequence[Entry]) -> None:
         conn, s = self.conn, self.schema
-        ids = sorted({e.event.command_id for e in batch if e.event.command_id})
+        ids = sorted({pg_text(e.event.command_id) for e in batch if e.event.command_id})
         if not ids:
             return
         cur = await conn.execute(
@@ -294,10 +330,11 @@ class Writer:
             ev = e.event
             if not ev.command_id:
                 continue
-            state = states.get(ev.command_id) or lifecycle.CommandState(
+            key = pg_text(ev.command_id)  # the stored (escaped) id
+            state = states.get(key) or lifecycle.CommandState(
                 command_id=ev.command_id, edge_id=ev.edge_id
             )
-            states[ev.command_id] = lifecycle.fold(state, ev)
+            states[key] = lifecycle.fold(state, ev)
         async with conn.cursor().copy(
             "COPY incoming_commands (" + COMMAND_FIELDS + ") FROM STDIN"
         ) as copy:
@@ -340,7 +377,7 @@ def _event_row(e: Entry, refusals: bool, links: dict[str, tuple[int, str]]) -> t
     digest = link_hash(prev, chain, seq, stream=e.stream, entry_id=e.entry_id, payload=e.raw)
     links[chain] = (seq, digest)
     err = getattr(ev, "error", None)
-    return (
+    row = (
         ev.event_id,
         to_utc(ev.at),
         chain,
@@ -352,10 +389,16 @@ def _event_row(e: Entry, refusals: bool, links: dict[str, tuple[int, str]]) -> t
         err.code if err is not None else None,
         e.stream,
         e.entry_id,
-        e.raw.decode(),
+        e.raw.decode(),  # valid JSON holds no NUL byte: its escapes stay as they are
         prev,
         digest,
     )
+    # Only an event whose JSON escapes a NUL can hold one in a derived column.
+    return _storable(row) if b"\\u0000" in e.raw else row
+
+
+def _storable(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(pg_text(v) if isinstance(v, str) else v for v in row)
 
 
 def _ts(state: lifecycle.CommandState, status: Status | None) -> Any:
@@ -373,13 +416,15 @@ def command_row(state: lifecycle.CommandState) -> tuple[Any, ...]:
     outcome = state.firsts.get(status) if status is not None else None
     # Without its `issued` event (a log trimmed before a rebuild) the earliest event stands in.
     issued_ms = state.at(Status.ISSUED) or min(e.at for e in state.firsts.values())
-    return (
+    value = _encode(cmd.value).decode() if cmd else None
+    folded = _encode({k.value: v for k, v in sorted(state.firsts.items())}).decode()
+    row = (
         state.command_id,
         state.edge_id,
         cmd.command_type.value if cmd else None,
         cmd.target.device_id if cmd else None,
         cmd.target.channel if cmd else None,
-        _encode(cmd.value).decode() if cmd else None,
+        value,
         cmd.unit if cmd else None,
         cmd.priority if cmd else None,
         cmd.duration_sec if cmd else None,
@@ -400,5 +445,16 @@ def command_row(state: lifecycle.CommandState) -> tuple[Any, ...]:
         _ts(state, final),
         getattr(outcome, "executed_at", None),
         cmd.expires_at if cmd else None,
-        _encode({k.value: v for k, v in sorted(state.firsts.items())}).decode(),
+        folded,
     )
+    # Every text of the command is in its folded state: one search finds an escaped NUL.
+    if "\\u0000" not in folded:
+        return row
+    row = _storable(row)
+    return (*row[:5], _pg_json(value), *row[6:-1], _pg_json(folded))
+
+
+def _pg_json(text: str | None) -> str | None:
+    """JSON whose strings hold NUL, with those escaped as in text columns (jsonb refuses
+    `\\u0000`)."""
+    return None if text is None else _encode(pg_value(msgspec.json.decode(text))).decode()

@@ -32,7 +32,7 @@ class CommandControl(Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     command_id: CommandId
 
 
-class EdgeNotice(Struct, frozen=True, kw_only=True):
+class EdgeNotice(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Gateway -> edge: what became of an acknowledgment.
 
     `ack_recorded`: the ack is in the ledger, the edge may forget it.
@@ -41,7 +41,9 @@ class EdgeNotice(Struct, frozen=True, kw_only=True):
     the edge keeps it and resends it until it is recorded or refused.
     """
 
-    type: Literal["ack_refused", "ack_recorded", "ack_unrecorded"] = "ack_refused"
+    # No default: with omit_defaults a defaulted `type` would vanish from the frame, and
+    # the edge tells notices from commands by it.
+    type: Literal["ack_refused", "ack_recorded", "ack_unrecorded"]
     command_id: str | None = None
     status: str | None = None
     error: ErrorObject | None = None

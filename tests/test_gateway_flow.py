@@ -59,9 +59,11 @@ def edge(gw: Gateway, edge_id: str = EDGE, token: str | None = None) -> Any:
 
 async def run_edge(ws: Any, count: int) -> list[dict[str, Any]]:
     """A minimal edge: accept and execute `count` commands."""
-    got = []
-    for _ in range(count):
+    got: list[dict[str, Any]] = []
+    while len(got) < count:
         msg = await recv_json(ws)
+        if "type" in msg:
+            continue  # a notice about an ack (ack_recorded), not a command
         got.append(msg)
         await ws.send(json.dumps({"command_id": msg["command_id"], "status": "accepted"}))
         await ws.send(

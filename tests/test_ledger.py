@@ -171,6 +171,12 @@ async def test_timeout_verdict_once_then_late_ack_is_recorded(settings) -> None:
         c = cmd()
         await submit(led, c)
         p = led.keys.partition("edge1")
+        await asyncio.sleep(0.35)
+        # Routed but not sent yet (held in the stream): no ack is due, no verdict.
+        assert await led.reach_verdicts(p, actor="test") == 0
+        assert [d.command_id for d in await led.deliver("edge1", OWNER, claim=False) or []] == [
+            c.command_id
+        ]
         assert await led.reach_verdicts(p, actor="test") == 0
         await asyncio.sleep(0.35)
         verdicts = await asyncio.gather(*(led.reach_verdicts(p, actor="test") for _ in range(5)))

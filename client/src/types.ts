@@ -22,6 +22,7 @@ export interface Command {
   timestamp: string;
   priority?: "emergency" | "normal";
   duration_sec?: number | null;
+  traceparent?: string | null;
 }
 
 /** Dashboard -> gateway: an operation on an existing command (contract addition). */

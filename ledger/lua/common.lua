@@ -66,3 +66,17 @@ local function id_less(a, b)
   local bm, bs = id_parts(b)
   return am < bm or (am == bm and as < bs)
 end
+
+-- A reply lost on the way back makes redis-py resend the whole pipeline: a script that
+-- takes a request key answers a rerun with its first run's reply (kept briefly under
+-- that key) instead of doing the work twice.
+local function replayed(key)
+  local prior = redis.call('GET', key)
+  if prior then return cjson.decode(prior) end
+  return nil
+end
+
+local function remember(key, reply)
+  redis.call('SET', key, cjson.encode(reply), 'PX', 30000)
+  return reply
+end

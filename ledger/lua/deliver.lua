@@ -8,14 +8,17 @@
 --   * with coalesce=1 (a new session's backlog) a setpoint never handed to any session
 --     is superseded when a newer one for the same device/channel is pending or done;
 --   * entries deleted while pending (XAUTOCLAIM lists them) give the command `lost`.
--- KEYS: edge stream, log, presence, deadlines, expiries, inflight, latest
+-- KEYS: edge stream, log, presence, deadlines, expiries, inflight, latest, request
+--       (this call's reply is kept there: a rerun returns it, see common.lua)
 -- ARGV: edge_id, owner, claim cursor ('' = no reclaim), count, ack timeout ms,
 --       command key prefix, event id base, actor, deliverable statuses,
 --       lost-from statuses, coalesce (1/0), clock offset ms
 -- Returns: {'ok', next claim cursor, fresh batch full (1/0), lost ids (space separated),
 --           command_id, delivery count, body, ...} or {'not_owner'}
-local stream, log, presence, deadlines, expiries, inflight, latest =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local stream, log, presence, deadlines, expiries, inflight, latest, request =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local earlier = replayed(request)
+if earlier then return earlier end
 local edge, owner, cursor, count = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local prefix, base, actor = ARGV[6], ARGV[7], ARGV[8]
 local deliverable, lost_from, coalesce = ARGV[9], ARGV[10], ARGV[11] == '1'
@@ -23,7 +26,7 @@ clock_offset_ms = tonumber(ARGV[12])
 -- Statuses of a newer setpoint that make an older, never-sent one pointless.
 local supersedes = ' authorized queued routed delivered executed '
 
-if redis.call('GET', presence) ~= owner then return {'not_owner'} end
+if redis.call('GET', presence) ~= owner then return remember(request, {'not_owner'}) end
 ensure_group(stream)
 local now = now_ms()
 local entries, vanished = {}, {}
@@ -40,12 +43,15 @@ if cursor ~= '' then
   next_cursor = cursor
 end
 local fresh_full = '0'
-if next_cursor == '0-0' then
-  local fresh = redis.call('XREADGROUP', 'GROUP', 'edge', edge, 'COUNT', count,
+local room = count - #entries  -- the caller's flow control: never more than `count`
+if next_cursor == '0-0' and room <= 0 then
+  fresh_full = '1'
+elseif next_cursor == '0-0' then
+  local fresh = redis.call('XREADGROUP', 'GROUP', 'edge', edge, 'COUNT', room,
     'STREAMS', stream, '>')
   if fresh then
     for _, e in ipairs(fresh[1][2]) do entries[#entries + 1] = e end
-    if #fresh[1][2] >= count then fresh_full = '1' end
+    if #fresh[1][2] >= room then fresh_full = '1' end
   end
 end
 
@@ -93,7 +99,12 @@ for i, e in ipairs(entries) do
     settle(id)
   else
     local n = redis.call('HINCRBY', state, 'deliveries', 1)
-    if s[1] ~= 'routed' or n > 1 then
+    -- Routed at admission but held in the stream (the edge's in-flight bound, or its
+    -- gateway went away) for a good part of the ack window: routed again now, so the
+    -- ack deadline runs from the hand-out and waiting is never a timeout.
+    local held = s[1] == 'routed' and n == 1 and
+      now - tonumber(redis.call('HGET', state, 'routed_at') or now) >= tonumber(ARGV[5]) / 4
+    if s[1] ~= 'routed' or n > 1 or held then
       append(state, log, event('routed', now, base .. '-r' .. i, cid, edge, actor,
         ',"gateway":"' .. string.match(owner, '^[^|]+') .. '","delivery":' .. n))
       redis.call('HSET', state, 'status', 'routed', 'routed_at', now)
@@ -121,4 +132,4 @@ for i, id in ipairs(vanished) do
   settle(id)
 end
 out[4] = table.concat(lost, ' ')
-return out
+return remember(request, out)

@@ -1,11 +1,14 @@
 -- Compare-and-set one lifecycle transition and append its event. The caller passes
 -- the statuses it may follow, computed by the pure state machine (ledger/lifecycle.py).
--- KEYS: state, log, edge stream, deadlines, expiries, inflight
+-- KEYS: state, log, edge stream, deadlines, expiries, inflight, request (this call's
+--       reply is kept there: a rerun returns it, see common.lua)
 -- ARGV: to status, allowed-from set, event json, edge_id ('' = any), settle (1 = XACK
 --       the delivery entry), terminal (1 = drop deadlines), late-from set, state ttl ms,
 --       command_id, clock offset ms
-local state, log, stream, deadlines, expiries, inflight =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local state, log, stream, deadlines, expiries, inflight, request =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local earlier = replayed(request)
+if earlier then return earlier end
 local to, cid = ARGV[1], ARGV[9]
 clock_offset_ms = tonumber(ARGV[10])
 local cur = redis.call('HMGET', state, 'status', 'edge', 'entry')
@@ -29,4 +32,4 @@ end
 redis.call('ZREM', expiries, cid)
 if ARGV[6] == '1' then redis.call('ZREM', deadlines, cid) end
 redis.call('PEXPIRE', state, ARGV[8])
-return {'ok', cur[1], late and '1' or '0', tostring(now)}
+return remember(request, {'ok', cur[1], late and '1' or '0', tostring(now)})

@@ -1,5 +1,5 @@
 -- Reach due verdicts for one partition: `timed_out` for routed commands without an
--- acknowledgment by their deadline, `expired` for undelivered ones past expiry. Each
+-- acknowledgment by their deadline (counted from when they were sent), `expired` for undelivered ones past expiry. Each
 -- command gets exactly one verdict: the ZREM and the status check are atomic here, so
 -- any number of workers may call this for the same partition at the same time.
 -- KEYS: deadlines, expiries, log, inflight
@@ -17,8 +17,14 @@ for i, cid in ipairs(redis.call('ZRANGEBYSCORE', deadlines, '-inf', now, 'LIMIT'
   examined = examined + 1
   redis.call('ZREM', deadlines, cid)
   local state = prefix .. cid
-  local s = redis.call('HMGET', state, 'status', 'edge', 'entry', 'routed_at')
-  if member(ARGV[7], s[1]) then
+  local s = redis.call('HMGET', state, 'status', 'edge', 'entry', 'routed_at', 'deliveries',
+    'expires_at')
+  if s[1] == 'routed' and s[5] == '0' and now < tonumber(s[6] or 0) then
+    -- Routed at admission but still waiting in the stream (the edge's in-flight bound
+    -- held it back, or its gateway went away): no ack is due before it is sent, and
+    -- the hand-out routes it again (deliver.lua).
+    redis.call('ZADD', deadlines, now + tonumber(ARGV[6]), cid)
+  elseif member(ARGV[7], s[1]) then
     append(state, log, event('timed_out', now, base .. '-t' .. i, cid, s[2], actor,
       error_field('timeout', 'no acknowledgment from the edge within ' .. ARGV[6] ..
         ' ms of routing') .. ',"routed_at":' .. (s[4] or 0)))

@@ -186,6 +186,8 @@ async def test_verdict_loops_in_parallel_give_each_command_exactly_one_verdict(
         for i in range(5):
             cmds.append(clock.command(edge, channel=f"C{i}"))
     await asyncio.gather(*(admit(ledger, c) for c in cmds))
+    for edge in edges:  # sent: only from now on is an ack due
+        assert len(await ledger.deliver(edge, f"gw|{edge}", claim=False) or []) == 5
     queued = clock.command("edge_offline", expiry_sec=5)
     await admit(ledger, queued)
     clock.advance(10_001)

@@ -65,7 +65,7 @@ async def test_a_batch_read_twice_is_stored_once(ledger: Ledger, settings: Setti
     reader = LogReader(ledger.redis)
     try:
         stream, rows = await log_entries(ledger, await busiest_partition(ledger))
-        entries, _ = decode(stream, rows)
+        entries, _, _ = decode(stream, rows)
         assert len(entries) >= 150
         first = await writer.apply(stream, entries[:100], reader.fetch)
         # A crash after the commit but before XACK hands the same entries out again.
@@ -90,7 +90,7 @@ async def test_entries_handed_to_another_reader_are_fetched_not_skipped(
     reader = LogReader(ledger.redis, batch=30)
     try:
         stream, rows = await log_entries(ledger, await busiest_partition(ledger))
-        entries, _ = decode(stream, rows)
+        entries, _, _ = decode(stream, rows)
         later = await writer.apply(stream, entries[100:200], reader.fetch)
         assert later.new == len(entries[:200]) and later.filled == 100
         earlier = await writer.apply(stream, entries[:100], reader.fetch)
