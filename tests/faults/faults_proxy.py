@@ -102,7 +102,10 @@ class Proxy:
         self._cut_all()
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     def _cut_all(self) -> None:
         for conn in list(self._conns):

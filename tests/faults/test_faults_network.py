@@ -109,11 +109,6 @@ def test_edge_link_black_hole_is_detected_and_nothing_is_lost(
     assert detected_s < 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9: no delivery flow control; the gateway routes the whole burst into a "
-    "socket that cannot drain, so commands time out before they reach the edge",
-)
 def test_slow_edge_link_under_a_2000_command_burst_times_nothing_out_unsent(
     processes: Processes, tmp_path: Path, proxies: list[Proxy]
 ) -> None:
@@ -132,16 +127,7 @@ def test_slow_edge_link_under_a_2000_command_burst_times_nothing_out_unsent(
     "script",
     [
         "submit",
-        pytest.param(
-            "deliver",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 9: a DELIVER whose reply was lost is run again by redis-py; the "
-                "first run's entry stays pending, never sent, and the command goes routed -> "
-                "timed_out without reaching the connected edge (needs a request id inside "
-                "the script, or no retry)",
-            ),
-        ),
+        "deliver",
         "transition",
     ],
 )

@@ -56,17 +56,7 @@ def _traffic(stop: threading.Event, client: Dashboard | HttpSender, period_s: fl
     ("sig", "outage_s"),
     [
         pytest.param(signal.SIGTERM, 1.0, id="sigterm-1s"),
-        pytest.param(
-            signal.SIGTERM,
-            6.0,
-            id="sigterm-6s",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 9: dashboard frames sent while Redis is down get no answer "
-                "(no `unavailable` reply), and an ack whose transition raised "
-                "LedgerUnavailable is dropped, leaving a device write behind `timed_out`",
-            ),
-        ),
+        pytest.param(signal.SIGTERM, 6.0, id="sigterm-6s"),
         pytest.param(signal.SIGKILL, 1.0, id="kill9-1s"),
     ],
 )

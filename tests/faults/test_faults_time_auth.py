@@ -26,21 +26,7 @@ pytestmark = pytest.mark.slow
 OPERATOR = user_token("op_time", control=[DEMO_EDGE], view=[DEMO_EDGE])
 
 
-@pytest.mark.parametrize(
-    "skew",
-    [
-        pytest.param(
-            "+5m",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 9: the gateway sends no `sent_at`/`remaining_ms` yet, so an edge "
-                "5 min ahead judges expiry by its own clock and refuses a live 2 s command "
-                "as `expired` (instead of executing it or refusing `clock_skew`)",
-            ),
-        ),
-        "-5m",
-    ],
-)
+@pytest.mark.parametrize("skew", ["+5m", "-5m"])
 def test_edge_clock_off_by_5_minutes_refuses_or_executes_but_never_late(
     processes: Processes, tmp_path: Path, skew: str
 ) -> None:
