@@ -232,10 +232,12 @@ class Checker:
         """All six invariants after a drain (`final`), or, mid-run, only the safety half:
         I1, I3, I6, and I2's "never a second verdict" (liveness waits for the drain)."""
         report = Report()
+        # The device first: a write always follows its command's admission, so a write
+        # read here always finds its command in the ledger read just after.
+        writes = self._writes()
         view = self.ledger()
         report.figures["commands"] = len(view.events)
         index = self._by_value(view)
-        writes = self._writes()
         report.figures["device_writes"] = len(writes)
         written: Counter[str] = Counter()
         order: dict[tuple[str, str], list[str]] = defaultdict(list)
