@@ -94,9 +94,9 @@ def test_projector_kill9_mid_batch_stores_every_event_once(
     gw, site = deploy(processes, tmp_path, projector=False)
     proj = processes.dispatch("projector", "projector", "--batch", "20")
     dash = Dashboard(gw.ws, OPERATOR)
-    for i in range(150):
+    for i in range(100):
         dash.send(setpoint())
-        if i == 75:
+        if i == 50:
             wait_for(lambda: "projector.started" in proj.log(), 20, "the projector to start")
             proj.kill()  # mid-batch: some events stored, their positions maybe not
             processes.dispatch("projector", "projector", "--batch", "20")

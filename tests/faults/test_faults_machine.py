@@ -81,8 +81,8 @@ class Faults(RuleBasedStateMachine):
 
 
 Faults.TestCase.settings = settings(
-    max_examples=5,
-    stateful_step_count=12,
+    max_examples=4,
+    stateful_step_count=10,
     deadline=None,
     derandomize=True,
     suppress_health_check=list(HealthCheck),
