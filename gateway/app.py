@@ -13,11 +13,12 @@ from starlette.middleware import Middleware
 from starlette.routing import Route, WebSocketRoute
 
 from dispatch.settings import Settings
-from gateway import api, console_api
+from gateway import api, console_api, logfilter
 from gateway.admission import Admission, AdmissionLimits, AdmissionMiddleware
 from gateway.dashboard import dashboard_endpoint
 from gateway.edges import edge_endpoint
 from gateway.headers import SecurityHeaders
+from gateway.http_limits import HeadLimits, bind_worker
 from gateway.lifecycle_metrics import TRANSITION_LOGGER, LifecycleMetrics
 from gateway.observer import Observer, ObserverConfig
 from gateway.state import GatewayState
@@ -88,4 +89,8 @@ def create_worker_app() -> Starlette:
     settings = Settings.from_env()
     if settings.gateway_id:
         settings = settings.with_overrides(gateway_id=f"{settings.gateway_id}-w{os.getpid()}")
-    return create_app(settings)
+    # The worker's own protocol classes and log redaction (the parent's do not cross over).
+    admission = Admission(AdmissionLimits.from_settings(settings))
+    bind_worker(HeadLimits.from_settings(settings), admission)
+    logfilter.install()
+    return create_app(settings, admission)

@@ -16,7 +16,13 @@ from dispatch.settings import Settings
 from gateway import logfilter
 from gateway.admission import Admission, AdmissionLimits
 from gateway.app import create_app
-from gateway.http_limits import HeadLimits, answering_ws_protocol, limited_protocol
+from gateway.http_limits import (
+    WORKER_HTTP,
+    WORKER_WS,
+    HeadLimits,
+    answering_ws_protocol,
+    limited_protocol,
+)
 from gateway.sessions import ws_hard_limit_bytes
 
 
@@ -41,8 +47,10 @@ def serve(settings: Settings, *, log_level: str = "info", workers: int = 1) -> N
         # JSON logs: uvicorn's own lines go through the root handler too (dispatch/logformat.py).
         log_config=None if logformat.log_format() == "json" else uvicorn.config.LOGGING_CONFIG,
         # Our own protocols: bounded request heads (431/408) and answered refusals.
-        http=limited_protocol(HeadLimits.from_settings(settings), admission),
-        ws=answering_ws_protocol(admission),
+        http=limited_protocol(HeadLimits.from_settings(settings), admission)
+        if workers == 1
+        else WORKER_HTTP,
+        ws=answering_ws_protocol(admission) if workers == 1 else WORKER_WS,
         # X-Forwarded-* only from the proxies named; otherwise the socket's peer counts.
         proxy_headers=bool(settings.forwarded_allow_ips),
         forwarded_allow_ips=list(settings.forwarded_allow_ips),

@@ -282,3 +282,23 @@ def limited_protocol(limits: HeadLimits, admission: Admission) -> type[LimitedHt
 def answering_ws_protocol(admission: Admission) -> type[AnsweringWebSocketProtocol]:
     """The WebSocket protocol class, for `uvicorn.Config(ws=...)`."""
     return type("GatewayWebSocketProtocol", (AnsweringWebSocketProtocol,), {"admission": admission})
+
+
+class WorkerHttpProtocol(LimitedHttpProtocol):
+    """`dispatch gateway --workers N`: uvicorn imports this class by name in each worker
+    (a class made at run time cannot be pickled across the spawn); `bind_worker` gives it
+    the worker's limits and admission when the worker builds its app."""
+
+
+class WorkerWebSocketProtocol(AnsweringWebSocketProtocol):
+    """The WebSocket protocol of a worker process (see `WorkerHttpProtocol`)."""
+
+
+def bind_worker(limits: HeadLimits, admission: Admission) -> None:
+    WorkerHttpProtocol.limits = limits
+    WorkerHttpProtocol.admission = admission
+    WorkerWebSocketProtocol.admission = admission
+
+
+WORKER_HTTP = f"{__name__}:WorkerHttpProtocol"
+WORKER_WS = f"{__name__}:WorkerWebSocketProtocol"
