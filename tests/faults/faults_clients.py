@@ -57,12 +57,14 @@ class FrameLog:
     sent: dict[str, float] = field(default_factory=dict)  # command_id -> monotonic
     answered: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     cut: set[str] = field(default_factory=set)
+    other: list[Any] = field(default_factory=list)  # frames naming no command id
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def unanswered(self) -> list[str]:
         with self.lock:
             return [
-                f"{self.name}: frame {cid} got no answer on a live connection"
+                f"{self.name}: frame {cid} got no answer on a live connection "
+                f"(frames naming no command: {self.other[-3:]})"
                 for cid in self.sent
                 if cid not in self.answered and cid not in self.cut
             ]
@@ -92,9 +94,11 @@ class Dashboard:
             for message in self.ws:
                 frame = json.loads(message)
                 cid = frame.get("command_id") if isinstance(frame, dict) else None
-                if cid is not None:
-                    with self.log.lock:
+                with self.log.lock:
+                    if cid is not None:
                         self.log.answered.setdefault(cid, []).append(frame)
+                    else:
+                        self.log.other.append(frame)
         except (ConnectionClosed, OSError):
             pass
         finally:

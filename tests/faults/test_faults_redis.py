@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from faults_clients import Dashboard, HttpSender, setpoint
-from faults_kit import PrivateRedis, checker_for, deploy
+from faults_kit import PrivateRedis, assert_invariants, checker_for, deploy
 
 from support import DEMO_EDGE, Processes, user_token
 
@@ -93,3 +93,21 @@ def test_redis_restart_under_traffic_loses_and_doubles_nothing(
     report = checker.check()
     print(f"drained in {took:.1f} s\n{report}")
     assert report.ok, report
+
+
+def test_frame_sent_right_after_a_redis_restart_is_answered(
+    processes: Processes, tmp_path: Path, private_redis: PrivateRedis
+) -> None:
+    """Found by the state machine: Redis restarted (SIGTERM, back at once), then a new
+    dashboard sends one setpoint."""
+    private_redis.start()
+    gw, site = deploy(processes, tmp_path, redis_url=private_redis.url)
+    logs = []
+    for _ in range(3):
+        private_redis.stop()
+        private_redis.start()
+        dash = Dashboard(gw.ws, OPERATOR, name=f"dashboard-{len(logs)}")
+        logs.append(dash.log)
+        dash.send(setpoint())
+        dash.wait_answers(10)
+    assert_invariants(checker_for(processes, site, *logs))
