@@ -12,7 +12,7 @@ import sys
 
 import bench
 
-ORDER = ["latency", "throughput", "idle_edges", "projector"]
+ORDER = ["latency", "throughput", "idle_edges", "projector", "metrics_overhead"]
 
 
 def main(argv: list[str]) -> int:

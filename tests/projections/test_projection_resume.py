@@ -243,7 +243,9 @@ async def test_verdicts_go_on_while_postgres_is_down_and_projection_resumes(
     projector = Projector(ledger, url, ProjectorConfig(rebalance_interval_s=0.2))
     task = asyncio.create_task(projector.run())
     try:
-        [planned] = await loadgen.generate(ledger, range(8, 9))  # stays `routed`
+        # Stays `delivered` (handed to the edge, never acknowledged). A `routed` command
+        # that was never handed out waits for its hand-out, not for a verdict.
+        [planned] = await loadgen.generate(ledger, range(17, 18))
         deadline = time.monotonic() + 20
         while (await ledger.lookup(planned.command_id)).status != "timed_out":  # type: ignore[union-attr]
             assert time.monotonic() < deadline, "no verdict while PostgreSQL was down"
