@@ -108,9 +108,13 @@ def test_projector_kill9_mid_batch_stores_every_event_once(
 def test_verdict_worker_kill9_while_verdicts_are_due_gives_one_each(
     processes: Processes, tmp_path: Path
 ) -> None:
-    """A silent edge: 40 commands time out together; the projector (which runs the
-    verdict loop) dies as they fall due and a new one takes over."""
-    gw, _ = deploy(processes, tmp_path, agent=False, ack_timeout_ms=1500, projector=False)
+    """A silent edge: 40 commands time out together. Verdict loops run in the projector
+    and in every gateway: both die (kill -9) as the first verdict lands, and new ones
+    take over."""
+    port = free_port()
+    gw, _ = deploy(
+        processes, tmp_path, agent=False, ack_timeout_ms=1500, projector=False, gateway_port=port
+    )
     enroll(processes.env, "edge_silent")
     first = processes.dispatch("projector", "projector")
     with connect(
@@ -133,6 +137,8 @@ def test_verdict_worker_kill9_while_verdicts_are_due_gives_one_each(
             lambda: checker.ledger().status(ids[0]) == "timed_out", 10, "the first verdict", 0.005
         )
         first.kill()
+        gw.proc.kill()
+        processes.gateway(port=port, gateway_id="gw-a")
         processes.dispatch("projector", "projector")
         report = assert_invariants(checker)
     assert report.figures["statuses"] == {"timed_out": 40}, report
