@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint fmt bench services clean client
+.PHONY: demo test lint fmt bench chaos services clean client
 
 # The TypeScript client: npm packages (when missing) and its build check.
 client:
@@ -41,6 +41,11 @@ fmt: $(STAMP)
 
 bench: $(STAMP) services
 	$(BIN)/python -m bench
+
+# A randomized fault soak on loopback (CHAOS_SECONDS, default 1800); prints the invariant report.
+CHAOS_SECONDS ?= 1800
+chaos: $(STAMP) services
+	@trap 'scripts/services.sh stop' EXIT; CHAOS_SECONDS=$(CHAOS_SECONDS) $(BIN)/python tests/faults/chaos.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

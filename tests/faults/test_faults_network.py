@@ -1,0 +1,191 @@
+"""Network faults through a loopback TCP proxy, then I1-I6.
+
+- edge <-> gateway: a cut after delivery (before the ack) and before delivery (edge
+  away while commands are sent), a black-hole (half-open link: measured detection time),
+  and a slow link under a 2,000-command burst;
+- gateway <-> Redis: the reply of one ledger script lost after Redis ran it (redis-py
+  retries the call on the new connection);
+- projector <-> PostgreSQL: the database unreachable for a while under traffic.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from faults_clients import Dashboard, HttpSender, setpoint
+from faults_kit import RecordingSite, assert_invariants, checker_for, deploy, presence, wait_for
+from faults_proxy import Proxy
+
+from ledger import scripts
+
+from support import DEMO_EDGE, Gateway, Processes, free_port, user_token
+
+pytestmark = pytest.mark.slow
+
+OPERATOR = user_token("op_net", control=[DEMO_EDGE], view=[DEMO_EDGE])
+
+
+def _proxy(proxies: list[Proxy], port: int) -> Proxy:
+    proxy = Proxy(port)
+    proxy.start()
+    proxies.append(proxy)
+    return proxy
+
+
+def _edge_link(
+    processes: Processes, tmp_path: Path, proxies: list[Proxy], *agent_args: str, ack_ms: int
+) -> tuple[Gateway, Proxy, RecordingSite]:
+    port = free_port()
+    proxy = _proxy(proxies, port)
+    gw, site = deploy(processes, tmp_path, gateway_port=port, agent=False, ack_timeout_ms=ack_ms)
+    site.start_agent(f"ws://127.0.0.1:{proxy.port}", *agent_args)
+    return gw, proxy, site
+
+
+def test_edge_link_cut_after_delivery_executes_once(
+    processes: Processes, tmp_path: Path, proxies: list[Proxy]
+) -> None:
+    gw, proxy, site = _edge_link(
+        processes, tmp_path, proxies, "--cycle-period-ms", "1500", ack_ms=10_000
+    )
+    sender = HttpSender(gw.http, OPERATOR)
+    body = setpoint()
+    assert sender.send(body) in (200, 202)
+    wait_for(
+        lambda: any(c == body["command_id"] for c, _ in site.journal()),
+        10,
+        "the agent to receive it",
+    )
+    proxy.cut()  # received, not yet executed or acknowledged
+    report = assert_invariants(checker_for(processes, site, sender.log))
+    assert report.figures["statuses"] == {"executed": 1}
+    assert report.figures["device_writes"] == 1
+
+
+def test_edge_link_down_before_delivery_then_back_delivers_in_order(
+    processes: Processes, tmp_path: Path, proxies: list[Proxy]
+) -> None:
+    gw, proxy, site = _edge_link(processes, tmp_path, proxies, ack_ms=10_000)
+    proxy.refuse(True)  # cut and stay down
+    wait_for(lambda: not presence(processes.env, DEMO_EDGE), 15, "the gateway to see it go")
+    sender = HttpSender(gw.http, OPERATOR)
+    bodies = [setpoint() for _ in range(5)]
+    for body in bodies:
+        assert sender.send(body) in (200, 202)
+    proxy.refuse(False)
+    report = assert_invariants(checker_for(processes, site, sender.log))
+    # Queued while away: the four older ones are superseded, the newest is applied.
+    assert report.figures["statuses"] == {"executed": 1, "failed": 4}, report
+
+
+def test_edge_link_black_hole_is_detected_and_nothing_is_lost(
+    processes: Processes, tmp_path: Path, proxies: list[Proxy]
+) -> None:
+    gw, proxy, site = _edge_link(
+        processes,
+        tmp_path,
+        proxies,
+        "--ping-interval-s",
+        "1",
+        "--ping-timeout-s",
+        "1",
+        ack_ms=10_000,
+    )
+    sender = HttpSender(gw.http, OPERATOR)
+    before = proxy.connections_total
+    proxy.blackhole(True)
+    started = time.monotonic()
+    body = setpoint()
+    assert sender.send(body) in (200, 202)  # routed into the dead link
+    wait_for(lambda: proxy.connections_total > before, 30, "the agent to give up the link")
+    detected_s = time.monotonic() - started
+    print(f"half-open link: agent detected it after {detected_s:.2f} s (ping 1 s + 1 s)")
+    proxy.blackhole(False)
+    proxy.cut()  # the swallowed reconnect attempts end; the next one goes through
+    report = assert_invariants(checker_for(processes, site, sender.log))
+    assert report.figures["statuses"] == {"executed": 1}, report
+    assert detected_s < 10  # nominal 2 s; the shared 2-core machine stretches it
+
+
+def test_slow_edge_link_under_a_2000_command_burst_times_nothing_out_unsent(
+    processes: Processes, tmp_path: Path, proxies: list[Proxy]
+) -> None:
+    gw, proxy, site = _edge_link(processes, tmp_path, proxies, ack_ms=3000)
+    proxy.throttle_bps = 100_000
+    dash = Dashboard(gw.ws, OPERATOR)
+    for _ in range(2000):
+        dash.send(setpoint())
+    assert dash.wait_answers(60)
+    report = assert_invariants(checker_for(processes, site, dash.log), drain_s=60)
+    assert report.figures["statuses"].get("timed_out", 0) == 0, report
+    dash.close()
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "submit",
+        "deliver",
+        "transition",
+    ],
+)
+def test_lost_redis_reply_after_the_script_ran(
+    processes: Processes, tmp_path: Path, proxies: list[Proxy], script: str
+) -> None:
+    """The gateway talks to Redis through the proxy; the reply to one run of `script` is
+    lost after Redis ran it, so redis-py runs it again on a new connection."""
+    redis_port = int(processes.env["DISPATCH_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    proxy = _proxy(proxies, redis_port)
+    gw, site = deploy(
+        processes,
+        tmp_path,
+        agent=False,
+        ack_timeout_ms=3000,
+        gateway_env={"DISPATCH_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0"},
+    )
+    site.start_agent(gw.ws)
+    sender = HttpSender(gw.http, OPERATOR)
+    warm = setpoint()
+    assert sender.send(warm) in (200, 202)  # scripts loaded, pools open, nothing in flight
+    checker = checker_for(processes, site, sender.log)
+    wait_for(lambda: checker.ledger().status(warm["command_id"]) == "executed", 10, "warm-up")
+    sha = {"submit": scripts.SUBMIT, "deliver": scripts.DELIVER, "transition": scripts.TRANSITION}
+    fired = proxy.drop_reply_after(sha[script].sha.encode())
+    body = setpoint()
+    sender.send(body)
+    assert fired.wait(10), f"no {script} call went through the proxy"
+    report = assert_invariants(checker)
+    for cid, events in checker.ledger().events.items():
+        print(cid, [e["status"] for e in events])
+    assert report.figures["statuses"].get("executed") == 2, report
+
+
+def test_postgresql_unreachable_for_the_projector_then_back_stores_everything_once(
+    processes: Processes, tmp_path: Path, proxies: list[Proxy]
+) -> None:
+    pg_port = int(processes.env["DISPATCH_DATABASE_URL"].rsplit(":", 1)[1].split("/")[0])
+    proxy = _proxy(proxies, pg_port)
+    gw, site = deploy(processes, tmp_path, projector=False)
+    proj = processes.dispatch(
+        "projector",
+        "projector",
+        env={"DISPATCH_DATABASE_URL": f"postgresql://127.0.0.1:{proxy.port}/test"},
+    )
+    wait_for(lambda: "projector.started" in proj.log(), 20, "the projector to start")
+    dash = Dashboard(gw.ws, OPERATOR)
+    for _ in range(10):
+        dash.send(setpoint())
+    proxy.refuse(True)  # every PostgreSQL connection reset, none accepted
+    down = time.monotonic()
+    for _ in range(20):
+        dash.send(setpoint())
+        time.sleep(0.25)  # traffic spread over the outage (the outage is the scenario)
+    wait_for(lambda: "projector.postgres.unavailable" in proj.log(), 15, "the projector to notice")
+    proxy.refuse(False)
+    print(f"PostgreSQL unreachable for {time.monotonic() - down:.1f} s")
+    assert dash.wait_answers()
+    assert_invariants(checker_for(processes, site, dash.log), drain_s=40)
+    assert proj.alive()
+    dash.close()
