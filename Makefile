@@ -45,7 +45,10 @@ bench: $(STAMP) services
 # A randomized fault soak on loopback (CHAOS_SECONDS, default 1800); prints the invariant report.
 CHAOS_SECONDS ?= 1800
 chaos: $(STAMP) services
-	@trap 'scripts/services.sh stop' EXIT; CHAOS_SECONDS=$(CHAOS_SECONDS) $(BIN)/python tests/faults/chaos.py
+	@trap 'scripts/services.sh stop' EXIT; status=0; \
+	DISPATCH_FAULTS_MACHINE=1 $(BIN)/pytest -q tests/faults/test_faults_machine.py || status=1; \
+	CHAOS_SECONDS=$(CHAOS_SECONDS) $(BIN)/python tests/faults/chaos.py || status=1; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -37,7 +37,7 @@ import redis
 from faults_clients import FrameLog
 from psycopg import sql
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from edge.recording_device import read_record
 from ledger.keys import Keys
 from ledger.lifecycle import RANK

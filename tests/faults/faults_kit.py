@@ -15,7 +15,7 @@ import redis
 from faults_checker import Checker, Report
 from faults_clients import FrameLog
 
-from dispatch.settings import Settings
+from config.settings import Settings
 from edge.journal import JOURNAL_FILE, Journal, read_log
 from ledger.keys import Keys
 
