@@ -255,3 +255,23 @@ def projected_status(namespace: str, command_id: str) -> str | None:
         except psycopg.errors.UndefinedTable:
             return None
     return row[0] if row else None
+
+
+def start_private_redis(port: int, data: Path, *, appendfsync: str) -> subprocess.Popen[bytes]:
+    """A redis-server with AOF on a free loopback port, for tests that stop or kill it."""
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+         "--appendonly", "yes", "--appendfsync", appendfsync, "--save", ""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    client = redis.Redis(port=port)
+    wait_until(lambda: _pings(client), 10, what="redis-server to start")
+    client.close()
+    return server
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False

@@ -38,6 +38,7 @@ from support import (
     command,
     free_port,
     http,
+    start_private_redis,
     user_token,
     wait_until,
 )
@@ -234,22 +235,7 @@ def aof_redis(tmp_path: Path) -> Iterator[tuple[int, Path, list[subprocess.Popen
 
 
 def start_redis(port: int, data: Path) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-         "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    client = redis.Redis(port=port)
-    wait_until(lambda: _pings(client), 10, what="redis-server to start")
-    client.close()
-    return server
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
+    return start_private_redis(port, data, appendfsync="everysec")
 
 
 def test_redis_with_aof_everysec_restarted_between_queueing_and_reconnect_loses_nothing(

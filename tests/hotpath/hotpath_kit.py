@@ -16,7 +16,7 @@ import websockets
 from config.settings import Settings
 from ledger.keys import Keys
 
-from support import Gateway, edge_token, wait_until
+from support import Gateway, edge_token, start_private_redis
 
 
 def keys(env: dict[str, str]) -> Keys:
@@ -138,19 +138,4 @@ class Edge(Peer):
 
 # -- a private Redis that tests may stop -----------------------------------------------------
 def start_redis(port: int, data: Path) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-         "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    client = redis.Redis(port=port)
-    wait_until(lambda: _pings(client), 10, what="redis-server to start")
-    client.close()
-    return server
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
+    return start_private_redis(port, data, appendfsync="always")
