@@ -69,6 +69,12 @@ def _config(path: Path | None) -> bytes | None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    """Read the commands issued to EDGE between --from and --to and their lifecycles from
+    the ledger (or the audit tables), re-run them in a sandbox (namespace replay-*, private
+    gateway, simulated devices, a real edge agent) that never touches live streams, in the
+    recorded happens-before order with the recorded spacing divided by --speed and the
+    recorded connectivity, and compare outcomes per command. Exit 0 when all are equal, 1
+    when some differ, 2 when the replay cannot run. See docs/replay.md."""
     if args.end <= args.start:
         print("dispatch replay: --to must be later than --from", file=sys.stderr)
         return 2
@@ -97,17 +103,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "replay",
-        help="re-run a recorded window of an edge's commands against a sandboxed edge",
-        description="Read the commands issued to EDGE between --from and --to and their "
-        "lifecycles from the ledger (or the audit tables), re-run them in a sandbox "
-        "(namespace replay-*, private gateway, simulated devices, a real edge agent) that "
-        "never touches live streams, in the recorded happens-before order with the "
-        "recorded spacing divided by --speed and the recorded connectivity, and compare "
-        "outcomes per command. Exit 0 when all are equal, 1 when some differ, 2 when the "
-        "replay cannot run. See docs/replay.md.",
-    )
+    summary = "re-run a recorded window of an edge's commands against a sandboxed edge"
+    p = sub.add_parser("replay", help=summary, description=cmd_replay.__doc__)
     p.add_argument(
         "--edge", required=True, metavar="EDGE", help="the edge whose commands to replay"
     )
