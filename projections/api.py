@@ -175,13 +175,8 @@ def export(
 
     async def body() -> AsyncIterator[bytes]:
         async with pool.connection() as conn:
-            if isinstance(query, queries.RefusalQuery):
-                rows = queries.export_refusals(conn, schema, query, visible)
-                columns = queries.REFUSAL_COLUMNS
-            else:
-                rows = queries.export_commands(conn, schema, query, visible)
-                columns = queries.COLUMNS
-            async for chunk in queries.encode_export(rows, columns, fmt):
+            rows = queries.export_rows(conn, schema, query, visible)
+            async for chunk in queries.encode_export(rows, queries.export_columns(query), fmt):
                 yield chunk
 
     name = "rejections" if isinstance(query, queries.RefusalQuery) else "commands"
