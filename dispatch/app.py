@@ -1,7 +1,8 @@
 """The composition root: the gateway's app with the audit routes mounted beside it.
 
 The gateway knows nothing of the projections and the audit routes nothing of the gateway;
-here the gateway's caller and grants say what each audit request may read.
+here the gateway's caller and grants say what each audit request may read, and the audit's
+PostgreSQL pool is opened around the gateway's lifespan (the gateway only reports on it).
 """
 
 from __future__ import annotations
@@ -22,21 +23,28 @@ from gateway.http_limits import HeadLimits, bind_worker
 from projections import api as audit_api
 
 
-async def audit_access(request: Request) -> audit_api.AuditAccess | Response:
+def audit_gate(audit: audit_api.AuditDatabase) -> audit_api.Gate:
     """The gateway authenticates the caller; its grants bound what the audit shows."""
-    user = await gateway_api.caller(request)
-    if isinstance(user, Response):
-        return user
-    state = gateway_api.state_of(request)
-    return audit_api.AuditAccess(
-        pool=state.pg,
-        schema=state.settings.namespace,
-        visible=await state.grants.visible_edges(user),
-    )
+
+    async def access(request: Request) -> audit_api.AuditAccess | Response:
+        user = await gateway_api.caller(request)
+        if isinstance(user, Response):
+            return user
+        state = gateway_api.state_of(request)
+        return audit_api.AuditAccess(
+            pool=audit.pool,
+            schema=state.settings.namespace,
+            visible=await state.grants.visible_edges(user),
+        )
+
+    return access
 
 
 def create_app(settings: Settings, admission: Admission | None = None) -> Starlette:
-    return gateway_app.create_app(settings, admission, mounted=audit_api.routes(audit_access))
+    audit = audit_api.AuditDatabase(settings.database_url)
+    return gateway_app.create_app(
+        settings, admission, mounted=audit_api.routes(audit_gate(audit)), audit_pool=audit.opened
+    )
 
 
 def create_worker_app() -> Starlette:

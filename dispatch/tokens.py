@@ -105,44 +105,45 @@ async def enroll(settings: Settings, edge_id: str) -> None:
         await redis.aclose()
 
 
+def _refuse(message: str) -> int:
+    print(f"dispatch token: {message}", file=sys.stderr)
+    return 2
+
+
+def _too_long(ttl_s: int, max_s: int, variable: str, what: str) -> str | None:
+    """Why gateways would refuse a `what` living `ttl_s` (None: they would not)."""
+    if ttl_s <= max_s:
+        return None
+    return f"--ttl {ttl_s} exceeds {variable} ({max_s}); gateways would refuse the {what}"
+
+
 def cmd_token(args: argparse.Namespace) -> int:
+    """Print a JWT signed HS256 with DISPATCH_JWT_SECRET. A user token carries SimpleJWT's
+    claims (token_type, user_id, jti, exp, iat) and optional per-edge grants; an edge
+    credential is valid for that edge only (and enrolls the edge)."""
     settings = Settings.from_env()
     if args.edge and args.user:
-        print("dispatch token: give either --user or --edge, not both", file=sys.stderr)
-        return 2
+        return _refuse("give either --user or --edge, not both")
     if args.ttl is not None and args.ttl <= 0:
-        print(f"dispatch token: --ttl must be positive, got {args.ttl}", file=sys.stderr)
-        return 2
+        return _refuse(f"--ttl must be positive, got {args.ttl}")
     if args.edge:
         ttl_s = args.ttl or EDGE_TTL_S
-        if ttl_s > settings.edge_max_lifetime_s:
-            print(
-                f"dispatch token: --ttl {ttl_s} exceeds DISPATCH_EDGE_MAX_LIFETIME_S "
-                f"({settings.edge_max_lifetime_s}); gateways would refuse the credential",
-                file=sys.stderr,
-            )
-            return 2
+        max_s = settings.edge_max_lifetime_s
+        problem = _too_long(ttl_s, max_s, "DISPATCH_EDGE_MAX_LIFETIME_S", "credential")
+        if problem is not None:
+            return _refuse(problem)
         if not args.no_enroll:
             asyncio.run(enroll(settings, args.edge))
         print(sign(edge_claims(args.edge, ttl_s), settings.edge_secret))
         return 0
     if not args.user:
-        print("dispatch token: --user USER or --edge EDGE is required", file=sys.stderr)
-        return 2
+        return _refuse("--user USER or --edge EDGE is required")
     if not SAFE_USER_ID.fullmatch(args.user):
-        print(
-            f"dispatch token: user {args.user!r} must be 1-128 letters, digits or '_.@+:-'",
-            file=sys.stderr,
-        )
-        return 2
+        return _refuse(f"user {args.user!r} must be 1-128 letters, digits or '_.@+:-'")
     ttl_s = args.ttl or USER_TTL_S
-    if ttl_s > settings.jwt_max_lifetime_s:
-        print(
-            f"dispatch token: --ttl {ttl_s} exceeds DISPATCH_JWT_MAX_LIFETIME_S "
-            f"({settings.jwt_max_lifetime_s}); gateways would refuse the token",
-            file=sys.stderr,
-        )
-        return 2
+    problem = _too_long(ttl_s, settings.jwt_max_lifetime_s, "DISPATCH_JWT_MAX_LIFETIME_S", "token")
+    if problem is not None:
+        return _refuse(problem)
     claims = user_claims(args.user, args.can_control, args.can_view, ttl_s)
     print(sign(claims, settings.jwt_secret))
     return 0
@@ -215,31 +216,19 @@ def cmd_grant(args: argparse.Namespace, *, add: bool = True) -> int:
 
 
 def register(sub: Any) -> None:
-    token = sub.add_parser(
-        "token",
-        help="print a user JWT or an edge credential",
-        description="Print a JWT signed HS256 with DISPATCH_JWT_SECRET. A user token carries "
-        "SimpleJWT's claims (token_type, user_id, jti, exp, iat) and optional per-edge "
-        "grants; an edge credential is valid for that edge only (and enrolls the edge).",
-    )
+    summary = "print a user JWT or an edge credential"
+    token = sub.add_parser("token", help=summary, description=cmd_token.__doc__)
     token.add_argument("--user", help="user id (the SimpleJWT `user_id` claim)")
     token.add_argument("--edge", type=_edge_id, help="print the credential of this edge instead")
-    token.add_argument(
-        "--can-control",
-        action="append",
-        default=[],
-        metavar="EDGE",
-        type=_edge_id,
-        help="edge the user may command (repeatable)",
-    )
-    token.add_argument(
-        "--can-view",
-        action="append",
-        default=[],
-        metavar="EDGE",
-        type=_edge_id,
-        help="edge the user may watch (repeatable)",
-    )
+    for flag, may in (("--can-control", "command"), ("--can-view", "watch")):
+        token.add_argument(
+            flag,
+            action="append",
+            default=[],
+            metavar="EDGE",
+            type=_edge_id,
+            help=f"edge the user may {may} (repeatable)",
+        )
     token.add_argument(
         "--ttl",
         type=int,

@@ -159,21 +159,28 @@ def encode_config(site: SiteConfig) -> bytes:
     return msgspec.json.encode(site)
 
 
-def _consistency_problem(site: SiteConfig) -> str | None:
-    names = [d.device_id for d in site.devices]
+def _names_problem(kind: str, names: list[str], reserved: str = "", owner: str = "") -> str | None:
+    """Names of one `kind` must be distinct, and leave the `reserved` one to its `owner`."""
     if len(set(names)) != len(names):
-        return f"device ids repeat: {names}"
-    if "core" in names:
-        return "device id 'core' is reserved for the Core Cycle's controllers"
+        return f"{kind}s repeat: {names}"
+    if reserved and reserved in names:
+        return f"{kind} {reserved!r} is reserved for {owner}"
+    return None
+
+
+def _consistency_problem(site: SiteConfig) -> str | None:
+    devices = [d.device_id for d in site.devices]
+    problem = _names_problem("device id", devices, "core", "the Core Cycle's controllers")
+    if problem is not None:
+        return problem
     for device in site.devices:
         problem = _device_problem(device)
         if problem is not None:
             return f"device {device.device_id!r}: {problem}"
     controllers = [c.name for c in site.controllers]
-    if len(set(controllers)) != len(controllers):
-        return f"controller names repeat: {controllers}"
-    if "system" in controllers:
-        return "controller name 'system' is reserved for system commands"
+    problem = _names_problem("controller name", controllers, "system", "system commands")
+    if problem is not None:
+        return problem
     for ctl in site.controllers:
         if ctl.default_mode not in ctl.modes:
             return f"controller {ctl.name!r}: default_mode {ctl.default_mode!r} not in {ctl.modes}"
@@ -181,9 +188,9 @@ def _consistency_problem(site: SiteConfig) -> str | None:
 
 
 def _device_problem(device: Device) -> str | None:
-    names = [c.name for c in device.channels]
-    if len(set(names)) != len(names):
-        return f"channel names repeat: {names}"
+    problem = _names_problem("channel name", [c.name for c in device.channels])
+    if problem is not None:
+        return problem
     used: dict[tuple[str, int], str] = {}
     for ch in device.channels:
         if ch.min is not None and ch.max is not None and ch.min > ch.max:

@@ -37,6 +37,28 @@ def default_state_dir(edge_id: str) -> Path:
     return DEFAULT_STATE_ROOT / edge_id
 
 
+# The agent's tunables: a flag left out keeps the agent's default (in parentheses).
+AGENT_TUNABLES: tuple[tuple[str, type[int] | type[float], str], ...] = (
+    ("--cycle-period-ms", int, "Core Cycle period (1000)"),
+    ("--queue-size", int, "Core Cycle queue bound (256)"),
+    ("--clock-skew-s", float, "expiry tolerance when a gateway sends no remaining_ms (60)"),
+    (
+        "--max-clock-offset-s",
+        float,
+        "refuse control commands (clock_skew) when the clock is off more than this (30)",
+    ),
+    (
+        "--max-override-s",
+        float,
+        "longest config_override accepted, unless the channel sets its own (86400)",
+    ),
+    ("--metrics-port", int, "serve Prometheus /metrics on 127.0.0.1:PORT (off by default)"),
+    ("--ping-interval-s", float, "WebSocket ping period (10)"),
+    ("--ping-timeout-s", float, "pong deadline (10)"),
+    ("--backoff-max-s", float, "reconnect backoff cap (60)"),
+)
+
+
 def register(sub: Any) -> None:
     """Add `edge` (with `edge log`) and `simulate-device` to a subparsers object."""
     env = os.environ
@@ -78,39 +100,8 @@ def register(sub: Any) -> None:
         default=None,
         help="capability config JSON to start with ($DISPATCH_EDGE_CONFIG)",
     )
-    edge.add_argument("--cycle-period-ms", type=int, default=None, help="Core Cycle period (1000)")
-    edge.add_argument("--queue-size", type=int, default=None, help="Core Cycle queue bound (256)")
-    edge.add_argument(
-        "--clock-skew-s",
-        type=float,
-        default=None,
-        help="expiry tolerance when a gateway sends no remaining_ms (60)",
-    )
-    edge.add_argument(
-        "--max-clock-offset-s",
-        type=float,
-        default=None,
-        help="refuse control commands (clock_skew) when the clock is off more than this (30)",
-    )
-    edge.add_argument(
-        "--max-override-s",
-        type=float,
-        default=None,
-        help="longest config_override accepted, unless the channel sets its own (86400)",
-    )
-    edge.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help="serve Prometheus /metrics on 127.0.0.1:PORT (off by default)",
-    )
-    edge.add_argument(
-        "--ping-interval-s", type=float, default=None, help="WebSocket ping period (10)"
-    )
-    edge.add_argument("--ping-timeout-s", type=float, default=None, help="pong deadline (10)")
-    edge.add_argument(
-        "--backoff-max-s", type=float, default=None, help="reconnect backoff cap (60)"
-    )
+    for flag, kind, text in AGENT_TUNABLES:
+        edge.add_argument(flag, type=kind, default=None, help=text)
     edge.add_argument(
         "--restart-mode",
         choices=("exec", "exit"),

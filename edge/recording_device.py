@@ -30,8 +30,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pymodbus.constants import ExcCodes
-
 from edge.simulator import BmsSimulator, BmsState
 
 log = logging.getLogger("edge.recording_device")
@@ -53,37 +51,19 @@ class RecordingBms(BmsSimulator):
         self.record_path = record_path
         self.hold_write = hold_write
         self._fd = os.open(record_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._never = asyncio.Event()
 
-    async def _action(
-        self,
-        function_code: int,
-        start_address: int,
-        address: int,
-        count: int,
-        registers: list[int],
-        values: list[int] | list[bool] | None,
-    ) -> ExcCodes | None:
-        before = len(self.state.writes)
-        result = await super()._action(
-            function_code, start_address, address, count, registers, values
-        )
-        if len(self.state.writes) == before:
-            return result
-        written_at, words = address, self.state.writes[-1][1]
+    async def _accepted(self, address: int, words: list[int]) -> bool:
         line = {
             "t_ms": time.time_ns() // 1_000_000,
-            "address": written_at,
+            "address": address,
             "words": words,
             "active_power_w": self.active_power_w,
         }
         os.write(self._fd, (json.dumps(line) + "\n").encode())
-        if len(self.state.writes) == self.hold_write:
-            offset = address - start_address
-            registers[offset : offset + count] = words  # the write takes effect...
-            log.info("recording_device.holding_answer write=%d", self.hold_write)
-            await self._never.wait()  # ...but its answer never leaves
-        return result
+        if len(self.state.writes) != self.hold_write:
+            return False
+        log.info("recording_device.holding_answer write=%d", self.hold_write)
+        return True  # the write takes effect, its answer never leaves
 
     async def stop(self) -> None:
         await super().stop()

@@ -152,10 +152,16 @@ class BmsSimulator:
         state.writes.append((address, words))
         self._holding = after[:HOLDING_COUNT]
         self._written.set()
-        if state.hold_write_answers:
+        withhold = await self._accepted(address, words)
+        if state.hold_write_answers or withhold:
             registers[offset : offset + count] = words  # the write takes effect...
             await self._hang()  # ...but its answer never leaves
         return None
+
+    async def _accepted(self, address: int, words: list[int]) -> bool:
+        """Each accepted write, before its answer leaves: True withholds the answer (until
+        `release`). A variant records the write here (edge/recording_device.py)."""
+        return False
 
     def _refusal(self, holding: list[int]) -> ExcCodes | None:
         power = ModbusClientMixin.convert_from_registers(holding[0:2], _INT32)

@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
@@ -31,6 +32,12 @@ STATIC = __file__.rsplit("/", 1)[0] + "/static"
 def state_of(request: Request) -> GatewayState:
     state: GatewayState = request.app.state.gateway
     return state
+
+
+def audit_pool_of(request: Request) -> AsyncConnectionPool | None:
+    """The audit's pool the composition root opened (gateway/app.py), for reporting only."""
+    pool: AsyncConnectionPool | None = request.app.state.audit_pool
+    return pool
 
 
 def problem(status: int, code: ErrorCode | str, message: str, **extra: Any) -> JSONResponse:
@@ -192,9 +199,10 @@ async def readyz(request: Request) -> Response:
     except Exception as exc:
         checks["redis"] = {"ok": False, "error": str(exc)}
     try:
-        if state.pg is None:
+        pool = audit_pool_of(request)
+        if pool is None:
             raise RuntimeError("not configured")
-        async with state.pg.connection(timeout=2) as conn:
+        async with pool.connection(timeout=2) as conn:
             await conn.execute("SELECT 1")
         checks["postgres"] = {"ok": True}
     except Exception as exc:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 
+from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route, WebSocketRoute
@@ -22,32 +23,46 @@ from gateway.observer import Observer, ObserverConfig
 from gateway.state import GatewayState
 from ledger.verdicts import VerdictLoop
 
+# The audit's PostgreSQL pool, opened and closed by the composition root (dispatch/app.py)
+# around the gateway's lifespan. The gateway never needs it: /readyz and the observer's
+# gauges only report on it, so an audit outage never takes a gateway out of rotation.
+AuditPool = Callable[[], AbstractAsyncContextManager[AsyncConnectionPool | None]]
+
+
+def no_audit() -> AbstractAsyncContextManager[AsyncConnectionPool | None]:
+    return nullcontext(None)
+
 
 def create_app(
-    settings: Settings, admission: Admission | None = None, mounted: Sequence[BaseRoute] = ()
+    settings: Settings,
+    admission: Admission | None = None,
+    mounted: Sequence[BaseRoute] = (),
+    audit_pool: AuditPool = no_audit,
 ) -> Starlette:
     """The gateway's routes, plus `mounted` ones the composition root adds (dispatch/app.py)."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        state = await GatewayState.open(settings)
-        app.state.gateway = state
-        if settings.metrics_lifecycle:
-            state.hub.lifecycle = LifecycleMetrics(settings.ack_timeout_ms)
-        if not settings.log_transitions:
-            logging.getLogger(TRANSITION_LOGGER).setLevel(logging.WARNING)
-        observer = observer_for(settings, state)
-        observer.start()
-        # Verdicts need Redis only: every gateway reaches them, whatever the audit does.
-        loop = VerdictLoop(state.ledger, f"gateway:{state.gateway_id}", process="gateway")
-        verdicts = asyncio.create_task(loop.run(), name="verdicts")
-        try:
-            yield
-        finally:
-            verdicts.cancel()
-            await asyncio.gather(verdicts, return_exceptions=True)
-            await observer.stop()
-            await state.close()
+        async with audit_pool() as pg:
+            app.state.audit_pool = pg
+            state = await GatewayState.open(settings)
+            app.state.gateway = state
+            if settings.metrics_lifecycle:
+                state.hub.lifecycle = LifecycleMetrics(settings.ack_timeout_ms)
+            if not settings.log_transitions:
+                logging.getLogger(TRANSITION_LOGGER).setLevel(logging.WARNING)
+            observer = observer_for(settings, state, pg)
+            observer.start()
+            # Verdicts need Redis only: every gateway reaches them, whatever the audit does.
+            loop = VerdictLoop(state.ledger, f"gateway:{state.gateway_id}", process="gateway")
+            verdicts = asyncio.create_task(loop.run(), name="verdicts")
+            try:
+                yield
+            finally:
+                verdicts.cancel()
+                await asyncio.gather(verdicts, return_exceptions=True)
+                await observer.stop()
+                await state.close()
 
     routes = [
         Route("/", api.index),
@@ -70,12 +85,14 @@ def create_app(
     return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
 
 
-def observer_for(settings: Settings, state: GatewayState) -> Observer:
+def observer_for(
+    settings: Settings, state: GatewayState, audit_pool: AsyncConnectionPool | None
+) -> Observer:
     config = ObserverConfig(
         interval_s=settings.metrics_interval_s,
         top_edges=settings.metrics_top_edges,
         schema=settings.namespace,
     )
     return Observer(
-        state.redis, state.ledger.keys, config, pg=state.pg, connected_edges=state.hub.edges.keys
+        state.redis, state.ledger.keys, config, pg=audit_pool, connected_edges=state.hub.edges.keys
     )

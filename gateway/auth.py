@@ -52,8 +52,19 @@ class AuthError(Exception):
     """The caller could not be authenticated; the message is safe to show them."""
 
 
+class _Credential:
+    """What a user's token and an edge's credential share: when they end."""
+
+    __slots__ = ()
+    expires_at: float
+    valid_until: float  # expires_at + leeway (0: not set): when sessions end
+
+    def expired(self, now: float | None = None) -> bool:
+        return (time.time() if now is None else now) > (self.valid_until or self.expires_at)
+
+
 @dataclass(frozen=True, slots=True)
-class User:
+class User(_Credential):
     user_id: str
     jti: str
     expires_at: float
@@ -65,12 +76,9 @@ class User:
     def actor(self) -> str:
         return f"user:{self.user_id}"
 
-    def expired(self, now: float | None = None) -> bool:
-        return (time.time() if now is None else now) > (self.valid_until or self.expires_at)
-
 
 @dataclass(frozen=True, slots=True)
-class EdgeIdentity:
+class EdgeIdentity(_Credential):
     edge_id: str
     jti: str
     expires_at: float
@@ -79,9 +87,6 @@ class EdgeIdentity:
     @property
     def actor(self) -> str:
         return f"edge:{self.edge_id}"
-
-    def expired(self, now: float | None = None) -> bool:
-        return (time.time() if now is None else now) > (self.valid_until or self.expires_at)
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,6 +96,9 @@ def serve(
 
 
 def cmd_gateway(args: argparse.Namespace, make_app: AppFactory, worker_app: str) -> int:
+    """Serve /ws/dashboard, /ws/edge/{edge_id}, /api/commands, /healthz, /readyz, /metrics
+    and the operator dashboard at /. Several gateways may run against the same Redis: they
+    keep no state of their own."""
     settings = Settings.from_env().with_overrides(
         host=args.host, port=args.port, gateway_id=args.gateway_id
     )
@@ -109,13 +112,8 @@ def cmd_gateway(args: argparse.Namespace, make_app: AppFactory, worker_app: str)
 
 
 def register(sub: Any, make_app: AppFactory, worker_app: str) -> None:
-    p = sub.add_parser(
-        "gateway",
-        help="serve the WebSocket/HTTP gateway (uvicorn)",
-        description="Serve /ws/dashboard, /ws/edge/{edge_id}, /api/commands, /healthz, "
-        "/readyz, /metrics and the operator dashboard at /. Several gateways may run "
-        "against the same Redis: they keep no state of their own.",
-    )
+    summary = "serve the WebSocket/HTTP gateway (uvicorn)"
+    p = sub.add_parser("gateway", help=summary, description=cmd_gateway.__doc__)
     p.add_argument("--host", help="bind address (default DISPATCH_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default DISPATCH_PORT or 8000)")
     p.add_argument("--gateway-id", help="stable name of this gateway process (default: random)")

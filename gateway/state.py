@@ -7,7 +7,6 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from psycopg_pool import AsyncConnectionPool
 from starlette.requests import HTTPConnection
 
 from config.settings import Settings
@@ -38,7 +37,6 @@ class GatewayState:
     grants: GrantCache
     hub: Hub
     intake: Intake
-    pg: AsyncConnectionPool | None
     revocations: Revocations
     limiter: RateLimiter
     outbox_limit: int = 1000
@@ -83,18 +81,6 @@ class GatewayState:
             revocations=revocations,
             ledger_wait_s=settings.ledger_wait_s,
         )
-        pg = AsyncConnectionPool(
-            settings.database_url,
-            min_size=1,
-            max_size=4,
-            open=False,
-            timeout=5,
-            kwargs={"autocommit": True},
-        )
-        try:
-            await pg.open(wait=False)
-        except Exception as exc:  # commands flow without PostgreSQL; /readyz reports it
-            log.warning("gateway.postgres.unavailable error=%s", exc)
         auth = auth_from(settings)
         if auth.jwks is not None:
             await auth.jwks.refresh()  # a bad key set shows in the log at start, not later
@@ -109,7 +95,6 @@ class GatewayState:
             grants,
             hub,
             intake,
-            pg,
             revocations,
             limiter,
             outbox_limit=settings.outbox_frames,
@@ -118,9 +103,6 @@ class GatewayState:
     async def close(self) -> None:
         await self.hub.stop()
         await self.ledger.close()
-        if self.pg is not None:
-            with contextlib.suppress(Exception):
-                await self.pg.close()
         await self.redis.aclose()
         await self.tail_redis.aclose()
         log.info("gateway.stopped gateway_id=%s", self.gateway_id)

@@ -1,14 +1,17 @@
 """The audit HTTP routes: command history, refusals, stats and exports from the projection.
 
-They know nothing of the gateway: the composition root (dispatch/app.py) mounts them and
-hands each request's `AuditAccess` (the pool, the schema, the edges the caller may view)
-through a `Gate`, which answers the refusal itself when the caller may not read.
+They know nothing of the gateway: the composition root (dispatch/app.py) mounts them,
+opens their `AuditDatabase` for the life of the app and hands each request's `AuditAccess`
+(the pool, the schema, the edges the caller may view) through a `Gate`, which answers the
+refusal itself when the caller may not read.
 A PostgreSQL outage degrades these routes only (503 here), never a gateway's readiness.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
 import psycopg
@@ -19,6 +22,37 @@ from starlette.routing import Route
 
 from projections import queries, stats
 from schemas.errors import problem_body
+
+log = logging.getLogger("projections.api")
+
+
+class AuditDatabase:
+    """The audit's PostgreSQL pool, open while the composed app runs (`opened`).
+
+    `pool` is None outside that span. Opening never waits for PostgreSQL: commands flow
+    without it, and the audit routes answer 503 until it answers.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.pool: AsyncConnectionPool | None = None
+
+    @asynccontextmanager
+    async def opened(self) -> AsyncIterator[AsyncConnectionPool]:
+        pool = AsyncConnectionPool(
+            self.url, min_size=1, max_size=4, open=False, timeout=5, kwargs={"autocommit": True}
+        )
+        try:
+            await pool.open(wait=False)
+        except Exception as exc:  # the pool keeps trying; the routes answer 503 meanwhile
+            log.warning("audit.postgres.unavailable error=%s", exc)
+        self.pool = pool
+        try:
+            yield pool
+        finally:
+            self.pool = None
+            with suppress(Exception):
+                await pool.close()
 
 
 @dataclass(frozen=True)
@@ -141,13 +175,8 @@ def export(
 
     async def body() -> AsyncIterator[bytes]:
         async with pool.connection() as conn:
-            if isinstance(query, queries.RefusalQuery):
-                rows = queries.export_refusals(conn, schema, query, visible)
-                columns = queries.REFUSAL_COLUMNS
-            else:
-                rows = queries.export_commands(conn, schema, query, visible)
-                columns = queries.COLUMNS
-            async for chunk in queries.encode_export(rows, columns, fmt):
+            rows = queries.export_rows(conn, schema, query, visible)
+            async for chunk in queries.encode_export(rows, queries.export_columns(query), fmt):
                 yield chunk
 
     name = "rejections" if isinstance(query, queries.RefusalQuery) else "commands"

@@ -260,28 +260,16 @@ async def _audit_show(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _audit_export(settings: Settings, args: argparse.Namespace) -> int:
-    refusals = args.refusals
+    query = (
+        queries.RefusalQuery.from_params(_params(args, REFUSAL_FILTERS), export=True)
+        if args.refusals
+        else queries.AuditQuery.from_params(_params(args, COMMAND_FILTERS), export=True)
+    )
     out: TextIO = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115, ASYNC230
     count = 0
-    columns: tuple[str, ...]
     try:
         async with _reader(settings) as conn:
-            if refusals:
-                rows = queries.export_refusals(
-                    conn,
-                    settings.namespace,
-                    queries.RefusalQuery.from_params(_params(args, REFUSAL_FILTERS), export=True),
-                    None,
-                )
-                columns = queries.REFUSAL_COLUMNS
-            else:
-                rows = queries.export_commands(
-                    conn,
-                    settings.namespace,
-                    queries.AuditQuery.from_params(_params(args, COMMAND_FILTERS), export=True),
-                    None,
-                )
-                columns = queries.COLUMNS
+            rows = queries.export_rows(conn, settings.namespace, query, None)
 
             async def counted() -> AsyncIterator[dict[str, Any]]:
                 nonlocal count
@@ -289,7 +277,9 @@ async def _audit_export(settings: Settings, args: argparse.Namespace) -> int:
                     count += 1
                     yield row
 
-            async for chunk in queries.encode_export(counted(), columns, args.format):
+            async for chunk in queries.encode_export(
+                counted(), queries.export_columns(query), args.format
+            ):
                 out.write(chunk.decode())
     finally:
         if out is not sys.stdout:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
@@ -240,68 +240,69 @@ def _user_actor(user: str) -> str:
     return user if user.startswith("user:") else f"user:{user}"
 
 
+@dataclass(frozen=True, slots=True)
+class Order:
+    """A listing's order, newest first: its time column, then its key (the cursor's parts)."""
+
+    at: str
+    key: str
+
+
+COMMANDS_ORDER = Order("issued_at", "command_id")
+REFUSALS_ORDER = Order("at", "event_id")
+
+
 def _command_filters(
     query: AuditQuery, visible: frozenset[str] | None
 ) -> tuple[list[sql.Composable], list[Any]]:
-    return _filters(
-        [
-            ("edge_id", query.edge_id),
-            ("source", query.source),
-            ("actor", _user_actor(query.user) if query.user else None),
-            ("status", query.status),
-            ("command_type", query.command_type),
-        ],
-        time_column="issued_at",
-        key_column="command_id",
-        since=query.since,
-        until=query.until,
-        cursor=query.cursor,
-        visible=visible,
-    )
+    equal = [
+        ("edge_id", query.edge_id),
+        ("source", query.source),
+        ("actor", _user_actor(query.user) if query.user else None),
+        ("status", query.status),
+        ("command_type", query.command_type),
+    ]
+    return _filters(equal, query, COMMANDS_ORDER, visible)
 
 
-def _page(rows: list[dict[str, Any]], limit: int, at_column: str, key_column: str) -> Page:
+def _page(rows: list[dict[str, Any]], limit: int, order: Order) -> Page:
     """`limit` rows and a cursor after the last when the query found one row more."""
     more = len(rows) > limit
     rows = rows[:limit]
     last = rows[-1] if more and rows else None
-    cursor = Cursor(last[at_column], last[key_column]).encode() if last is not None else None
+    cursor = Cursor(last[order.at], last[order.key]).encode() if last is not None else None
     return Page([view(r) for r in rows], cursor)
 
 
 def _filters(
     equal: list[tuple[str, str | None]],
-    *,
-    time_column: str,
-    key_column: str,
-    since: datetime | None,
-    until: datetime | None,
-    cursor: Cursor | None,
+    query: AuditQuery | RefusalQuery,
+    order: Order,
     visible: frozenset[str] | None,
-    where: list[sql.Composable] | None = None,
-    args: list[Any] | None = None,
+    where: Sequence[sql.Composable] = (),
+    args: Sequence[Any] = (),
 ) -> tuple[list[sql.Composable], list[Any]]:
-    """WHERE parts and arguments: equalities, a time range, visible edges, the cursor."""
-    where = list(where or [])
-    args = list(args or [])
+    """WHERE parts and arguments: equalities, the query's time range and cursor (in
+    `order`), visible edges."""
+    parts, values = list(where), list(args)
     for column, value in equal:
         if value is not None:
-            where.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
-            args.append(pg_text(value))  # stored text is escaped the same way
-    t = sql.Identifier(time_column)
-    if since is not None:
-        where.append(sql.SQL("{} >= %s").format(t))
-        args.append(since)
-    if until is not None:
-        where.append(sql.SQL("{} < %s").format(t))
-        args.append(until)
+            parts.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
+            values.append(pg_text(value))  # stored text is escaped the same way
+    t = sql.Identifier(order.at)
+    if query.since is not None:
+        parts.append(sql.SQL("{} >= %s").format(t))
+        values.append(query.since)
+    if query.until is not None:
+        parts.append(sql.SQL("{} < %s").format(t))
+        values.append(query.until)
     if visible is not None:
-        where.append(sql.SQL("edge_id = ANY(%s)"))
-        args.append(sorted(visible))
-    if cursor is not None:
-        where.append(sql.SQL("({}, {}) < (%s, %s)").format(t, sql.Identifier(key_column)))
-        args.extend([cursor.at, pg_text(cursor.key)])
-    return where, args
+        parts.append(sql.SQL("edge_id = ANY(%s)"))
+        values.append(sorted(visible))
+    if query.cursor is not None:
+        parts.append(sql.SQL("({}, {}) < (%s, %s)").format(t, sql.Identifier(order.key)))
+        values.extend([query.cursor.at, pg_text(query.cursor.key)])
+    return parts, values
 
 
 def _where(parts: list[sql.Composable]) -> sql.Composable:
@@ -340,17 +341,7 @@ async def list_commands(
         s=sql.Identifier(schema),
         where=_where(where),
     )
-    return _page(
-        await _fetch(conn, statement, [*args, limit + 1]), limit, "issued_at", "command_id"
-    )
-
-
-async def export_commands(
-    conn: AsyncConnection, schema: str, query: AuditQuery, visible: frozenset[str] | None
-) -> AsyncIterator[dict[str, Any]]:
-    """Every matching command (up to `query.limit` when set), in chunks."""
-    async for row in _export(list_commands, conn, schema, query, visible):
-        yield row
+    return _page(await _fetch(conn, statement, [*args, limit + 1]), limit, COMMANDS_ORDER)
 
 
 async def show_command(
@@ -380,21 +371,13 @@ async def list_refusals(
 ) -> Page:
     """Inputs the gateway refused before admission (no command row exists for them)."""
     # Refusals naming no visible edge (bad JSON, failed logins) are for auditors only.
-    where, args = _filters(
-        [
-            ("edge_id", query.edge_id),
-            ("actor", _user_actor(query.user) if query.user else None),
-            ("error_code", query.code),
-        ],
-        time_column="at",
-        key_column="event_id",
-        since=query.since,
-        until=query.until,
-        cursor=query.cursor,
-        visible=visible,
-        where=[sql.SQL("chain = %s")],
-        args=[REFUSALS_CHAIN],
-    )
+    equal = [
+        ("edge_id", query.edge_id),
+        ("actor", _user_actor(query.user) if query.user else None),
+        ("error_code", query.code),
+    ]
+    in_chain = [sql.SQL("chain = %s")]
+    where, args = _filters(equal, query, REFUSALS_ORDER, visible, in_chain, [REFUSALS_CHAIN])
     limit = query.limit or DEFAULT_LIMIT
     # The payload's details are read here, not with `::jsonb`: jsonb refuses `\u0000`.
     statement = sql.SQL(
@@ -402,7 +385,7 @@ async def list_refusals(
         " FROM {s}.events {where} ORDER BY at DESC, event_id DESC LIMIT %s"
     ).format(s=sql.Identifier(schema), where=_where(where))
     rows = await _fetch(conn, statement, [*args, limit + 1])
-    return _page([_refusal(r) for r in rows], limit, "at", "event_id")
+    return _page([_refusal(r) for r in rows], limit, REFUSALS_ORDER)
 
 
 class _RefusalDetail(msgspec.Struct):
@@ -428,12 +411,21 @@ def _refusal(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-async def export_refusals(
-    conn: AsyncConnection, schema: str, query: RefusalQuery, visible: frozenset[str] | None
+def export_columns(query: AuditQuery | RefusalQuery) -> tuple[str, ...]:
+    """The columns of an export, in order: a refusal's or a command's."""
+    return REFUSAL_COLUMNS if isinstance(query, RefusalQuery) else COLUMNS
+
+
+def export_rows(
+    conn: AsyncConnection,
+    schema: str,
+    query: AuditQuery | RefusalQuery,
+    visible: frozenset[str] | None,
 ) -> AsyncIterator[dict[str, Any]]:
-    """Every matching refusal (up to `query.limit` when set), in chunks."""
-    async for row in _export(list_refusals, conn, schema, query, visible):
-        yield row
+    """Every matching refusal or command (up to `query.limit` when set), in chunks."""
+    if isinstance(query, RefusalQuery):
+        return _export(list_refusals, conn, schema, query, visible)
+    return _export(list_commands, conn, schema, query, visible)
 
 
 Q = TypeVar("Q", AuditQuery, RefusalQuery)

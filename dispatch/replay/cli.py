@@ -6,9 +6,10 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from config.settings import Settings, SettingsError
 from dispatch.replay.run import ReplayOptions, replay
@@ -29,24 +30,26 @@ def _time(raw: str) -> datetime:
     return value
 
 
-def _speed(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--speed {raw!r} is not a number") from None
-    if not 0 < value <= 1000:
-        raise argparse.ArgumentTypeError(f"--speed must be above 0 and at most 1000, got {raw}")
-    return value
+N = TypeVar("N", int, float)
 
 
-def _cycle_ms(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--cycle-ms {raw!r} is not a whole number") from None
-    if not 10 <= value <= 60_000:
-        raise argparse.ArgumentTypeError(f"--cycle-ms must be 10 to 60000 ms, got {raw}")
-    return value
+def _number(
+    flag: str, kind: Callable[[str], N], rule: str, ok: Callable[[N], bool]
+) -> Callable[[str], N]:
+    """An argparse type: a number (`kind` int: a whole one) for which `ok` holds; a refusal
+    names the flag and the `rule`."""
+    noun = "a whole number" if kind is int else "a number"
+
+    def parse(raw: str) -> N:
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {raw!r} is not {noun}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{flag} must be {rule}, got {raw}")
+        return value
+
+    return parse
 
 
 def _config(path: Path | None) -> bytes | None:
@@ -66,6 +69,12 @@ def _config(path: Path | None) -> bytes | None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    """Read the commands issued to EDGE between --from and --to and their lifecycles from
+    the ledger (or the audit tables), re-run them in a sandbox (namespace replay-*, private
+    gateway, simulated devices, a real edge agent) that never touches live streams, in the
+    recorded happens-before order with the recorded spacing divided by --speed and the
+    recorded connectivity, and compare outcomes per command. Exit 0 when all are equal, 1
+    when some differ, 2 when the replay cannot run. See docs/replay.md."""
     if args.end <= args.start:
         print("dispatch replay: --to must be later than --from", file=sys.stderr)
         return 2
@@ -94,17 +103,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "replay",
-        help="re-run a recorded window of an edge's commands against a sandboxed edge",
-        description="Read the commands issued to EDGE between --from and --to and their "
-        "lifecycles from the ledger (or the audit tables), re-run them in a sandbox "
-        "(namespace replay-*, private gateway, simulated devices, a real edge agent) that "
-        "never touches live streams, in the recorded happens-before order with the "
-        "recorded spacing divided by --speed and the recorded connectivity, and compare "
-        "outcomes per command. Exit 0 when all are equal, 1 when some differ, 2 when the "
-        "replay cannot run. See docs/replay.md.",
-    )
+    summary = "re-run a recorded window of an edge's commands against a sandboxed edge"
+    p = sub.add_parser("replay", help=summary, description=cmd_replay.__doc__)
     p.add_argument(
         "--edge", required=True, metavar="EDGE", help="the edge whose commands to replay"
     )
@@ -120,7 +120,10 @@ def register(sub: Any) -> None:
         "--to", dest="end", required=True, type=_time, metavar="TIME", help="ISO 8601, with zone"
     )
     p.add_argument(
-        "--speed", type=_speed, default=1.0, help="replay N times faster than recorded (1)"
+        "--speed",
+        type=_number("--speed", float, "above 0 and at most 1000", lambda v: 0 < v <= 1000),
+        default=1.0,
+        help="replay N times faster than recorded (1)",
     )
     p.add_argument(
         "--settle-s",
@@ -145,7 +148,7 @@ def register(sub: Any) -> None:
         "--cycle-ms",
         "--cycle-period-ms",
         dest="cycle_period_ms",
-        type=_cycle_ms,
+        type=_number("--cycle-ms", int, "10 to 60000 ms", lambda v: 10 <= v <= 60_000),
         metavar="N",
         default=None,
         help="what-if: the sandbox edge's Core Cycle period (the agent's default)",

@@ -43,6 +43,9 @@ def test_a_gateway_alone_reaches_expiry_and_timeout_verdicts(gateway_only: Site)
     # The audit's outage is reported but never takes the gateway out of rotation.
     assert ready["checks"]["postgres"]["ok"] is False, ready
     assert code == 200 and ready["ready"] is True, ready
+    # Only the audit routes say it: 503 with the cause, not 500.
+    code, _, listing = http("GET", f"{site.gw.http}/api/commands", token)
+    assert code == 503 and "does not answer" in listing["error"]["message"], listing
 
     offline = command(f"cmd_{uuid.uuid4().hex[:12]}", edge_id=OFFLINE_EDGE, expiry_sec=2)
     silent = command(f"silent_{uuid.uuid4().hex[:12]}", edge_id=EDGE)
