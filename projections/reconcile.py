@@ -1,0 +1,568 @@
+"""Reconciliation: find events the audit tables hold that the ledger has lost.
+
+Redis is the source of truth, but it can lose acknowledged writes: an AOF tail cut
+short (`aof-load-truncated yes` loads what precedes the cut) or a failover to a replica
+that had not received the last writes. The projector may already have stored those
+events in PostgreSQL, and the edge may have acted on them. Nothing else compares the
+two sides, so this module does, per partition log:
+
+* the ledger side: the log's first retained entry, its last generated id and the
+  projector group's last delivered id;
+* the audit side: the stored position and every chain link projected from that log.
+
+A link must still be in the log when its entry id is at or after the log's first
+retained entry (retention trims from the front only, docs/operations.md). A link that
+is not is an event the ledger lost: a *ledger regression*. It is logged once as
+`ledger.reconcile.gap`, counted in the `dispatch_ledger_missing_events` gauge, recorded
+in `ledger_gaps` (so `dispatch audit verify` explains those links) and reported with
+each affected command's last status on both sides.
+
+The hash chains are not touched: they live in PostgreSQL only and the writer extends
+each from the head it stored, so events the ledger appends after the regression link
+after the lost ones and every chain stays whole. What the lost links mean is what
+`ledger_gaps` records.
+
+The projector runs a full check at start and whenever the Redis server changed (its
+`run_id`: a restart or a failover, the only ways to lose data), and an incremental one
+(links stored since the last check) every `interval_s`; `dispatch audit reconcile`
+runs a full check and reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import Gauge
+from psycopg import AsyncConnection, sql
+
+from ledger.keys import PROJECTOR_GROUP, Keys
+from projections.quarantine import REGISTRY
+from projections.schema import REFUSALS_CHAIN
+from projections.writer import START, entry_key
+
+log = logging.getLogger("projections.reconcile")
+
+MISSING = Gauge(
+    "dispatch_ledger_missing_events",
+    "Events the audit tables hold that the ledger (Redis) lost, per partition log "
+    "(`audit` = the refusals stream), as found by the projector's last reconciliation; "
+    "counted while the log still retains the range they fell in",
+    ["partition"],
+    registry=REGISTRY,
+)
+
+PAGE = 1000  # links read per query, entry ids checked per Redis pipeline
+SHOWN_COMMANDS = 20  # commands named in one alarm line
+ACTION = (
+    "Redis lost events it had acknowledged (truncated AOF tail or failover to a lagging "
+    "replica); the audit keeps them. Check the named commands on their devices, run "
+    "`dispatch audit reconcile` for the report, and run Redis with appendfsync always "
+    "(docs/guarantees.md)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """One stored chain link, as reconciliation needs it."""
+
+    chain: str
+    seq: int
+    entry_id: str
+    event_id: str
+    command_id: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class Affected:
+    """A command with lost events: its last status in the audit and in the ledger."""
+
+    command_id: str
+    edge_id: str
+    audit: str
+    ledger: str  # `gone` when the ledger has no record of it any more
+
+    def line(self) -> str:
+        return f"command {self.command_id} (edge {self.edge_id}): audit {self.audit}, ledger {self.ledger}"
+
+
+@dataclass
+class StreamCheck:
+    """One log compared with what the audit holds of it."""
+
+    stream: str
+    partition: str  # the partition number, or `audit` for the refusals stream
+    ledger_first: str | None  # first retained entry (None: empty or no log)
+    ledger_last: str  # last generated entry id ('0-0': no log)
+    group: str | None  # the projector group's last delivered id
+    position: str  # the audit's stored position
+    checked: int = 0  # audit links compared with the log
+    missing: list[Link] = field(default_factory=list)
+    affected: list[Affected] = field(default_factory=list)
+
+    @property
+    def regressed(self) -> bool:
+        """The audit stored entries past the last id the log ever generated."""
+        return entry_key(self.position) > entry_key(self.ledger_last)
+
+    def runs(self) -> list[tuple[str, int, int, list[Link]]]:
+        """The missing links as (chain, first seq, last seq, links) runs of consecutive seqs."""
+        out: list[tuple[str, int, int, list[Link]]] = []
+        for link in sorted(self.missing, key=lambda x: (x.chain, x.seq)):
+            if out and out[-1][0] == link.chain and out[-1][2] + 1 == link.seq:
+                chain, first, _, links = out[-1]
+                out[-1] = (chain, first, link.seq, [*links, link])
+            else:
+                out.append((link.chain, link.seq, link.seq, [link]))
+        return out
+
+    def alarm(self) -> str:
+        ids = sorted((x.entry_id for x in self.missing), key=entry_key)
+        commands = sorted({x.command_id for x in self.missing if x.command_id})
+        shown = ",".join(commands[:SHOWN_COMMANDS])
+        if len(commands) > SHOWN_COMMANDS:
+            shown += f",+{len(commands) - SHOWN_COMMANDS} more"
+        chains = ",".join(f"{c}:{a}..{b}" for c, a, b, _ in self.runs())
+        return (
+            f"ledger.reconcile.gap partition={self.partition} stream={self.stream} "
+            f"missing={len(self.missing)} first={ids[0]} last={ids[-1]} "
+            f"ledger_last={self.ledger_last} audit_position={self.position} "
+            f"chains={chains} commands={shown or '-'} action={ACTION}"
+        )
+
+
+@dataclass
+class Reconciliation:
+    streams: list[StreamCheck] = field(default_factory=list)
+    full: bool = True
+
+    @property
+    def gaps(self) -> list[StreamCheck]:
+        return [s for s in self.streams if s.missing]
+
+    @property
+    def missing(self) -> int:
+        return sum(len(s.missing) for s in self.streams)
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _q(statement: str, schema: str) -> sql.Composed:
+    return sql.SQL(statement).format(s=sql.Identifier(schema))
+
+
+class Reconciler:
+    """Compares the ledger's logs with the audit tables of one namespace."""
+
+    def __init__(self, redis: Any, keys: Keys, schema: str, *, retain_log_s: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.schema = schema
+        self.retain_log_s = retain_log_s
+        self.server = ""  # run_id of the Redis server the marks below were checked against
+        self.verified: dict[str, int] = {}  # chain -> highest seq known present or recorded
+        self.found: dict[str, dict[str, Link]] = {}  # stream -> entry id -> lost link
+        self.alarmed: set[tuple[str, str]] = set()  # (stream, entry id) already logged
+
+    def stream_of(self, chain: str) -> str:
+        if chain == REFUSALS_CHAIN:
+            return self.keys.audit()
+        return self.keys.log(self.keys.partition(chain))
+
+    def _label(self, stream: str) -> str:
+        if stream == self.keys.audit():
+            return "audit"
+        return stream.rsplit("{p", 1)[-1].split("}", 1)[0]
+
+    async def server_id(self) -> str:
+        try:
+            info = await self.redis.info("server")
+        except Exception:  # a cluster client answers per node: always check in full
+            return ""
+        return _s(info.get("run_id", "")) if isinstance(info, dict) else ""
+
+    async def check(
+        self, conn: AsyncConnection, streams: Iterable[str] | None = None, *, full: bool = False
+    ) -> Reconciliation:
+        """Compare `streams` (default: every log the audit holds links of)."""
+        server = await self.server_id()
+        if full or not server or server != self.server:
+            self.verified.clear()
+            full = True
+        heads = await self._heads(conn)
+        positions = await self._positions(conn)
+        by_stream: dict[str, list[str]] = {}
+        for chain in heads:
+            by_stream.setdefault(self.stream_of(chain), []).append(chain)
+        wanted = sorted(set(streams) if streams is not None else set(by_stream) | set(positions))
+        result = Reconciliation(full=full)
+        for stream in wanted:
+            check = await self._check_stream(
+                conn, stream, by_stream.get(stream, []), heads, positions.get(stream, START)
+            )
+            result.streams.append(check)
+        self.server = server
+        return result
+
+    async def _heads(self, conn: AsyncConnection) -> dict[str, int]:
+        cur = await conn.execute(_q("SELECT chain, seq FROM {s}.chains", self.schema))
+        return {str(c): int(n) for c, n in await cur.fetchall()}
+
+    async def _positions(self, conn: AsyncConnection) -> dict[str, str]:
+        cur = await conn.execute(_q("SELECT stream, entry_id FROM {s}.positions", self.schema))
+        return {str(s): str(e) for s, e in await cur.fetchall()}
+
+    async def _ledger(self, stream: str) -> tuple[str | None, str, str | None]:
+        """(first retained entry, last generated id, projector group position) of a log."""
+        try:
+            info = await self.redis.xinfo_stream(stream)
+        except Exception as exc:
+            if "no such key" in str(exc).lower():
+                return None, START, None
+            raise
+        first = info.get("first-entry")
+        last = _s(info.get("last-generated-id", START))
+        group: str | None = None
+        for g in await self.redis.xinfo_groups(stream):
+            if _s(g.get("name")) == PROJECTOR_GROUP:
+                group = _s(g.get("last-delivered-id"))
+        return (_s(first[0]) if first else None), last, group
+
+    def _floor(self, first: str | None, last: str, exists: bool) -> tuple[tuple[int, int], bool]:
+        """The lowest entry key a stored link must still be found at, and whether that key
+        itself counts. Retention trims from the front: everything from the first retained
+        entry on is kept; an empty log keeps nothing up to its last id; a log that does
+        not exist at all kept (at least) its retention window."""
+        if first is not None:
+            return entry_key(first), True
+        if exists:
+            return entry_key(last), False
+        return (int(time.time() * 1000) - self.retain_log_s * 1000, 0), True
+
+    async def _check_stream(
+        self,
+        conn: AsyncConnection,
+        stream: str,
+        chains: list[str],
+        heads: dict[str, int],
+        position: str,
+    ) -> StreamCheck:
+        first, last, group = await self._ledger(stream)
+        exists = first is not None or last != START
+        check = StreamCheck(stream, self._label(stream), first, last, group, position)
+        floor, inclusive = self._floor(first, last, exists)
+        candidates: list[Link] = []
+        for chain in chains:
+            candidates += await self._links(conn, stream, chain, heads[chain], floor, inclusive)
+        check.checked = len(candidates)
+        present = await self._present(stream, [x.entry_id for x in candidates])
+        lost = [x for x in candidates if x.entry_id not in present]
+        if lost:
+            # Trimmed meanwhile (older than the retention window and stored) is not lost.
+            first_now, _, _ = await self._ledger(stream)
+            if first_now is not None:
+                lost = [x for x in lost if entry_key(x.entry_id) >= entry_key(first_now)]
+        known = self.found.setdefault(stream, {})
+        for link in lost:
+            known[link.entry_id] = link
+        for entry_id in [e for e in known if not _kept(entry_key(e), floor, inclusive)]:
+            del known[entry_id]  # the log's retained range has moved past it
+        for chain in chains:
+            self.verified[chain] = heads[chain]
+        check.missing = sorted(known.values(), key=lambda x: entry_key(x.entry_id))
+        if check.missing:
+            check.affected = await self._affected(conn, check.missing)
+        return check
+
+    async def _links(
+        self,
+        conn: AsyncConnection,
+        stream: str,
+        chain: str,
+        head: int,
+        floor: tuple[int, int],
+        inclusive: bool,
+    ) -> list[Link]:
+        """The chain's links from `stream` that the log must still hold, newest first,
+        down to the last verified one."""
+        done = self.verified.get(chain, 0)
+        out: list[Link] = []
+        upper = head
+        while upper > done:
+            cur = await conn.execute(
+                _q(
+                    "SELECT seq, entry_id, event_id, command_id, status, stream FROM {s}.events"
+                    " WHERE chain = %s AND seq > %s AND seq <= %s ORDER BY seq DESC LIMIT %s",
+                    self.schema,
+                ),
+                (chain, max(done, upper - PAGE), upper, PAGE),
+            )
+            rows = await cur.fetchall()
+            if not rows:
+                break  # stored links are contiguous up to the head: none lower either
+            below = False
+            for seq, entry_id, event_id, command_id, status, from_stream in rows:
+                if str(from_stream) != stream:
+                    continue
+                if not _kept(entry_key(str(entry_id)), floor, inclusive):
+                    below = True
+                    break
+                out.append(
+                    Link(chain, int(seq), str(entry_id), str(event_id), str(command_id), status)
+                )
+            if below:
+                break
+            upper = int(rows[-1][0]) - 1
+        return out
+
+    async def _present(self, stream: str, entry_ids: list[str]) -> set[str]:
+        present: set[str] = set()
+        for at in range(0, len(entry_ids), PAGE):
+            chunk = entry_ids[at : at + PAGE]
+            pipe = self.redis.pipeline(transaction=False)
+            for entry_id in chunk:
+                pipe.xrange(stream, entry_id, entry_id, count=1)
+            for entry_id, found in zip(chunk, await pipe.execute(), strict=True):
+                if found:
+                    present.add(entry_id)
+        return present
+
+    async def _affected(self, conn: AsyncConnection, lost: list[Link]) -> list[Affected]:
+        edges = {x.command_id: x.chain for x in lost if x.command_id and x.chain != REFUSALS_CHAIN}
+        if not edges:
+            return []
+        cur = await conn.execute(
+            _q(
+                "SELECT command_id, status FROM {s}.commands WHERE command_id = ANY(%s)",
+                self.schema,
+            ),
+            (sorted(edges),),
+        )
+        audit = {str(c): str(s) for c, s in await cur.fetchall()}
+        out: list[Affected] = []
+        for command_id, edge in sorted(edges.items()):
+            status = await self.redis.hget(self.keys.command(edge, command_id), "status")
+            out.append(
+                Affected(
+                    command_id,
+                    edge,
+                    audit.get(command_id, "-"),
+                    _s(status) if status is not None else "gone",
+                )
+            )
+        return out
+
+    def publish(self, result: Reconciliation) -> None:
+        """Log each newly found loss once, and set the gauge of every log checked."""
+        for check in result.streams:
+            MISSING.labels(partition=check.partition).set(len(check.missing))
+            fresh = [x for x in check.missing if (check.stream, x.entry_id) not in self.alarmed]
+            if not fresh:
+                continue
+            log.error("%s", check.alarm())
+            for affected in check.affected:
+                log.warning("ledger.reconcile.command %s", affected.line())
+            self.alarmed.update((check.stream, x.entry_id) for x in check.missing)
+
+
+async def record(conn: AsyncConnection, schema: str, result: Reconciliation) -> None:
+    """Keep each lost run of links in `ledger_gaps` (idempotent: a run found again
+    keeps its first detection time and grows if it is longer now)."""
+    rows = [
+        (
+            chain,
+            first,
+            last,
+            check.stream,
+            links[0].entry_id,
+            links[-1].entry_id,
+            len(links),
+            sorted({x.command_id for x in links if x.command_id}),
+            check.ledger_last,
+        )
+        for check in result.gaps
+        for chain, first, last, links in check.runs()
+    ]
+    if not rows:
+        return
+    async with conn.transaction(), conn.cursor() as cur:
+        await cur.executemany(
+            _q(
+                "INSERT INTO {s}.ledger_gaps (chain, first_seq, last_seq, stream, first_entry,"
+                " last_entry, missing, commands, ledger_last) VALUES"
+                " (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (chain, first_seq) DO UPDATE"
+                " SET last_seq = GREATEST({s}.ledger_gaps.last_seq, EXCLUDED.last_seq),"
+                " last_entry = EXCLUDED.last_entry, missing = GREATEST({s}.ledger_gaps.missing,"
+                " EXCLUDED.missing), commands = EXCLUDED.commands",
+                schema,
+            ),
+            rows,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedGap:
+    """A run of chain links the ledger lost, as `dispatch audit verify` explains it."""
+
+    chain: str
+    first_seq: int
+    last_seq: int
+    stream: str
+    first_entry: str
+    last_entry: str
+    missing: int
+    commands: list[str]
+    ledger_last: str
+    detected_at: Any
+
+    def line(self) -> str:
+        edge = "gateway refusals" if self.chain == REFUSALS_CHAIN else f"edge {self.chain}"
+        return (
+            f"{edge}: seq {self.first_seq}..{self.last_seq} ({self.missing} events, log "
+            f"{self.stream} entries {self.first_entry}..{self.last_entry}, detected "
+            f"{self.detected_at.isoformat(timespec='seconds')}): stored here, lost by the "
+            f"ledger (its log ended at {self.ledger_last}); links after seq {self.last_seq} "
+            f"were appended by the ledger afterwards and continue this chain"
+        )
+
+
+async def recorded(conn: AsyncConnection, schema: str) -> list[RecordedGap]:
+    """Every recorded ledger regression (none on a schema older than the table)."""
+    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}".ledger_gaps',))
+    row = await cur.fetchone()
+    if not (row and row[0]):
+        return []
+    cur = await conn.execute(
+        _q(
+            "SELECT chain, first_seq, last_seq, stream, first_entry, last_entry, missing,"
+            " commands, ledger_last, detected_at FROM {s}.ledger_gaps ORDER BY chain, first_seq",
+            schema,
+        )
+    )
+    return [
+        RecordedGap(str(c), int(a), int(b), str(s), str(f), str(la), int(m), list(cm), str(ll), d)
+        for c, a, b, s, f, la, m, cm, ll, d in await cur.fetchall()
+    ]
+
+
+def _kept(key: tuple[int, int], floor: tuple[int, int], inclusive: bool) -> bool:
+    return key >= floor if inclusive else key > floor
+
+
+class ReconcileLoop:
+    """The projector's reconciliation for the logs it holds: a full check at start and
+    within `probe_s` of a Redis restart or failover (a new `run_id`), an incremental one
+    (links stored since) every `interval_s`."""
+
+    def __init__(
+        self,
+        reconciler: Reconciler,
+        connect: Callable[[], Awaitable[AsyncConnection]],
+        streams: Callable[[], list[str]],
+        *,
+        interval_s: float = 30.0,
+        probe_s: float = 2.0,
+    ) -> None:
+        self.reconciler = reconciler
+        self.connect = connect
+        self.streams = streams
+        self.interval_s = interval_s
+        self.probe_s = probe_s
+        self.runs = 0
+        self.labels: set[str] = set()  # partitions this loop's gauge reports
+
+    async def tick(self, conn: AsyncConnection) -> Reconciliation:
+        result = await self.reconciler.check(conn, self.streams())
+        await record(conn, self.reconciler.schema, result)
+        self.reconciler.publish(result)
+        now = {check.partition for check in result.streams}
+        for label in self.labels - now:  # a partition another projector holds now
+            with contextlib.suppress(KeyError):
+                MISSING.remove(label)
+        self.labels = now
+        self.runs += 1
+        return result
+
+    async def _due(self, next_at: float) -> bool:
+        if time.monotonic() >= next_at or not self.reconciler.server:
+            return True
+        return await self.reconciler.server_id() != self.reconciler.server
+
+    async def run(self) -> None:
+        conn: AsyncConnection | None = None
+        next_at = 0.0
+        failing = False
+        while True:
+            try:
+                if self.streams() and await self._due(next_at):
+                    if conn is None or conn.closed:
+                        conn = await self.connect()
+                    await self.tick(conn)
+                    next_at = time.monotonic() + self.interval_s
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis or PostgreSQL away: the next probe retries
+                if not failing:  # once per outage, not every probe
+                    log.warning(
+                        "ledger.reconcile.failed error=%s; retrying every %.0f s",
+                        _first_line(exc),
+                        self.probe_s,
+                    )
+                failing = True
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                conn = None
+            await asyncio.sleep(self.probe_s)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def held_streams(keys: Keys, held: Iterable[int]) -> list[str]:
+    """The logs a projector holding partitions `held` projects (partition 0: the audit
+    stream too)."""
+    parts = sorted(held)
+    return [keys.log(p) for p in parts] + ([keys.audit()] if 0 in parts else [])
+
+
+def report(result: Reconciliation, schema: str) -> list[str]:
+    """`dispatch audit reconcile`'s text: one line per log with a gap, its runs of lost
+    links and the affected commands, then what to do."""
+    checked = sum(s.checked for s in result.streams)
+    scope = f"{len(result.streams)} logs, {checked} retained links of schema {schema}"
+    if not result.gaps:
+        lines = [f"ledger reconciled: the ledger holds every event the audit has ({scope})"]
+    else:
+        lines = [
+            f"ledger REGRESSION: {result.missing} events stored in the audit are missing "
+            f"from the ledger in {len(result.gaps)} log(s) ({scope} compared)"
+        ]
+    for check in result.streams:
+        if not check.missing and not check.regressed:
+            continue
+        lines.append(
+            f"  partition {check.partition} ({check.stream}): {len(check.missing)} missing; "
+            f"ledger last entry {check.ledger_last}, projector group at {check.group or '-'}, "
+            f"audit position {check.position}"
+        )
+        for chain, first, last, links in check.runs():
+            lines.append(
+                f"    chain {chain}: seq {first}..{last}, entries "
+                f"{links[0].entry_id}..{links[-1].entry_id}"
+            )
+        lines += [f"    {a.line()}" for a in check.affected]
+    if result.gaps:
+        lines.append(f"what to do: {ACTION}")
+    return lines
