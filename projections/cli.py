@@ -366,7 +366,7 @@ async def _audit_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         await redis.aclose()
     print("\n".join(reconcile.report(result, settings.namespace)))
-    return 1 if result.gaps else 0
+    return 1 if result.gaps or result.skipped else 0
 
 
 async def _audit_stats(settings: Settings, args: argparse.Namespace) -> int:

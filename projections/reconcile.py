@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from prometheus_client import Gauge
 from psycopg import AsyncConnection, sql
 
@@ -105,6 +106,10 @@ class StreamCheck:
     checked: int = 0  # audit links compared with the log
     missing: list[Link] = field(default_factory=list)
     affected: list[Affected] = field(default_factory=list)
+    # Ledger entries at or before the stored position that the audit never stored (nor
+    # quarantined): appended after a regression with ids the projector had passed (a
+    # promoted replica whose clock is behind). The projector rewinds its position.
+    unprojected: list[str] = field(default_factory=list)
 
     @property
     def regressed(self) -> bool:
@@ -147,6 +152,10 @@ class Reconciliation:
         return [s for s in self.streams if s.missing]
 
     @property
+    def skipped(self) -> list[StreamCheck]:
+        return [s for s in self.streams if s.unprojected]
+
+    @property
     def missing(self) -> int:
         return sum(len(s.missing) for s in self.streams)
 
@@ -171,6 +180,7 @@ class Reconciler:
         self.verified: dict[str, int] = {}  # chain -> highest seq known present or recorded
         self.found: dict[str, dict[str, Link]] = {}  # stream -> entry id -> lost link
         self.alarmed: set[tuple[str, str]] = set()  # (stream, entry id) already logged
+        self.checked_to: dict[str, str] = {}  # stream -> position its entries were checked to
 
     def stream_of(self, chain: str) -> str:
         if chain == REFUSALS_CHAIN:
@@ -196,6 +206,7 @@ class Reconciler:
         server = await self.server_id()
         if full or not server or server != self.server:
             self.verified.clear()
+            self.checked_to.clear()
             full = True
         heads = await self._heads(conn)
         positions = await self._positions(conn)
@@ -263,8 +274,10 @@ class Reconciler:
         for chain in chains:
             candidates += await self._links(conn, stream, chain, heads[chain], floor, inclusive)
         check.checked = len(candidates)
-        present = await self._present(stream, [x.entry_id for x in candidates])
-        lost = [x for x in candidates if x.entry_id not in present]
+        # Same entry id and same event: after a regression the log may reuse an id (the
+        # same millisecond, or a clock behind) for a different event.
+        held = await self._in_ledger(stream, [x.entry_id for x in candidates])
+        lost = [x for x in candidates if held.get(x.entry_id) != x.event_id]
         if lost:
             # Trimmed meanwhile (older than the retention window and stored) is not lost.
             first_now, _, _ = await self._ledger(stream)
@@ -280,7 +293,51 @@ class Reconciler:
         check.missing = sorted(known.values(), key=lambda x: entry_key(x.entry_id))
         if check.missing:
             check.affected = await self._affected(conn, check.missing)
+        since = self.checked_to.get(stream)
+        low = (entry_key(since), False) if since is not None else (floor, inclusive)
+        stored = {x.entry_id: x.event_id for x in candidates}
+        check.unprojected = await self._unprojected(conn, stream, low, position, stored)
+        self.checked_to[stream] = position
         return check
+
+    async def _unprojected(
+        self,
+        conn: AsyncConnection,
+        stream: str,
+        low: tuple[tuple[int, int], bool],
+        position: str,
+        stored: dict[str, str],
+    ) -> list[str]:
+        """Ledger entries from `low` up to `position` that the audit neither stored nor
+        quarantined, and whose event id it does not hold from another entry."""
+        if position == START:
+            return []
+        (ms, seq), inclusive = low
+        start = f"{ms}-{seq}" if inclusive else f"({ms}-{seq}"
+        unseen: dict[str, str] = {}  # entry id -> event id
+        while True:
+            rows: Any = await self.redis.xrange(stream, start, position, count=PAGE)
+            for raw_id, fields in rows:
+                entry_id, event_id = _s(raw_id), _event_id(fields)
+                if stored.get(entry_id) != event_id:
+                    unseen[entry_id] = event_id
+            if len(rows) < PAGE:
+                break
+            start = f"({_s(rows[-1][0])}"
+        if not unseen:
+            return []
+        cur = await conn.execute(
+            _q("SELECT entry_id FROM {s}.quarantine WHERE stream = %s", self.schema), (stream,)
+        )
+        held = {str(r[0]) for r in await cur.fetchall()}
+        cur = await conn.execute(
+            _q("SELECT event_id FROM {s}.events WHERE event_id = ANY(%s)", self.schema),
+            (sorted({e for e in unseen.values() if e}),),
+        )
+        known = {str(r[0]) for r in await cur.fetchall()}
+        return sorted(
+            (e for e, ev in unseen.items() if e not in held and ev not in known), key=entry_key
+        )
 
     async def _links(
         self,
@@ -323,17 +380,18 @@ class Reconciler:
             upper = int(rows[-1][0]) - 1
         return out
 
-    async def _present(self, stream: str, entry_ids: list[str]) -> set[str]:
-        present: set[str] = set()
+    async def _in_ledger(self, stream: str, entry_ids: list[str]) -> dict[str, str]:
+        """entry id -> the event id the log holds there, for those of `entry_ids` it has."""
+        found: dict[str, str] = {}
         for at in range(0, len(entry_ids), PAGE):
             chunk = entry_ids[at : at + PAGE]
             pipe = self.redis.pipeline(transaction=False)
             for entry_id in chunk:
                 pipe.xrange(stream, entry_id, entry_id, count=1)
-            for entry_id, found in zip(chunk, await pipe.execute(), strict=True):
-                if found:
-                    present.add(entry_id)
-        return present
+            for entry_id, rows in zip(chunk, await pipe.execute(), strict=True):
+                if rows:
+                    found[entry_id] = _event_id(rows[0][1])
+        return found
 
     async def _affected(self, conn: AsyncConnection, lost: list[Link]) -> list[Affected]:
         edges = {x.command_id: x.chain for x in lost if x.command_id and x.chain != REFUSALS_CHAIN}
@@ -453,6 +511,47 @@ async def recorded(conn: AsyncConnection, schema: str) -> list[RecordedGap]:
     ]
 
 
+def _event_id(fields: Any) -> str:
+    """The event id in a log entry's `e` field ('' when it has none or is not JSON)."""
+    raw = fields.get(b"e", fields.get("e")) if isinstance(fields, dict) else None
+    if raw is None:
+        return ""
+    try:
+        return str(_EVENT_ID.decode(raw).event_id)
+    except msgspec.DecodeError:
+        return ""
+
+
+class _EventId(msgspec.Struct):
+    event_id: str = ""
+
+
+_EVENT_ID = msgspec.json.Decoder(_EventId)
+
+
+def before(entry_id: str) -> str:
+    """The greatest stream id below `entry_id` (a position that re-reads it)."""
+    ms, seq = entry_key(entry_id)
+    return f"{ms}-{seq - 1}" if seq > 0 else f"{ms - 1}-18446744073709551615"
+
+
+async def rewind(conn: AsyncConnection, schema: str, check: StreamCheck) -> str | None:
+    """Move the stream's stored position back before its first unprojected entry so the
+    projector reads those entries (events it already stores are skipped by id, so the
+    chain stays whole). Compare-and-set on the position this check read: a batch that
+    committed meanwhile wins, and the next round looks again. Returns the new position."""
+    to = before(check.unprojected[0])
+    cur = await conn.execute(
+        _q(
+            "UPDATE {s}.positions SET entry_id = %s, updated_at = now()"
+            " WHERE stream = %s AND entry_id = %s",
+            schema,
+        ),
+        (to, check.stream, check.position),
+    )
+    return to if cur.rowcount == 1 else None
+
+
 def _kept(key: tuple[int, int], floor: tuple[int, int], inclusive: bool) -> bool:
     return key >= floor if inclusive else key > floor
 
@@ -483,6 +582,23 @@ class ReconcileLoop:
         result = await self.reconciler.check(conn, self.streams())
         await record(conn, self.reconciler.schema, result)
         self.reconciler.publish(result)
+        for check in result.skipped:
+            to = await rewind(conn, self.reconciler.schema, check)
+            log.error(
+                "ledger.reconcile.unprojected partition=%s stream=%s entries=%d first=%s "
+                "last=%s audit_position=%s rewound_to=%s action=%s",
+                check.partition,
+                check.stream,
+                len(check.unprojected),
+                check.unprojected[0],
+                check.unprojected[-1],
+                check.position,
+                to or "- (a batch moved the position meanwhile; checked again next round)",
+                "the ledger appended entries with ids the projector had passed (a promoted "
+                "replica's clock is behind); the projector now reads them. Fix the clock",
+            )
+            if to is not None:
+                self.reconciler.checked_to[check.stream] = to
         now = {check.partition for check in result.streams}
         for label in self.labels - now:  # a partition another projector holds now
             with contextlib.suppress(KeyError):
@@ -549,6 +665,13 @@ def report(result: Reconciliation, schema: str) -> list[str]:
             f"ledger REGRESSION: {result.missing} events stored in the audit are missing "
             f"from the ledger in {len(result.gaps)} log(s) ({scope} compared)"
         ]
+    for check in result.skipped:
+        lines.append(
+            f"ledger entries NOT PROJECTED: partition {check.partition} ({check.stream}): "
+            f"{len(check.unprojected)} entries {check.unprojected[0]}..{check.unprojected[-1]} "
+            f"are at or before the audit position {check.position} but not in the audit; a "
+            "running projector rewinds its position and reads them"
+        )
     for check in result.streams:
         if not check.missing and not check.regressed:
             continue
