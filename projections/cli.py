@@ -84,12 +84,15 @@ async def _projector(settings: Settings, args: argparse.Namespace) -> int:
             reconcile.Reconciler(
                 redis, ledger.keys, settings.namespace, retain_log_s=settings.retain_log_s
             ),
-            lambda: projector.database.connect_writer(f"dispatch-reconcile:{projector.owner}"),
+            lambda: projector.database.connect_writer(
+                f"dispatch-reconcile:{settings.namespace}:{projector.owner}"
+            ),
             lambda: (
                 reconcile.held_streams(ledger.keys, projector.leases.held)
                 if projector.storage
                 else []
             ),
+            interval_s=settings.reconcile_interval_s,
         )
         await asyncio.gather(projector.run(), checks.run())
         return 0

@@ -180,7 +180,7 @@ class Reconciler:
         self.verified: dict[str, int] = {}  # chain -> highest seq known present or recorded
         self.found: dict[str, dict[str, Link]] = {}  # stream -> entry id -> lost link
         self.alarmed: set[tuple[str, str]] = set()  # (stream, entry id) already logged
-        self.checked_to: dict[str, str] = {}  # stream -> position its entries were checked to
+        self.checked_to: dict[str, str] = {}  # stream -> the log's last id at the last check
 
     def stream_of(self, chain: str) -> str:
         if chain == REFUSALS_CHAIN:
@@ -205,8 +205,10 @@ class Reconciler:
         """Compare `streams` (default: every log the audit holds links of)."""
         server = await self.server_id()
         if full or not server or server != self.server:
+            # Everything is looked at again, against this server: nothing carried over.
             self.verified.clear()
             self.checked_to.clear()
+            self.found.clear()
             full = True
         heads = await self._heads(conn)
         positions = await self._positions(conn)
@@ -293,11 +295,14 @@ class Reconciler:
         check.missing = sorted(known.values(), key=lambda x: entry_key(x.entry_id))
         if check.missing:
             check.affected = await self._affected(conn, check.missing)
+        # Entries appended since the last check have ids above the log's last id then
+        # (stream ids only grow), whatever the server's clock: only those can have been
+        # passed over since.
         since = self.checked_to.get(stream)
         low = (entry_key(since), False) if since is not None else (floor, inclusive)
         stored = {x.entry_id: x.event_id for x in candidates}
         check.unprojected = await self._unprojected(conn, stream, low, position, stored)
-        self.checked_to[stream] = position
+        self.checked_to[stream] = last
         return check
 
     async def _unprojected(
@@ -597,8 +602,8 @@ class ReconcileLoop:
                 "the ledger appended entries with ids the projector had passed (a promoted "
                 "replica's clock is behind); the projector now reads them. Fix the clock",
             )
-            if to is not None:
-                self.reconciler.checked_to[check.stream] = to
+            if to is None:  # look at them again next round
+                self.reconciler.checked_to[check.stream] = before(check.unprojected[0])
         now = {check.partition for check in result.streams}
         for label in self.labels - now:  # a partition another projector holds now
             with contextlib.suppress(KeyError):

@@ -48,6 +48,17 @@ async def lose_tail(ledger: Ledger, stream: str, count: int) -> tuple[list[Any],
     return lost, kept
 
 
+async def projected_then_lost(ledger: Ledger, settings: Settings) -> tuple[str, list[Any], str]:
+    """40 commands projected, then the busiest log loses its last LOST entries:
+    (that log, the lost entries, the last entry kept)."""
+    await loadgen.generate(ledger, range(40))
+    async with running(ledger, settings):
+        await wait_caught_up(settings, ledger.redis, ledger.keys)  # type: ignore[arg-type]
+    stream = await busiest(ledger)
+    lost, kept = await lose_tail(ledger, stream, LOST)
+    return stream, lost, kept
+
+
 async def stored_links(conn: AsyncConnection, schema: str, stream: str) -> dict[str, int]:
     cur = await conn.execute(
         sql.SQL("SELECT event_id, seq FROM {}.events WHERE stream = %s").format(
@@ -66,11 +77,7 @@ async def test_a_lost_tail_is_found_recorded_and_reported(
     ledger: Ledger, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     schema = settings.namespace
-    await loadgen.generate(ledger, range(40))
-    async with running(ledger, settings):
-        await wait_caught_up(settings, ledger.redis, ledger.keys)  # type: ignore[arg-type]
-    stream = await busiest(ledger)
-    lost, kept = await lose_tail(ledger, stream, LOST)
+    stream, lost, kept = await projected_then_lost(ledger, settings)
     lost_ids = {e.decode() for e, _ in lost}
     lost_events = {msgspec.json.decode(f[b"e"])["event_id"] for _, f in lost}
 
@@ -120,15 +127,22 @@ async def test_entries_appended_below_the_audit_position_are_projected(
     ledger: Ledger, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     schema = settings.namespace
-    await loadgen.generate(ledger, range(40))
-    async with running(ledger, settings):
-        await wait_caught_up(settings, ledger.redis, ledger.keys)  # type: ignore[arg-type]
-    stream = await busiest(ledger)
-    _, kept = await lose_tail(ledger, stream, LOST)
+    stream, _, kept = await projected_then_lost(ledger, settings)
     conn = await pg(settings)
     try:
         position = (await positions(conn, schema))[stream]
         before = await stored_links(conn, schema, stream)
+        loop = reconcile.ReconcileLoop(
+            reconcile.Reconciler(
+                ledger.redis, ledger.keys, schema, retain_log_s=settings.retain_log_s
+            ),
+            lambda: pg(settings),
+            lambda: [stream],
+        )
+        # At the restart: a full check finds the lost tail, nothing passed over yet.
+        first_check = await loop.tick(conn)
+        assert first_check.full and len(first_check.streams[0].missing) == LOST
+        assert not first_check.skipped
         # A server whose clock is behind appends right after the last id it kept: new
         # events (a redelivery-like copy of a kept event, under fresh event ids) whose
         # entry ids are at or below what the audit stored.
@@ -144,15 +158,10 @@ async def test_entries_appended_below_the_audit_position_are_projected(
             added[entry] = event["event_id"]
         assert all(entry_key(e) <= entry_key(position) for e in added)
 
-        loop = reconcile.ReconcileLoop(
-            reconcile.Reconciler(
-                ledger.redis, ledger.keys, schema, retain_log_s=settings.retain_log_s
-            ),
-            lambda: pg(settings),
-            lambda: [stream],
-        )
         with caplog.at_level(logging.ERROR, logger="projections.reconcile"):
             result = await loop.tick(conn)
+        # Later, the same server: an incremental check (only what was stored since).
+        assert not result.full
         [check] = result.streams
         assert check.unprojected == sorted(added, key=entry_key)
         [line] = [r.getMessage() for r in caplog.records if "unprojected" in r.message]
