@@ -492,8 +492,8 @@ class RecordedGap:
             f"{edge}: seq {self.first_seq}..{self.last_seq} ({self.missing} events, log "
             f"{self.stream} entries {self.first_entry}..{self.last_entry}, detected "
             f"{self.detected_at.isoformat(timespec='seconds')}): stored here, lost by the "
-            f"ledger (its log ended at {self.ledger_last}); links after seq {self.last_seq} "
-            f"were appended by the ledger afterwards and continue this chain"
+            f"ledger (the log's last id when found: {self.ledger_last}); links after seq "
+            f"{self.last_seq} were appended by the ledger afterwards and continue this chain"
         )
 
 
