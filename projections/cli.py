@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 import msgspec
 from psycopg import AsyncConnection, sql
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from config.settings import Settings
 from ledger.connection import connect
@@ -18,7 +19,7 @@ from ledger.errors import LedgerError
 from ledger.keys import Keys
 from ledger.store import Ledger
 from projections import queries, rebuild, reconcile, stats, verify
-from projections.schema import Roles, SchemaError
+from projections.schema import Roles, SchemaError, storage_of
 from projections.worker import Database, Projector, ProjectorConfig
 
 _encode = msgspec.json.Encoder().encode
@@ -365,7 +366,11 @@ async def _audit_reconcile(settings: Settings, args: argparse.Namespace) -> int:
             retain_log_s=settings.retain_log_s,
         )
         async with _reader(settings) as conn:
+            if await storage_of(conn, settings.namespace) is None:
+                return _fail(f"schema {settings.namespace!r} has no audit tables to reconcile")
             result = await checker.check(conn, full=True)
+    except RedisConnectionError as exc:
+        return _fail(f"cannot read the ledger ({exc}); check DISPATCH_REDIS_URL or --redis-url")
     finally:
         await redis.aclose()
     print("\n".join(reconcile.report(result, settings.namespace)))

@@ -42,7 +42,7 @@ import msgspec
 from prometheus_client import Gauge
 from psycopg import AsyncConnection, sql
 
-from ledger.keys import PROJECTOR_GROUP, Keys
+from ledger.keys import PROJECTOR_GROUP, Keys, UnsafeKeyPart
 from projections.quarantine import REGISTRY
 from projections.schema import REFUSALS_CHAIN
 from projections.writer import START, entry_key
@@ -412,7 +412,11 @@ class Reconciler:
         audit = {str(c): str(s) for c, s in await cur.fetchall()}
         out: list[Affected] = []
         for command_id, edge in sorted(edges.items()):
-            status = await self.redis.hget(self.keys.command(edge, command_id), "status")
+            try:
+                key = self.keys.command(edge, command_id)
+            except UnsafeKeyPart:  # an id the ledger could never have keyed: no record
+                key = ""
+            status = await self.redis.hget(key, "status") if key else None
             out.append(
                 Affected(
                     command_id,
