@@ -58,7 +58,8 @@ MISSING = Gauge(
     registry=REGISTRY,
 )
 
-PAGE = 1000  # links read per query, entry ids checked per Redis pipeline
+PAGE = 1000  # links read per query
+SWEEP = 5000  # log entries read per XRANGE
 SHOWN_COMMANDS = 20  # commands named in one alarm line
 ACTION = (
     "Redis lost events it had acknowledged (truncated AOF tail or failover to a lagging "
@@ -276,10 +277,16 @@ class Reconciler:
         for chain in chains:
             candidates += await self._links(conn, stream, chain, heads[chain], floor, inclusive)
         check.checked = len(candidates)
+        # Entries appended since the last check have ids above the log's last id then
+        # (stream ids only grow), whatever the server's clock: only those can have been
+        # passed over since.
+        since = self.checked_to.get(stream)
+        low = (entry_key(since), False) if since is not None else (floor, inclusive)
+        # One sweep of the log covers both questions (cheaper than a look-up per link).
+        ledger = await self._sweep(stream, low, position, candidates)
         # Same entry id and same event: after a regression the log may reuse an id (the
         # same millisecond, or a clock behind) for a different event.
-        held = await self._in_ledger(stream, [x.entry_id for x in candidates])
-        lost = [x for x in candidates if held.get(x.entry_id) != x.event_id]
+        lost = [x for x in candidates if ledger.get(x.entry_id) != x.event_id]
         if lost:
             # Trimmed meanwhile (older than the retention window and stored) is not lost.
             first_now, _, _ = await self._ledger(stream)
@@ -295,40 +302,46 @@ class Reconciler:
         check.missing = sorted(known.values(), key=lambda x: entry_key(x.entry_id))
         if check.missing:
             check.affected = await self._affected(conn, check.missing)
-        # Entries appended since the last check have ids above the log's last id then
-        # (stream ids only grow), whatever the server's clock: only those can have been
-        # passed over since.
-        since = self.checked_to.get(stream)
-        low = (entry_key(since), False) if since is not None else (floor, inclusive)
         stored = {x.entry_id: x.event_id for x in candidates}
-        check.unprojected = await self._unprojected(conn, stream, low, position, stored)
+        in_window = {
+            e: ev
+            for e, ev in ledger.items()
+            if _kept(entry_key(e), *low) and entry_key(e) <= entry_key(position)
+        }
+        check.unprojected = await self._unprojected(conn, stream, in_window, stored)
         self.checked_to[stream] = last
         return check
 
-    async def _unprojected(
+    async def _sweep(
         self,
-        conn: AsyncConnection,
         stream: str,
         low: tuple[tuple[int, int], bool],
         position: str,
-        stored: dict[str, str],
-    ) -> list[str]:
-        """Ledger entries from `low` up to `position` that the audit neither stored nor
-        quarantined, and whose event id it does not hold from another entry."""
-        if position == START:
-            return []
+        candidates: list[Link],
+    ) -> dict[str, str]:
+        """entry id -> event id of the log's entries from `low` (or the oldest candidate
+        link) up to `position` (or the newest candidate link)."""
+        keys = [entry_key(x.entry_id) for x in candidates]
         (ms, seq), inclusive = low
         start = f"{ms}-{seq}" if inclusive else f"({ms}-{seq}"
-        unseen: dict[str, str] = {}  # entry id -> event id
+        if keys and min(keys) <= (ms, seq):
+            start = "{}-{}".format(*min(keys))
+        end = max([entry_key(position), *keys])
+        found: dict[str, str] = {}
         while True:
-            rows: Any = await self.redis.xrange(stream, start, position, count=PAGE)
+            rows: Any = await self.redis.xrange(stream, start, "{}-{}".format(*end), count=SWEEP)
             for raw_id, fields in rows:
-                entry_id, event_id = _s(raw_id), _event_id(fields)
-                if stored.get(entry_id) != event_id:
-                    unseen[entry_id] = event_id
-            if len(rows) < PAGE:
-                break
+                found[_s(raw_id)] = _event_id(fields)
+            if len(rows) < SWEEP:
+                return found
             start = f"({_s(rows[-1][0])}"
+
+    async def _unprojected(
+        self, conn: AsyncConnection, stream: str, window: dict[str, str], stored: dict[str, str]
+    ) -> list[str]:
+        """Entries of `window` (the log up to the stored position) that the audit neither
+        stored nor quarantined, and whose event id it does not hold from another entry."""
+        unseen = {e: ev for e, ev in window.items() if stored.get(e) != ev}
         if not unseen:
             return []
         cur = await conn.execute(
@@ -384,19 +397,6 @@ class Reconciler:
                 break
             upper = int(rows[-1][0]) - 1
         return out
-
-    async def _in_ledger(self, stream: str, entry_ids: list[str]) -> dict[str, str]:
-        """entry id -> the event id the log holds there, for those of `entry_ids` it has."""
-        found: dict[str, str] = {}
-        for at in range(0, len(entry_ids), PAGE):
-            chunk = entry_ids[at : at + PAGE]
-            pipe = self.redis.pipeline(transaction=False)
-            for entry_id in chunk:
-                pipe.xrange(stream, entry_id, entry_id, count=1)
-            for entry_id, rows in zip(chunk, await pipe.execute(), strict=True):
-                if rows:
-                    found[entry_id] = _event_id(rows[0][1])
-        return found
 
     async def _affected(self, conn: AsyncConnection, lost: list[Link]) -> list[Affected]:
         edges = {x.command_id: x.chain for x in lost if x.command_id and x.chain != REFUSALS_CHAIN}
