@@ -18,7 +18,7 @@ from ledger.connection import connect
 from ledger.errors import LedgerError
 from ledger.keys import Keys
 from ledger.store import Ledger
-from projections import queries, rebuild, reconcile, stats, verify
+from projections import ledger_gaps, queries, rebuild, reconcile, reconcile_loop, stats, verify
 from projections.schema import Roles, SchemaError, storage_of
 from projections.worker import Database, Projector, ProjectorConfig
 
@@ -81,7 +81,7 @@ async def _projector(settings: Settings, args: argparse.Namespace) -> int:
             print(f"audit schema {settings.namespace!r} is up to date (storage: {kind})")
             return 0
         # Reconciliation runs beside the projector, on the logs it holds (docs/audit.md).
-        checks = reconcile.ReconcileLoop(
+        checks = reconcile_loop.ReconcileLoop(
             reconcile.Reconciler(
                 redis, ledger.keys, settings.namespace, retain_log_s=settings.retain_log_s
             ),
@@ -89,7 +89,7 @@ async def _projector(settings: Settings, args: argparse.Namespace) -> int:
                 f"dispatch-reconcile:{settings.namespace}:{projector.owner}"
             ),
             lambda: (
-                reconcile.held_streams(ledger.keys, projector.leases.held)
+                reconcile_loop.held_streams(ledger.keys, projector.leases.held)
                 if projector.storage
                 else []
             ),
@@ -325,7 +325,7 @@ async def _audit_verify(settings: Settings, args: argparse.Namespace) -> int:
             conn, settings.namespace, chain=args.edge, commands=args.commands
         )
         gaps = await verify.quarantine_gaps(conn, settings.namespace)
-        lost = await reconcile.recorded(conn, settings.namespace)
+        lost = await ledger_gaps.recorded(conn, settings.namespace)
     scope = f"edge {args.edge}" if args.edge else f"schema {settings.namespace}"
     checked = f"{result.events} events in {result.chains} chains"
     if args.commands:

@@ -22,41 +22,29 @@ each from the head it stored, so events the ledger appends after the regression 
 after the lost ones and every chain stays whole. What the lost links mean is what
 `ledger_gaps` records.
 
-The projector runs a full check at start and whenever the Redis server changed (its
-`run_id`: a restart or a failover, the only ways to lose data), and an incremental one
-(links stored since the last check) every `interval_s`; `dispatch audit reconcile`
-runs a full check and reports.
+The projector runs it (projections/reconcile_loop.py) in full at start and whenever
+the Redis server changed (its `run_id`: a restart or a failover, the only ways to lose
+data), and incrementally (what was stored and appended since) every `interval_s`;
+`dispatch audit reconcile` runs a full check and reports. projections/ledger_gaps.py
+keeps what was found.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from prometheus_client import Gauge
 from psycopg import AsyncConnection, sql
 
 from ledger.keys import PROJECTOR_GROUP, Keys, UnsafeKeyPart
-from projections.quarantine import REGISTRY
 from projections.schema import REFUSALS_CHAIN
 from projections.writer import START, entry_key
 
 log = logging.getLogger("projections.reconcile")
-
-MISSING = Gauge(
-    "dispatch_ledger_missing_events",
-    "Events the audit tables hold that the ledger (Redis) lost, per partition log "
-    "(`audit` = the refusals stream), as found by the projector's last reconciliation; "
-    "counted while the log still retains the range they fell in",
-    ["partition"],
-    registry=REGISTRY,
-)
 
 PAGE = 1000  # links read per query
 SWEEP = 5000  # log entries read per XRANGE
@@ -180,7 +168,6 @@ class Reconciler:
         self.server = ""  # run_id of the Redis server the marks below were checked against
         self.verified: dict[str, int] = {}  # chain -> highest seq known present or recorded
         self.found: dict[str, dict[str, Link]] = {}  # stream -> entry id -> lost link
-        self.alarmed: set[tuple[str, str]] = set()  # (stream, entry id) already logged
         self.checked_to: dict[str, str] = {}  # stream -> the log's last id at the last check
 
     def stream_of(self, chain: str) -> str:
@@ -427,98 +414,6 @@ class Reconciler:
             )
         return out
 
-    def publish(self, result: Reconciliation) -> None:
-        """Log each newly found loss once, and set the gauge of every log checked."""
-        for check in result.streams:
-            MISSING.labels(partition=check.partition).set(len(check.missing))
-            fresh = [x for x in check.missing if (check.stream, x.entry_id) not in self.alarmed]
-            if not fresh:
-                continue
-            log.error("%s", check.alarm())
-            for affected in check.affected:
-                log.warning("ledger.reconcile.command %s", affected.line())
-            self.alarmed.update((check.stream, x.entry_id) for x in check.missing)
-
-
-async def record(conn: AsyncConnection, schema: str, result: Reconciliation) -> None:
-    """Keep each lost run of links in `ledger_gaps` (idempotent: a run found again
-    keeps its first detection time and grows if it is longer now)."""
-    rows = [
-        (
-            chain,
-            first,
-            last,
-            check.stream,
-            links[0].entry_id,
-            links[-1].entry_id,
-            len(links),
-            sorted({x.command_id for x in links if x.command_id}),
-            check.ledger_last,
-        )
-        for check in result.gaps
-        for chain, first, last, links in check.runs()
-    ]
-    if not rows:
-        return
-    async with conn.transaction(), conn.cursor() as cur:
-        await cur.executemany(
-            _q(
-                "INSERT INTO {s}.ledger_gaps (chain, first_seq, last_seq, stream, first_entry,"
-                " last_entry, missing, commands, ledger_last) VALUES"
-                " (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (chain, first_seq) DO UPDATE"
-                " SET last_seq = GREATEST({s}.ledger_gaps.last_seq, EXCLUDED.last_seq),"
-                " last_entry = EXCLUDED.last_entry, missing = GREATEST({s}.ledger_gaps.missing,"
-                " EXCLUDED.missing), commands = EXCLUDED.commands",
-                schema,
-            ),
-            rows,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class RecordedGap:
-    """A run of chain links the ledger lost, as `dispatch audit verify` explains it."""
-
-    chain: str
-    first_seq: int
-    last_seq: int
-    stream: str
-    first_entry: str
-    last_entry: str
-    missing: int
-    commands: list[str]
-    ledger_last: str
-    detected_at: Any
-
-    def line(self) -> str:
-        edge = "gateway refusals" if self.chain == REFUSALS_CHAIN else f"edge {self.chain}"
-        return (
-            f"{edge}: seq {self.first_seq}..{self.last_seq} ({self.missing} events, log "
-            f"{self.stream} entries {self.first_entry}..{self.last_entry}, detected "
-            f"{self.detected_at.isoformat(timespec='seconds')}): stored here, lost by the "
-            f"ledger (the log's last id when found: {self.ledger_last}); links after seq "
-            f"{self.last_seq} were appended by the ledger afterwards and continue this chain"
-        )
-
-
-async def recorded(conn: AsyncConnection, schema: str) -> list[RecordedGap]:
-    """Every recorded ledger regression (none on a schema older than the table)."""
-    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}".ledger_gaps',))
-    row = await cur.fetchone()
-    if not (row and row[0]):
-        return []
-    cur = await conn.execute(
-        _q(
-            "SELECT chain, first_seq, last_seq, stream, first_entry, last_entry, missing,"
-            " commands, ledger_last, detected_at FROM {s}.ledger_gaps ORDER BY chain, first_seq",
-            schema,
-        )
-    )
-    return [
-        RecordedGap(str(c), int(a), int(b), str(s), str(f), str(la), int(m), list(cm), str(ll), d)
-        for c, a, b, s, f, la, m, cm, ll, d in await cur.fetchall()
-    ]
-
 
 def _event_id(fields: Any) -> str:
     """The event id in a log entry's `e` field ('' when it has none or is not JSON)."""
@@ -538,128 +433,8 @@ class _EventId(msgspec.Struct):
 _EVENT_ID = msgspec.json.Decoder(_EventId)
 
 
-def before(entry_id: str) -> str:
-    """The greatest stream id below `entry_id` (a position that re-reads it)."""
-    ms, seq = entry_key(entry_id)
-    return f"{ms}-{seq - 1}" if seq > 0 else f"{ms - 1}-18446744073709551615"
-
-
-async def rewind(conn: AsyncConnection, schema: str, check: StreamCheck) -> str | None:
-    """Move the stream's stored position back before its first unprojected entry so the
-    projector reads those entries (events it already stores are skipped by id, so the
-    chain stays whole). Compare-and-set on the position this check read: a batch that
-    committed meanwhile wins, and the next round looks again. Returns the new position."""
-    to = before(check.unprojected[0])
-    cur = await conn.execute(
-        _q(
-            "UPDATE {s}.positions SET entry_id = %s, updated_at = now()"
-            " WHERE stream = %s AND entry_id = %s",
-            schema,
-        ),
-        (to, check.stream, check.position),
-    )
-    return to if cur.rowcount == 1 else None
-
-
 def _kept(key: tuple[int, int], floor: tuple[int, int], inclusive: bool) -> bool:
     return key >= floor if inclusive else key > floor
-
-
-class ReconcileLoop:
-    """The projector's reconciliation for the logs it holds: a full check at start and
-    within `probe_s` of a Redis restart or failover (a new `run_id`), an incremental one
-    (links stored since) every `interval_s`."""
-
-    def __init__(
-        self,
-        reconciler: Reconciler,
-        connect: Callable[[], Awaitable[AsyncConnection]],
-        streams: Callable[[], list[str]],
-        *,
-        interval_s: float = 30.0,
-        probe_s: float = 2.0,
-    ) -> None:
-        self.reconciler = reconciler
-        self.connect = connect
-        self.streams = streams
-        self.interval_s = interval_s
-        self.probe_s = probe_s
-        self.runs = 0
-        self.labels: set[str] = set()  # partitions this loop's gauge reports
-
-    async def tick(self, conn: AsyncConnection) -> Reconciliation:
-        result = await self.reconciler.check(conn, self.streams())
-        await record(conn, self.reconciler.schema, result)
-        self.reconciler.publish(result)
-        for check in result.skipped:
-            to = await rewind(conn, self.reconciler.schema, check)
-            log.error(
-                "ledger.reconcile.unprojected partition=%s stream=%s entries=%d first=%s "
-                "last=%s audit_position=%s rewound_to=%s action=%s",
-                check.partition,
-                check.stream,
-                len(check.unprojected),
-                check.unprojected[0],
-                check.unprojected[-1],
-                check.position,
-                to or "- (a batch moved the position meanwhile; checked again next round)",
-                "the ledger appended entries with ids the projector had passed (a promoted "
-                "replica's clock is behind); the projector now reads them. Fix the clock",
-            )
-            if to is None:  # look at them again next round
-                self.reconciler.checked_to[check.stream] = before(check.unprojected[0])
-        now = {check.partition for check in result.streams}
-        for label in self.labels - now:  # a partition another projector holds now
-            with contextlib.suppress(KeyError):
-                MISSING.remove(label)
-        self.labels = now
-        self.runs += 1
-        return result
-
-    async def _due(self, next_at: float) -> bool:
-        if time.monotonic() >= next_at or not self.reconciler.server:
-            return True
-        return await self.reconciler.server_id() != self.reconciler.server
-
-    async def run(self) -> None:
-        conn: AsyncConnection | None = None
-        next_at = 0.0
-        failing = False
-        while True:
-            try:
-                if self.streams() and await self._due(next_at):
-                    if conn is None or conn.closed:
-                        conn = await self.connect()
-                    await self.tick(conn)
-                    next_at = time.monotonic() + self.interval_s
-                failing = False
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis or PostgreSQL away: the next probe retries
-                if not failing:  # once per outage, not every probe
-                    log.warning(
-                        "ledger.reconcile.failed error=%s; retrying every %.0f s",
-                        _first_line(exc),
-                        self.probe_s,
-                    )
-                failing = True
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.close()
-                conn = None
-            await asyncio.sleep(self.probe_s)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def held_streams(keys: Keys, held: Iterable[int]) -> list[str]:
-    """The logs a projector holding partitions `held` projects (partition 0: the audit
-    stream too)."""
-    parts = sorted(held)
-    return [keys.log(p) for p in parts] + ([keys.audit()] if 0 in parts else [])
 
 
 def report(result: Reconciliation, schema: str) -> list[str]:

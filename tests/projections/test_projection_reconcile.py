@@ -21,7 +21,7 @@ from psycopg import AsyncConnection, sql
 from config.settings import Settings
 from ledger.ids import new_event_id
 from ledger.store import Ledger
-from projections import loadgen, reconcile
+from projections import ledger_gaps, loadgen, reconcile, reconcile_loop
 from projections.quarantine import REGISTRY
 from projections.verify import verify
 from projections.writer import entry_key
@@ -97,15 +97,16 @@ async def test_a_lost_tail_is_found_recorded_and_reported(
         assert all(not s.missing for s in result.streams if s.stream != stream)
         assert not result.skipped
 
-        await reconcile.record(conn, schema, result)
-        await reconcile.record(conn, schema, result)  # found again: recorded once
-        runs = await reconcile.recorded(conn, schema)
+        await ledger_gaps.record(conn, schema, result)
+        await ledger_gaps.record(conn, schema, result)  # found again: recorded once
+        runs = await ledger_gaps.recorded(conn, schema)
         assert sum(r.missing for r in runs) == LOST
         assert {r.stream for r in runs} == {stream}
 
+        loop = reconcile_loop.ReconcileLoop(checker, lambda: pg(settings), lambda: [stream])
         with caplog.at_level(logging.ERROR, logger="projections.reconcile"):
-            checker.publish(result)
-            checker.publish(result)  # logged once per loss, not per round
+            loop.publish(result)
+            loop.publish(result)  # logged once per loss, not per round
         [alarm] = [r.getMessage() for r in caplog.records if "ledger.reconcile.gap" in r.message]
         assert f"partition={gap.partition} stream={stream} missing={LOST} " in alarm
         first = min(lost_ids, key=entry_key)
@@ -132,7 +133,7 @@ async def test_entries_appended_below_the_audit_position_are_projected(
     try:
         position = (await positions(conn, schema))[stream]
         before = await stored_links(conn, schema, stream)
-        loop = reconcile.ReconcileLoop(
+        loop = reconcile_loop.ReconcileLoop(
             reconcile.Reconciler(
                 ledger.redis, ledger.keys, schema, retain_log_s=settings.retain_log_s
             ),
