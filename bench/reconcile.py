@@ -12,28 +12,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from dataclasses import replace
 
 import psycopg
-from redis.asyncio import Redis
 
 from bench.harness import Bench, bench
-from bench.projector import _drop, _events
+from bench.projector import _drop, backlog
 from config.settings import Settings
-from ledger.store import Ledger
-from projections import loadgen, reconcile
+from projections import reconcile
 from projections.worker import Projector, ProjectorConfig
 
 
 async def measure(b: Bench, commands: int) -> tuple[int, int, float, float]:
-    settings = Settings(redis_url=b.redis_url, database_url=b.database_url, namespace=b.namespace)
-    redis = Redis.from_url(b.redis_url)
-    # An hour's ack timeout: commands left routed must not time out during the run.
-    ledger = Ledger(redis, replace(settings.ledger(), ack_timeout_ms=3_600_000), url=b.redis_url)
-    await ledger.start()
-    try:
-        await loadgen.generate(ledger, range(commands), offline=1)
-        total = await _events(ledger)
+    async with backlog(b, commands) as (ledger, total):
         projector = Projector(ledger, b.database_url, ProjectorConfig())
         await projector.migrate()
         task = asyncio.create_task(projector.run())
@@ -44,7 +34,7 @@ async def measure(b: Bench, commands: int) -> tuple[int, int, float, float]:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         checker = reconcile.Reconciler(
-            redis, ledger.keys, b.namespace, retain_log_s=settings.retain_log_s
+            ledger.redis, ledger.keys, b.namespace, retain_log_s=Settings().retain_log_s
         )
         conn = await psycopg.AsyncConnection.connect(b.database_url, autocommit=True)
         try:
@@ -56,12 +46,9 @@ async def measure(b: Bench, commands: int) -> tuple[int, int, float, float]:
             incremental_s = time.perf_counter() - started
         finally:
             await conn.close()
-        if full.missing or full.skipped:
-            raise AssertionError("a projected backlog reconciled with differences")
-        return total, sum(s.checked for s in full.streams), full_s, incremental_s
-    finally:
-        await ledger.close()
-        await redis.aclose()
+    if full.missing or full.skipped:
+        raise AssertionError("a projected backlog reconciled with differences")
+    return total, sum(s.checked for s in full.streams), full_s, incremental_s
 
 
 def main(argv: list[str]) -> int:
