@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import psycopg
@@ -32,7 +34,9 @@ async def _events(ledger: Ledger) -> int:
     return total
 
 
-async def measure(b: Bench, commands: int, batch: int) -> tuple[int, float, float]:
+@contextlib.asynccontextmanager
+async def backlog(b: Bench, commands: int) -> AsyncIterator[tuple[Ledger, int]]:
+    """A ledger with `commands` driven through it: (the ledger, events in its logs)."""
     settings = Settings(redis_url=b.redis_url, database_url=b.database_url, namespace=b.namespace)
     redis = Redis.from_url(b.redis_url)
     # An hour's ack timeout: commands left routed must not time out during the run.
@@ -40,7 +44,14 @@ async def measure(b: Bench, commands: int, batch: int) -> tuple[int, float, floa
     await ledger.start()
     try:
         await loadgen.generate(ledger, range(commands), offline=1)
-        total = await _events(ledger)
+        yield ledger, await _events(ledger)
+    finally:
+        await ledger.close()
+        await redis.aclose()
+
+
+async def measure(b: Bench, commands: int, batch: int) -> tuple[int, float, float]:
+    async with backlog(b, commands) as (ledger, total):
         projector = Projector(ledger, b.database_url, ProjectorConfig(batch=batch))
         await projector.migrate()
         started = time.perf_counter()
@@ -55,9 +66,6 @@ async def measure(b: Bench, commands: int, batch: int) -> tuple[int, float, floa
         database = Database(b.database_url, Roles.for_prefix(b.namespace))
         report = await rebuild.rebuild(ledger, database, batch=batch)
         return total, incremental, report.seconds
-    finally:
-        await ledger.close()
-        await redis.aclose()
 
 
 def _drop(b: Bench) -> None:

@@ -113,6 +113,9 @@ class Settings:
     # The projector's own Prometheus endpoint (127.0.0.1:PORT/metrics; 0 = not served):
     # quarantined log entries are counted there (docs/audit.md).
     projector_metrics_port: int = 0
+    # How often the projector compares the logs it holds with the audit tables (besides
+    # at start and after a Redis restart or failover; docs/audit.md "Reconciliation").
+    reconcile_interval_s: float = 30.0
     # The hot path (docs/protocol.md, docs/performance.md). A frame the ledger cannot
     # handle within `ledger_wait_s` (Redis down or slow) is answered `unavailable` then.
     ledger_wait_s: float = 2.0
@@ -151,6 +154,11 @@ class Settings:
                 raise SettingsError(
                     f"DISPATCH_{name.upper()} must be positive, got {getattr(self, name)}"
                 )
+        if not 0 < self.reconcile_interval_s < float("inf"):
+            raise SettingsError(
+                f"DISPATCH_RECONCILE_INTERVAL_S={self.reconcile_interval_s} must be a positive "
+                "number of seconds"
+            )
         if not 0 < self.metrics_interval_s < float("inf"):
             raise SettingsError(
                 f"DISPATCH_METRICS_INTERVAL_S={self.metrics_interval_s} must be a positive number of seconds"

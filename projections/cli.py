@@ -11,13 +11,15 @@ from typing import Any, TextIO
 
 import msgspec
 from psycopg import AsyncConnection, sql
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from config.settings import Settings
 from ledger.connection import connect
 from ledger.errors import LedgerError
+from ledger.keys import Keys
 from ledger.store import Ledger
-from projections import queries, rebuild, stats, verify
-from projections.schema import Roles, SchemaError
+from projections import ledger_gaps, queries, rebuild, reconcile, reconcile_loop, stats, verify
+from projections.schema import Roles, SchemaError, storage_of
 from projections.worker import Database, Projector, ProjectorConfig
 
 _encode = msgspec.json.Encoder().encode
@@ -78,7 +80,22 @@ async def _projector(settings: Settings, args: argparse.Namespace) -> int:
             kind = await projector.migrate()
             print(f"audit schema {settings.namespace!r} is up to date (storage: {kind})")
             return 0
-        await projector.run()
+        # Reconciliation runs beside the projector, on the logs it holds (docs/audit.md).
+        checks = reconcile_loop.ReconcileLoop(
+            reconcile.Reconciler(
+                redis, ledger.keys, settings.namespace, retain_log_s=settings.retain_log_s
+            ),
+            lambda: projector.database.connect_writer(
+                f"dispatch-reconcile:{settings.namespace}:{projector.owner}"
+            ),
+            lambda: (
+                reconcile_loop.held_streams(ledger.keys, projector.leases.held)
+                if projector.storage
+                else []
+            ),
+            interval_s=settings.reconcile_interval_s,
+        )
+        await asyncio.gather(projector.run(), checks.run())
         return 0
     finally:
         await ledger.close()
@@ -298,6 +315,7 @@ async def _audit_verify(settings: Settings, args: argparse.Namespace) -> int:
             conn, settings.namespace, chain=args.edge, commands=args.commands
         )
         gaps = await verify.quarantine_gaps(conn, settings.namespace)
+        lost = await ledger_gaps.recorded(conn, settings.namespace)
     scope = f"edge {args.edge}" if args.edge else f"schema {settings.namespace}"
     checked = f"{result.events} events in {result.chains} chains"
     if args.commands:
@@ -315,9 +333,38 @@ async def _audit_verify(settings: Settings, args: argparse.Namespace) -> int:
         )
         for gap in gaps:
             print(f"  quarantined: {gap.line()}")
-    if not result.ok or (gaps and args.fail_on_gaps):
+    if lost:
+        print(
+            f"audit LEDGER GAPS: {len(lost)} run(s) of links are stored here but were lost by "
+            "the ledger (Redis) after they were projected; the chains are whole, the audit is "
+            "the only record of these events (`dispatch audit reconcile` names the commands):"
+        )
+        for run in lost:
+            print(f"  ledger lost: {run.line()}")
+    if not result.ok or ((gaps or lost) and args.fail_on_gaps):
         return 1
     return 0
+
+
+async def _audit_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    redis = connect(settings.redis_url, cluster=settings.redis_cluster)
+    try:
+        checker = reconcile.Reconciler(
+            redis,
+            Keys(settings.namespace, settings.partitions),
+            settings.namespace,
+            retain_log_s=settings.retain_log_s,
+        )
+        async with _reader(settings) as conn:
+            if await storage_of(conn, settings.namespace) is None:
+                return _fail(f"schema {settings.namespace!r} has no audit tables to reconcile")
+            result = await checker.check(conn, full=True)
+    except RedisConnectionError as exc:
+        return _fail(f"cannot read the ledger ({exc}); check DISPATCH_REDIS_URL or --redis-url")
+    finally:
+        await redis.aclose()
+    print("\n".join(reconcile.report(result, settings.namespace)))
+    return 1 if result.gaps or result.skipped else 0
 
 
 async def _audit_stats(settings: Settings, args: argparse.Namespace) -> int:
@@ -341,6 +388,7 @@ AUDIT_COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], Coroutine[Any
     "export": _audit_export,
     "verify": _audit_verify,
     "stats": _audit_stats,
+    "reconcile": _audit_reconcile,
 }
 
 
@@ -455,14 +503,20 @@ def register(sub: Any) -> None:
     ver.add_argument(
         "--fail-on-gaps",
         action="store_true",
-        help="exit 1 when quarantined log entries leave gaps (they are always listed)",
+        help="exit 1 when quarantined log entries or ledger losses leave gaps (they are always listed)",
     )
+    rec = asub.add_parser(
+        "reconcile",
+        help="compare the ledger's logs with the audit tables; exit 1 when the ledger lost "
+        "events the audit holds (truncated AOF, failover), naming the commands",
+    )
+    rec.add_argument("--redis-url", help="default: DISPATCH_REDIS_URL or redis://127.0.0.1:6379/0")
     sts = asub.add_parser("stats", help="commands per hour or day by status")
     sts.add_argument("--bucket", choices=list(stats.BUCKETS), default="hour", help="hour|day")
     sts.add_argument("--edge", dest="edge_id", metavar="EDGE", help="one edge")
     sts.add_argument("--since", metavar="TIME", help="issued at or after (ISO 8601 with zone)")
     sts.add_argument("--until", metavar="TIME", help="issued before (ISO 8601 with zone)")
     sts.add_argument("--json", action="store_true", help="print as JSON")
-    for parser in (lst, ref, show, exp, ver, sts):
+    for parser in (lst, ref, show, exp, ver, rec, sts):
         _database_flag(parser)
     a.set_defaults(func=cmd_audit)

@@ -326,6 +326,25 @@ QUARANTINE_TABLE = (
 )
 MIGRATIONS.append([QUARANTINE_TABLE])
 
+# Chain links whose ledger entries Redis lost after they were projected (a truncated AOF
+# tail, a failover to a lagging replica), recorded by projections/reconcile.py so that
+# `dispatch audit verify` explains them. The writer role may INSERT and UPDATE (_grant).
+LEDGER_GAPS_TABLE = (
+    "CREATE TABLE {s}.ledger_gaps ("
+    " chain text NOT NULL,"
+    " first_seq bigint NOT NULL,"
+    " last_seq bigint NOT NULL,"
+    " stream text NOT NULL,"
+    " first_entry text NOT NULL,"
+    " last_entry text NOT NULL,"
+    " missing integer NOT NULL,"
+    " commands text[] NOT NULL,"
+    " ledger_last text NOT NULL,"
+    " detected_at timestamptz NOT NULL DEFAULT now(),"
+    " PRIMARY KEY (chain, first_seq))"
+)
+MIGRATIONS.append([LEDGER_GAPS_TABLE])
+
 
 def _q(statement: str, schema: str) -> sql.Composed:
     return sql.SQL(statement).format(s=sql.Identifier(schema))
@@ -675,6 +694,8 @@ async def _grant(conn: AsyncConnection, schema: str, roles: Roles) -> None:
     ]
     if await _has_table(conn, schema, "quarantine"):
         statements.append(sql.SQL("GRANT INSERT ON {}.quarantine TO {}").format(s, writer))
+    if await _has_table(conn, schema, "ledger_gaps"):
+        statements.append(sql.SQL("GRANT INSERT, UPDATE ON {}.ledger_gaps TO {}").format(s, writer))
     for function in ("refuse_change()", *DEFINERS):
         exists = await conn.execute(
             "SELECT to_regprocedure(%s) IS NOT NULL", (f"{schema}.{function}",)

@@ -1,7 +1,8 @@
 """Every expression of the Grafana dashboard and the alert rules names real metrics.
 
-The names come from the `# TYPE` lines of a real gateway's /metrics (labelled metrics
-are declared there before their first sample), with the suffixes each type adds.
+The names come from the `# TYPE` lines of a real gateway's /metrics and a real
+projector's (its own port: quarantine and reconciliation; labelled metrics are declared
+before their first sample), with the suffixes each type adds.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from support import Processes
+from support import Processes, free_port, wait_until
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 METRIC = re.compile(r"\b(dispatch_[a-z0-9_]+)\b")
@@ -43,10 +44,23 @@ def alert_expressions() -> list[str]:
     return re.findall(r"^\s+expr: (.+)$", (DOCS / "alerts.yml").read_text(), re.M)
 
 
+def scrape(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return str(resp.read().decode())
+    except OSError:
+        return ""
+
+
 def test_dashboard_and_alerts_use_only_exposed_metrics(processes: Processes) -> None:
     gw = processes.gateway()
-    with urllib.request.urlopen(f"{gw.http}/metrics", timeout=5) as resp:
-        exposed = exposed_names(resp.read().decode())
+    exposed = exposed_names(scrape(f"{gw.http}/metrics"))
+    port = free_port()
+    processes.dispatch("projector", "projector", env={"DISPATCH_PROJECTOR_METRICS_PORT": str(port)})
+    projector = wait_until(
+        lambda: scrape(f"http://127.0.0.1:{port}/metrics"), 30, what="the projector's /metrics"
+    )
+    exposed |= exposed_names(projector)
     expressions = dashboard_expressions() + alert_expressions()
     assert len(dashboard_expressions()) >= 15 and len(alert_expressions()) >= 10
     missing = {
