@@ -42,7 +42,7 @@ from projections.leases import Leases
 from projections.logs import LogReader, decode, raw_reads, stream_rows
 from projections.retention import RetentionLoop
 from projections.schema import Roles
-from projections.writer import Gap, Writer, entry_key
+from projections.writer import Gap, Writer
 
 log = logging.getLogger("projections.worker")
 
@@ -365,7 +365,7 @@ class Projector:
             refusals=self._is_refusals(stream),
             bad=bad,
         )
-        upto = max(ids, key=entry_key) if ids else "+"
+        upto = ids[-1] if ids else "+"  # a stream read replies in entry id order
         applied = await isolation.guarded(
             writer, reader, stream, step, upto=upto, refusals=self._is_refusals(stream)
         )
