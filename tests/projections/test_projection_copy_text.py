@@ -6,12 +6,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from projection_support import pg, running, wait_caught_up
+from projection_support import pg, record_refusal, running, wait_caught_up
 from psycopg import sql
 
 from config.settings import Settings
 from ledger import lifecycle
-from ledger.ids import new_event_id
 from ledger.store import Ledger
 from projections import copy_text, loadgen
 from projections.text import pg_text
@@ -19,7 +18,7 @@ from projections.verify import verify
 from projections.writer import _command_line, command_row
 from schemas.commands import Ack, Command, CommandType, EdgeCommand, Target
 from schemas.errors import ErrorCode, error
-from schemas.events import Authorized, Failed, Issued, Rejected
+from schemas.events import Authorized, Failed, Issued
 
 # What COPY TEXT must escape (backslash, TAB, LF, CR), what PostgreSQL cannot hold (NUL),
 # JSON's own escapes (quote), and text that needs nothing (non-ASCII, U+2028, controls).
@@ -65,18 +64,7 @@ async def test_texts_of_every_kind_are_stored_as_written(
         "edge_00",
         Ack(command_id=command_id, status="failed", error=error(ErrorCode.DEVICE_ERROR, NASTY)),
     )
-    await ledger.record_rejection(
-        Rejected(
-            event_id=new_event_id(),
-            at=1_795_000_000_000,
-            command_id="",
-            edge_id="",
-            actor=f"anonymous {NASTY}",
-            error=error(ErrorCode.MALFORMED_JSON, NASTY),
-            stage="gateway",
-            input_excerpt=NASTY,
-        )
-    )
+    await record_refusal(ledger, f"anonymous {NASTY}", NASTY, excerpt=NASTY)
     async with running(ledger, settings):
         await wait_caught_up(settings, ledger.redis, ledger.keys)
     s = sql.Identifier(settings.namespace)
