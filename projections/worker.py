@@ -39,10 +39,10 @@ from ledger.store import Ledger
 from ledger.verdicts import VerdictConfig, VerdictLoop
 from projections import isolation, quarantine, schema
 from projections.leases import Leases
-from projections.logs import LogReader, decode
+from projections.logs import LogReader, decode, raw_reads, stream_rows
 from projections.retention import RetentionLoop
 from projections.schema import Roles
-from projections.writer import Gap, Writer, entry_key
+from projections.writer import Gap, Writer
 
 log = logging.getLogger("projections.worker")
 
@@ -177,7 +177,11 @@ class Projector:
         redis: Any = self.ledger.redis
         # A blocking read gets a connection of its own (standalone); a cluster client
         # routes each per-stream read to its node.
-        reader = redis if is_cluster(redis) else Redis(connection_pool=redis.connection_pool)
+        if is_cluster(redis):
+            reader = redis
+        else:
+            reader = Redis(connection_pool=redis.connection_pool)
+            raw_reads(reader)
         delay_s = RETRY_INITIAL_S
         while True:
             conn: AsyncConnection | None = None
@@ -269,7 +273,9 @@ class Projector:
                     continue
                 raise
             seen: set[str] = set()
-            for stream_raw, rows in reply or []:
+            for stream_raw, rows in stream_rows(reply):
+                if not rows:
+                    continue
                 seen.add(stream_raw.decode())
                 await self._store(writer, redis, reader, stream_raw.decode(), rows)
             now = time.monotonic()
@@ -294,14 +300,14 @@ class Projector:
                 count=self.config.batch,
                 block=self.config.block_ms,
             )
-            return list(reply or [])
+            return stream_rows(reply)
         replies = await asyncio.gather(
             *(
                 redis.xreadgroup(PROJECTOR_GROUP, CONSUMER, {s: ">"}, count=self.config.batch)
                 for s in streams
             )
         )
-        found = [r[0] for r in replies if r]
+        found = [(s, rows) for r in replies for s, rows in stream_rows(r) if rows]
         if not found:
             await asyncio.sleep(min(self.config.block_ms, 200) / 1000)
         return found
@@ -314,7 +320,8 @@ class Projector:
             pending: Any = await redis.xreadgroup(
                 PROJECTOR_GROUP, CONSUMER, {stream: start}, count=self.config.batch
             )
-            rows = pending[0][1] if pending else []
+            replies = stream_rows(pending)
+            rows = replies[0][1] if replies else []
             if not rows:
                 return
             await self._store(writer, redis, reader, stream, rows)
@@ -358,7 +365,7 @@ class Projector:
             refusals=self._is_refusals(stream),
             bad=bad,
         )
-        upto = max(ids, key=entry_key) if ids else "+"
+        upto = ids[-1] if ids else "+"  # a stream read replies in entry id order
         applied = await isolation.guarded(
             writer, reader, stream, step, upto=upto, refusals=self._is_refusals(stream)
         )

@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from msgspec import structs
@@ -30,7 +30,7 @@ from psycopg.errors import UniqueViolation
 
 from ledger import lifecycle
 from ledger.records import to_utc as _to_utc
-from projections import quarantine
+from projections import copy_text, quarantine
 from projections import schema as schema_mod
 from projections.quarantine import Quarantined
 from projections.schema import GENESIS, REFUSALS_CHAIN
@@ -47,8 +47,9 @@ STATE_DECODER = msgspec.json.Decoder(dict[Status, AnyEvent])
 START = "0-0"  # position before the first entry of any stream
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
+    """One decoded log entry (a tuple: made for every event, it must be cheap to build)."""
+
     stream: str
     entry_id: str
     event: Event
@@ -170,10 +171,9 @@ class Writer:
         async with conn.transaction():
             done = await self._lock_position(stream)
             after = entry_key(done)
-            fresh = sorted(
-                (e for e in entries if entry_key(e.entry_id) > after),
-                key=lambda e: entry_key(e.entry_id),
-            )
+            keyed = [(k, e) for e in entries if (k := entry_key(e.entry_id)) > after]
+            keyed.sort(key=_first)
+            fresh = [e for _, e in keyed]
             held = sorted(
                 (q for q in bad if entry_key(q.entry_id) > after),
                 key=lambda q: entry_key(q.entry_id),
@@ -245,7 +245,8 @@ class Writer:
         _prepared.add(self.conn)
 
     async def _ensure_days(self, batch: Sequence[Entry]) -> set[date]:
-        days = {schema_mod.utc_day(to_utc(e.event.at)) for e in batch} - self.days
+        # The distinct ms values first: a batch holds far fewer of them than events.
+        days = {schema_mod.utc_day(to_utc(at)) for at in {e.event.at for e in batch}} - self.days
         for day in sorted(days):
             # Inside the batch's transaction: a new partition commits with its rows.
             await schema_mod.ensure_day(self.conn, self.schema, self.storage, day)
@@ -262,6 +263,8 @@ class Writer:
         heads: dict[str, tuple[int, str]] = {c: (int(n), h) for c, n, h in await cur.fetchall()}
         while True:
             links = dict(heads)
+            # One write of the whole batch in COPY text (projections/copy_text.py).
+            data = "".join([_event_line(e, refusals, links) for e in batch]).encode()
             try:
                 # Straight into the partitioned table; a savepoint undoes the lot if an
                 # event id is stored already (then those events are dropped and it retries).
@@ -271,8 +274,7 @@ class Writer:
                         _q("COPY {s}.events (" + EVENT_FIELDS + ") FROM STDIN", s)
                     ) as copy,
                 ):
-                    for e in batch:
-                        await copy.write_row(_event_row(e, refusals, links))
+                    await copy.write(data)
             except UniqueViolation:
                 batch = await self._without_stored(batch)
                 continue
@@ -335,12 +337,11 @@ class Writer:
                 command_id=ev.command_id, edge_id=ev.edge_id
             )
             states[key] = lifecycle.fold(state, ev)
+        rows = [_command_line(st) for st in states.values() if st.status is not None]
         async with conn.cursor().copy(
             "COPY incoming_commands (" + COMMAND_FIELDS + ") FROM STDIN"
         ) as copy:
-            for state in states.values():
-                if state.status is not None:
-                    await copy.write_row(command_row(state))
+            await copy.write("".join(rows).encode())
         await conn.execute(
             _q(
                 "INSERT INTO {s}.commands ("
@@ -353,6 +354,10 @@ class Writer:
                 s,
             )
         )
+
+
+def _first(pair: tuple[tuple[int, int], Entry]) -> tuple[int, int]:
+    return pair[0]
 
 
 def _unique(entries: list[Entry]) -> list[Entry]:
@@ -369,7 +374,8 @@ def _unique(entries: list[Entry]) -> list[Entry]:
     return out
 
 
-def _event_row(e: Entry, refusals: bool, links: dict[str, tuple[int, str]]) -> tuple[Any, ...]:
+def _event_line(e: Entry, refusals: bool, links: dict[str, tuple[int, str]]) -> str:
+    """One `events` row (EVENT_FIELDS order) in COPY text, extending its chain in `links`."""
     ev = e.event
     chain = chain_of(ev, refusals)
     seq, prev = links.get(chain, (0, GENESIS))
@@ -377,37 +383,46 @@ def _event_row(e: Entry, refusals: bool, links: dict[str, tuple[int, str]]) -> t
     digest = link_hash(prev, chain, seq, stream=e.stream, entry_id=e.entry_id, payload=e.raw)
     links[chain] = (seq, digest)
     err = getattr(ev, "error", None)
-    row = (
+    code = err.code if err is not None else None
+    event_id, command_id, edge_id, actor, stream = (
         ev.event_id,
-        to_utc(ev.at),
-        chain,
-        seq,
         ev.command_id,
         ev.edge_id,
-        _STATUS[type(ev)],
         ev.actor,
-        err.code if err is not None else None,
         e.stream,
-        e.entry_id,
-        e.raw.decode(),  # valid JSON holds no NUL byte: its escapes stay as they are
-        prev,
-        digest,
     )
-    # Only an event whose JSON escapes a NUL can hold one in a derived column.
-    return _storable(row) if b"\\u0000" in e.raw else row
+    if b"\\" in e.raw or not copy_text.clean(chain, stream):
+        # Rare: the event's JSON escapes something (a control character, NUL, backslash,
+        # quote...); without an escape in it none of its texts needs one in COPY either.
+        event_id, chain_text, command_id, edge_id, actor, stream = (
+            copy_text.text(v) for v in (event_id, chain, command_id, edge_id, actor, stream)
+        )
+        code = copy_text.text(code) if code is not None else None
+    else:
+        chain_text = chain
+    # `payload` keeps the ledger's bytes (valid JSON holds no NUL byte: its escapes stay).
+    return (
+        f"{event_id}\t{copy_text.timestamp(ev.at)}\t{chain_text}\t{seq}\t{command_id}\t"
+        f"{edge_id}\t{_STATUS[type(ev)]}\t{actor}\t{copy_text.NULL if code is None else code}"
+        f"\t{stream}\t{e.entry_id}\t{copy_text.json_text(e.raw)}\t{prev}\t{digest}\n"
+    )
 
 
 def _storable(row: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(pg_text(v) if isinstance(v, str) else v for v in row)
 
 
-def _ts(state: lifecycle.CommandState, status: Status | None) -> Any:
+def _ts(state: lifecycle.CommandState, status: Status | None, stamp: Stamp) -> Any:
     at = state.at(status) if status is not None else None
-    return to_utc(at) if at is not None else None
+    return stamp(at) if at is not None else None
 
 
-def command_row(state: lifecycle.CommandState) -> tuple[Any, ...]:
-    """One `commands` row (COMMAND_FIELDS order) from the folded state."""
+Stamp = Callable[[int], Any]  # a ledger time (ms) as a row value
+
+
+def command_row(state: lifecycle.CommandState, *, stamp: Stamp = to_utc) -> tuple[Any, ...]:
+    """One `commands` row (COMMAND_FIELDS order) from the folded state; the ledger's
+    times (ms) as `stamp` renders them (a datetime, or COPY text)."""
     cmd = state.command
     err = state.error
     status = state.status
@@ -417,7 +432,7 @@ def command_row(state: lifecycle.CommandState) -> tuple[Any, ...]:
     # Without its `issued` event (a log trimmed before a rebuild) the earliest event stands in.
     issued_ms = state.at(Status.ISSUED) or min(e.at for e in state.firsts.values())
     value = _encode(cmd.value).decode() if cmd else None
-    folded = _encode({k.value: v for k, v in sorted(state.firsts.items())}).decode()
+    folded = _encode(dict(sorted(state.firsts.items()))).decode()  # keys as their values
     row = (
         state.command_id,
         state.edge_id,
@@ -439,10 +454,10 @@ def command_row(state: lifecycle.CommandState) -> tuple[Any, ...]:
         err.message if err else None,
         state.late,
         state.deliveries,
-        to_utc(issued_ms),
-        _ts(state, Status.ROUTED),
-        _ts(state, Status.DELIVERED),
-        _ts(state, final),
+        stamp(issued_ms),
+        _ts(state, Status.ROUTED, stamp),
+        _ts(state, Status.DELIVERED, stamp),
+        _ts(state, final, stamp),
         getattr(outcome, "executed_at", None),
         cmd.expires_at if cmd else None,
         folded,
@@ -452,6 +467,14 @@ def command_row(state: lifecycle.CommandState) -> tuple[Any, ...]:
         return row
     row = _storable(row)
     return (*row[:5], _pg_json(value), *row[6:-1], _pg_json(folded))
+
+
+def _command_line(state: lifecycle.CommandState) -> str:
+    """`command_row` in COPY text."""
+    row = command_row(state, stamp=copy_text.timestamp)
+    # Every text of the row is in the folded state's JSON, where a character COPY must
+    # escape (backslash, TAB, LF, CR) or cannot hold (NUL) always shows as an escape.
+    return copy_text.row(row, clean="\\" not in row[-1])
 
 
 def _pg_json(text: str | None) -> str | None:

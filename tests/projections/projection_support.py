@@ -15,10 +15,13 @@ from psycopg import AsyncConnection, sql
 from redis.asyncio import Redis
 
 from config.settings import Settings
+from ledger.ids import new_event_id
 from ledger.keys import Keys
 from ledger.store import Ledger
 from projections.schema import Roles
 from projections.worker import Projector, ProjectorConfig
+from schemas.errors import ErrorCode, error
+from schemas.events import Rejected
 
 NATIVE = "native"
 TIMESCALE = "timescaledb"
@@ -155,3 +158,19 @@ async def running(
 
 def roles(settings: Settings) -> Roles:
     return Roles.for_prefix(settings.namespace)
+
+
+async def record_refusal(ledger: Ledger, actor: str, message: str, *, excerpt: str = "") -> None:
+    """One gateway refusal of malformed input (chain `#refusals`), at a fixed time."""
+    await ledger.record_rejection(
+        Rejected(
+            event_id=new_event_id(),
+            at=1_795_000_000_000,
+            command_id="",
+            edge_id="",
+            actor=actor,
+            error=error(ErrorCode.MALFORMED_JSON, message),
+            stage="gateway",
+            input_excerpt=excerpt,
+        )
+    )

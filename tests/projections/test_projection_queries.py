@@ -9,15 +9,12 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from projection_support import running, wait_caught_up
+from projection_support import record_refusal, running, wait_caught_up
 
 from config.settings import Settings
-from ledger.ids import new_event_id
 from ledger.store import Ledger
 from projections import loadgen
 from projections.queries import Cursor, QueryError
-from schemas.errors import ErrorCode, error
-from schemas.events import Rejected
 
 from support import Processes, http, user_token
 
@@ -25,17 +22,11 @@ from support import Processes, http, user_token
 @pytest.fixture
 async def history(ledger: Ledger, settings: Settings) -> list[loadgen.Planned]:
     plans = await loadgen.generate(ledger, range(60))
-    await ledger.record_rejection(
-        Rejected(
-            event_id=new_event_id(),
-            at=1_795_000_000_000,
-            command_id="",
-            edge_id="",
-            actor="anonymous@10.0.0.9:5555",
-            error=error(ErrorCode.MALFORMED_JSON, "not valid JSON: truncated"),
-            stage="gateway",
-            input_excerpt='{"command_id": "x"',
-        )
+    await record_refusal(
+        ledger,
+        "anonymous@10.0.0.9:5555",
+        "not valid JSON: truncated",
+        excerpt='{"command_id": "x"',
     )
     async with running(ledger, settings):
         await wait_caught_up(settings, ledger.redis, ledger.keys)
