@@ -216,10 +216,13 @@ class Intake:
         cmd = decoded
         edge_id = cmd.target.edge_id
         grant = await self.grants.allows(user, edge_id, CAN_CONTROL)
-        enrolled, decision = await asyncio.gather(
-            self._is_enrolled(edge_id),
-            self._charge(user, edge_id if grant is not None else None),
-        )
+        charged_edge = edge_id if grant is not None else None
+        if edge_id in self._enrolled:  # the usual case: no second wait, no tasks to gather
+            enrolled, decision = True, await self._charge(user, charged_edge)
+        else:
+            enrolled, decision = await asyncio.gather(
+                self._is_enrolled(edge_id), self._charge(user, charged_edge)
+            )
         problem = _limited(decision) or self._refusal(cmd, enrolled=enrolled)
         if problem is None and grant is None:
             problem = error(
