@@ -12,6 +12,7 @@ on Redis Cluster) and then runs the admission script in the edge's partition.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -107,7 +108,9 @@ class Ledger:
     async def close(self) -> None:
         await self.batcher.close()
 
-    def _script(self, script: scripts.Script, keys: list[str], argv: list[Any]) -> Any:
+    def _script(
+        self, script: scripts.Script, keys: list[str], argv: list[Any]
+    ) -> asyncio.Future[Any]:
         """Run one of the ledger's scripts; every one takes the clock offset last."""
         return self.batcher.script(script, keys, [*argv, self.config.clock_offset_ms])
 
@@ -367,12 +370,24 @@ class Ledger:
         turn: Turn | None = None,
     ) -> TransitionResult:
         """Compare-and-set the command to the event's status and append the event."""
+        if turn is not None:
+            await turn.wait()
+        pending = self.transition_now(
+            edge_id, command_id, event, settle=settle, check_edge=check_edge
+        )
+        if turn is not None:
+            turn.passed()
+        return transition_result(await pending)
+
+    def transition_now(
+        self, edge_id: str, command_id: str, event: Event, *, settle: bool, check_edge: bool
+    ) -> asyncio.Future[Any]:
+        """`transition`'s script, queued before this returns: calls made in arrival order
+        reach Redis in that order. Its reply reads with `transition_result`."""
         to = status_of(event)
         k = self.keys
         p = k.partition(edge_id)
-        if turn is not None:
-            await turn.wait()
-        pending = self._script(
+        return self._script(
             scripts.TRANSITION,
             [
                 k.command(edge_id, command_id),
@@ -395,14 +410,6 @@ class Ledger:
                 command_id,
             ],
         )
-        if turn is not None:
-            turn.passed()
-        reply = await pending
-        verdict = _text(reply[0])
-        previous = _text(reply[1])
-        if verdict != "ok":
-            return TransitionResult(False, previous)
-        return TransitionResult(True, previous, _text(reply[2]) == "1", int(reply[3]))
 
     async def acknowledge(
         self, edge_id: str, ack: Ack, *, turn: Turn | None = None
@@ -412,6 +419,11 @@ class Ledger:
         return await self.transition(
             edge_id, ack.command_id, event, settle=True, check_edge=True, turn=turn
         )
+
+    def acknowledge_now(self, edge_id: str, ack: Ack) -> asyncio.Future[Any]:
+        """`acknowledge`'s script, queued before this returns (see `transition_now`)."""
+        event = ack_event(edge_id, ack)
+        return self.transition_now(edge_id, ack.command_id, event, settle=True, check_edge=True)
 
     async def cancel(self, command_id: str, actor: str) -> TransitionResult:
         """Cancel a command that has not been delivered; a cancelled command is never sent."""
@@ -592,6 +604,15 @@ class Ledger:
 
     async def is_enrolled(self, edge_id: str) -> bool:
         return bool(await self.batcher.call("SISMEMBER", self.keys.edges(), edge_id))
+
+
+def transition_result(reply: Any) -> TransitionResult:
+    """What the transition script answered."""
+    verdict = _text(reply[0])
+    previous = _text(reply[1])
+    if verdict != "ok":
+        return TransitionResult(False, previous)
+    return TransitionResult(True, previous, _text(reply[2]) == "1", int(reply[3]))
 
 
 def ack_event(edge_id: str, ack: Ack) -> Event:
