@@ -45,6 +45,10 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[k]
 
 
+def p50_p99(values: list[float]) -> tuple[float, float]:
+    return percentile(values, 50), percentile(values, 99)
+
+
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

@@ -20,7 +20,7 @@ from datetime import datetime
 import uvloop
 import websockets
 
-from bench.harness import Bench, bench, command, percentile
+from bench.harness import Bench, bench, command, p50_p99
 
 EDGE = "verdict_edge"
 
@@ -102,8 +102,7 @@ def main(argv: list[str]) -> int:
         recorded, seen, missing = uvloop.run(
             measure(b, port, args.commands, args.rate, args.ack_timeout_ms)
         )
-    r50, r99 = percentile(recorded, 50), percentile(recorded, 99)
-    s50, s99 = percentile(seen, 50), percentile(seen, 99)
+    (r50, r99), (s50, s99) = p50_p99(recorded), p50_p99(seen)
     print(
         f"verdict_lag: p50 {r50:.0f} ms, p99 {r99:.0f} ms ({r99 / 200:.2f}x the 200 ms bound; "
         f"ack deadline -> timed_out recorded, {len(recorded)} commands to an edge that never "
