@@ -6,8 +6,9 @@ they take and return (config, results, records, codecs) is in ledger/records.py.
 
 This is the only module that knows how a transition is stored. Each public method is
 one atomic script call (through the batcher, so concurrent callers share round trips),
-except `submit`, which first claims the command id in a global index (a separate slot
-on Redis Cluster) and then runs the admission script in the edge's partition.
+except `submit` on Redis Cluster, which first claims the command id in a global index (a
+separate slot there) and then runs the admission script in the edge's partition; on a
+single server the admission script claims the id itself.
 """
 
 from __future__ import annotations
