@@ -12,7 +12,14 @@ import sys
 
 import bench
 
-ORDER = ["latency", "throughput", "idle_edges", "projector", "metrics_overhead"]
+ORDER = [
+    "latency",
+    "throughput",
+    "verdict_lag",
+    "idle_edges",
+    "projector",
+    "metrics_overhead",
+]
 
 
 def main(argv: list[str]) -> int:

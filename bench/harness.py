@@ -45,6 +45,10 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[k]
 
 
+def p50_p99(values: list[float]) -> tuple[float, float]:
+    return percentile(values, 50), percentile(values, 99)
+
+
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -65,6 +69,7 @@ class Bench:
     database_url: str = os.environ.get("DISPATCH_DATABASE_URL", "postgresql://127.0.0.1:5432/test")
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     log_dir: Path = field(default_factory=lambda: Path(".local/bench"))
+    extra: dict[str, str] = field(default_factory=dict)  # more environment (a switch)
 
     @property
     def env(self) -> dict[str, str]:
@@ -79,6 +84,7 @@ class Bench:
             "DISPATCH_RATE_USER_PER_S": "0",
             "DISPATCH_RATE_EDGE_PER_S": "0",
             "DISPATCH_RATE_GLOBAL_PER_S": "0",
+            **self.extra,
         }
 
     def dispatch(self, name: str, *args: str) -> subprocess.Popen[bytes]:
@@ -175,8 +181,8 @@ class Bench:
 
 
 @contextlib.contextmanager
-def bench() -> Iterator[Bench]:
-    b = Bench()
+def bench(extra: dict[str, str] | None = None) -> Iterator[Bench]:
+    b = Bench(extra=extra or {})
     try:
         yield b
     finally:

@@ -16,7 +16,7 @@ import uvloop
 import websockets
 
 from bench import throughput
-from bench.harness import Bench, bench, command, free_port, percentile
+from bench.harness import Bench, bench, command, free_port, p50_p99
 
 EDGE = "site1_edge_prod"
 
@@ -88,8 +88,7 @@ def main(argv: list[str]) -> int:
         # The bare relay with a scripted edge, same run: the ratio's denominator.
         _, relay_port = b.relay()
         _, relay = uvloop.run(throughput.measure(b, relay_port, 1, 1, 1, 2.0, "lat-relay"))
-    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-    r50, r99 = percentile(relay, 50), percentile(relay, 99)
+    (p50, p99), (r50, r99) = p50_p99(latencies), p50_p99(relay)
     print(
         f"light_load_latency_p50: {p50:.2f} ms ({p50 / r50:.1f}x the relay's {r50:.2f} ms; "
         f"send -> executed, emergency, real edge agent + Modbus write/read-back, "

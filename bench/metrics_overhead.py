@@ -17,7 +17,6 @@ import statistics
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -30,17 +29,6 @@ from schemas.commands import Command, EdgeCommand
 from schemas.events import Authorized, Delivered, Event, Executed, Issued, Routed
 
 COMMAND = msgspec.json.Decoder(Command)
-
-
-@dataclass
-class SwitchedBench(Bench):
-    """A bench whose processes get extra environment (the switch under test)."""
-
-    extra: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {**super().env, **self.extra}
 
 
 def cpu_s(pid: int) -> float:
@@ -63,7 +51,7 @@ def one_run(lifecycle: bool, args: argparse.Namespace) -> tuple[float, float]:
         "DISPATCH_METRICS_LIFECYCLE": "1" if lifecycle else "0",
         "DISPATCH_LOG_TRANSITIONS": "0",
     }
-    b = SwitchedBench(extra=switch)
+    b = Bench(extra=switch)
     try:
         proc, port = b.gateway()
         idle_cpu_s = cpu_s(proc.pid)

@@ -126,7 +126,9 @@ async def _answer(
 
     # Never raises (a silent ledger is answered `unavailable`); the follow stays then, so
     # an admission that Redis completes after all still reaches the sender.
-    outcome = await state.intake.submit(raw, dash.user, binary=binary, turn=turn, follow=follow)
+    outcome = await state.intake.submit(
+        raw, dash.user, binary=binary, turn=turn, follow=follow, then=state.hub.deliver_behind
+    )
     error_code = outcome.reply.error.code if outcome.reply.error is not None else ""
     if outcome.rejected and error_code != ErrorCode.UNAVAILABLE:
         for command_id in newly:

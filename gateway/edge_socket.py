@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 import uuid
+from typing import Any
 
 import msgspec
 from starlette.websockets import WebSocket
@@ -18,8 +20,8 @@ from gateway.lifecycle_metrics import CLOCK_OFFSETS, traceparent_of
 from gateway.sessions import EdgeSession, Outbox, protocol_refusal, ws_hard_limit_bytes
 from gateway.state import GatewayState
 from ledger.keys import SAFE_ID
-from ledger.ordering import InOrder, Turn
 from ledger.records import TransitionResult
+from ledger.store import transition_result
 from schemas.commands import Ack
 from schemas.errors import ErrorCode, ErrorObject, error
 from schemas.messages import EdgeNotice
@@ -63,14 +65,9 @@ async def edge_endpoint(ws: WebSocket) -> None:
 
 
 async def _read_acks(state: GatewayState, session: EdgeSession) -> None:
-    """Read acknowledgments; apply them concurrently, in arrival order."""
+    """Read acknowledgments and record them in arrival order."""
     ws = session.ws
-
-    def answer_failure(exc: Exception) -> None:
-        notice = EdgeNotice(type="ack_unrecorded", error=failure(exc, state.settings.ledger_wait_s))
-        session.outbox.put(_encode(notice).decode())
-
-    in_order = InOrder(answer_failure)
+    acks = _Acks(state, session)
     try:
         while True:
             message = await ws.receive()
@@ -83,38 +80,103 @@ async def _read_acks(state: GatewayState, session: EdgeSession) -> None:
             raw = message.get("bytes")
             if raw is None:
                 raw = (message.get("text") or "").encode()
-            await in_order.run(functools.partial(_acknowledge, state, session, raw))
+            await acks.room()
+            acks.receive(raw)
     finally:
-        await in_order.drain()
+        await acks.drain()
 
 
-async def _acknowledge(state: GatewayState, session: EdgeSession, raw: bytes, turn: Turn) -> None:
-    """Apply one ack and tell the edge what became of it: every ack gets a notice."""
-    try:
-        ack = ACK_DECODER.decode(raw)
-    except Exception as exc:  # not JSON, not UTF-8, wrong shape: tell the edge, keep going
-        turn.passed()
-        metrics.ACKS.labels("invalid", "refused").inc()
-        notice = EdgeNotice(
-            type="ack_refused",
-            error=ErrorObject(code="invalid_ack", message=f"unreadable acknowledgment: {exc}"),
+class _Acks:
+    """One edge connection's acknowledgments: every ack gets a notice.
+
+    No task per frame: each ack's transition is queued as it is read (so acks reach
+    Redis in arrival order, which is all the order they need), and its notice is sent
+    from the reply's callback. At most `limit` are out at a time; one that Redis does
+    not answer within the ledger wait is answered `ack_unrecorded` (the edge resends).
+    """
+
+    def __init__(self, state: GatewayState, session: EdgeSession, limit: int = 64) -> None:
+        self.state = state
+        self.session = session
+        self.limit = limit
+        self.wait_s = state.settings.ledger_wait_s
+        self.pending: set[asyncio.Future[Any]] = set()
+
+    async def room(self) -> None:
+        while len(self.pending) >= self.limit:
+            await asyncio.wait(self.pending, return_when=asyncio.FIRST_COMPLETED)
+
+    async def drain(self) -> None:
+        """Wait for the acks still out (each is answered within the ledger wait)."""
+        if self.pending:
+            await asyncio.wait(self.pending, timeout=self.wait_s * 2)
+
+    def receive(self, raw: bytes) -> None:
+        session = self.session
+        try:
+            ack = ACK_DECODER.decode(raw)
+        except Exception as exc:  # not JSON, not UTF-8, wrong shape: tell the edge, keep going
+            metrics.ACKS.labels("invalid", "refused").inc()
+            notice = EdgeNotice(
+                type="ack_refused",
+                error=ErrorObject(code="invalid_ack", message=f"unreadable acknowledgment: {exc}"),
+            )
+            session.outbox.put(_encode(notice).decode())
+            return
+        CLOCK_OFFSETS.note(session.edge_id, ack.clock_offset_ms)
+        # The trace context now: by the reply the tail may have closed the command.
+        trace = (
+            (time.time_ns(), traceparent_of(self.state.hub.lifecycle, ack.command_id))
+            if tracing.enabled()
+            else None
         )
-        session.outbox.put(_encode(notice).decode())
-        return
-    CLOCK_OFFSETS.note(session.edge_id, ack.clock_offset_ms)
-    parent = traceparent_of(state.hub.lifecycle, ack.command_id)
-    wait_s = state.settings.ledger_wait_s
-    try:
-        async with asyncio.timeout(wait_s):
-            with tracing.span("dispatch.ack", parent, status=ack.status):
-                result = await state.ledger.acknowledge(session.edge_id, ack, turn=turn)
-    except Exception as exc:  # Redis down or failing: the edge keeps the ack and resends it
-        turn.passed()
+        try:
+            pending = self.state.ledger.acknowledge_now(session.edge_id, ack)
+        except Exception as exc:  # the ledger is not running: the edge keeps the ack
+            self._unrecorded(ack, exc)
+            return
+        timer = asyncio.get_running_loop().call_later(self.wait_s, self._too_slow, pending, ack)
+        self.pending.add(pending)
+        pending.add_done_callback(functools.partial(self._answered, ack, timer, trace))
+
+    def _too_slow(self, pending: asyncio.Future[Any], ack: Ack) -> None:
+        if not pending.done():
+            pending.cancel()  # still queued: the batcher drops it; sent: the reply is ignored
+            self._unrecorded(ack, TimeoutError())
+
+    def _answered(
+        self,
+        ack: Ack,
+        timer: asyncio.TimerHandle,
+        trace: tuple[int, str | None] | None,
+        pending: asyncio.Future[Any],
+    ) -> None:
+        self.pending.discard(pending)
+        timer.cancel()
+        if pending.cancelled():
+            return  # answered by _too_slow
+        session = self.session
+        try:
+            exc = pending.exception()
+            if exc is not None:  # Redis down or failing: the edge keeps the ack and resends it
+                self._unrecorded(ack, exc)
+                return
+            result = transition_result(pending.result())
+            if trace is not None:
+                tracing.record("dispatch.ack", trace[1], start_ns=trace[0], status=ack.status)
+            session.acknowledges = True  # from now on its acks pace its deliveries
+            self.state.hub.settled(session, ack.command_id)
+            session.outbox.put(_encode(_notice(session.edge_id, ack, result)).decode())
+        except Exception as exc:  # a bug here must still answer the edge
+            log.exception("edge.ack.failed command_id=%s", ack.command_id)
+            self._unrecorded(ack, exc)
+
+    def _unrecorded(self, ack: Ack, exc: BaseException) -> None:
         metrics.ACKS.labels(ack.status, "unrecorded").inc()
         log.warning(
             "edge.ack.unrecorded command_id=%s edge_id=%s status=%s error=%r",
             ack.command_id,
-            session.edge_id,
+            self.session.edge_id,
             ack.status,
             exc,
         )
@@ -122,21 +184,20 @@ async def _acknowledge(state: GatewayState, session: EdgeSession, raw: bytes, tu
             type="ack_unrecorded",
             command_id=ack.command_id,
             status=ack.status,
-            error=failure(exc, wait_s),
+            error=failure(exc, self.wait_s),
         )
-        session.outbox.put(_encode(notice).decode())
-        return
-    session.acknowledges = True  # from now on its acks pace its deliveries
-    state.hub.settled(session, ack.command_id)
-    session.outbox.put(_encode(_notice(session.edge_id, ack, result)).decode())
+        self.session.outbox.put(_encode(notice).decode())
 
 
 def _notice(edge_id: str, ack: Ack, result: TransitionResult) -> EdgeNotice:
     """What became of an ack the ledger answered."""
     if result.applied:
         metrics.ACKS.labels(ack.status, "applied").inc()
-        log.info(
-            "command.transition command_id=%s edge_id=%s status=%s late=%s",
+        # Every applied event has its `command.transition` line from the hub's tail
+        # (dispatch.transition); a late ack is worth its own line besides.
+        log.log(
+            logging.INFO if result.late else logging.DEBUG,
+            "edge.ack.applied command_id=%s edge_id=%s status=%s late=%s",
             ack.command_id,
             edge_id,
             ack.status,

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable
 from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 
@@ -27,7 +28,7 @@ from gateway.revocations import Revocations
 from gateway.sessions import CloseCode, DashboardSession, EdgeSession, Outbox
 from ledger import lifecycle
 from ledger.connection import AnyRedis, is_cluster
-from ledger.records import EVENT_DECODER
+from ledger.records import EVENT_DECODER, Delivery
 from ledger.store import Ledger
 from ledger.tail import StreamTail
 from schemas.errors import ErrorCode, error
@@ -80,6 +81,9 @@ class Hub:
         self._tail_redis = tail_redis
         self.lifecycle: LifecycleMetrics | None = None  # set by the app (gateway/app.py)
         self._wanting_delivery: set[str] = set()  # edges with entries to deliver now
+        # Commands `deliver_behind` sent with their admission: their `routed` event
+        # needs no delivery round of its own.
+        self._handed: set[str] = set()
         self._delivery_wanted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -198,8 +202,8 @@ class Hub:
                 for session in failed:
                     self.want_delivery(session.edge_id)
 
-    async def _deliver(self, session: EdgeSession) -> None:
-        """Send only what the edge's link can drain; the rest waits in Redis.
+    def _room(self, session: EdgeSession) -> int:
+        """How many commands the edge may be sent now (0: it is at its in-flight bound).
 
         Up to `edge_inflight` commands may be sent and not yet accepted. An edge that
         has not acknowledged anything in this session cannot pace by its acks: it gets
@@ -208,23 +212,100 @@ class Hub:
         room = self.edge_inflight - len(session.unacked)
         if room <= 0 and not session.acknowledges and session.outbox.idle:
             room = self.edge_inflight
-        if room <= 0:
+        return max(0, min(room, self.ledger.config.delivery_batch))
+
+    def deliver_behind(self, edge_id: str, command_id: str) -> None:
+        """Queue the edge's delivery right behind a command's admission script.
+
+        Called by the intake once the admission is queued: when this process holds the
+        edge, the delivery rides in the same pipeline, so the edge gets the command one
+        Redis round trip after the dashboard sent it instead of after the tail brings
+        `routed` back and a second round trip. Whatever this does not hand out (the
+        command was queued, refused, or the edge has older entries first) is delivered
+        the usual way.
+        """
+        session = self.edges.get(edge_id)
+        if (
+            session is None
+            or not session.ready
+            or session.delivering
+            or session.claim_cursor != ""
+            or session.outbox.closing
+        ):
+            return
+        count = self._room(session)
+        if count == 0:
+            return
+        if len(self._handed) >= 100_000:  # routed events that never came: do not grow
+            self._handed.clear()
+        self._handed.add(command_id)
+        session.delivering = True
+        pending = self.ledger.deliver_now(edge_id, session.owner, count=count)
+        task = asyncio.create_task(self._deliver_behind(session, pending, count, command_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _deliver_behind(
+        self,
+        session: EdgeSession,
+        pending: Awaitable[tuple[list[Delivery], str] | None],
+        count: int,
+        command_id: str,
+    ) -> None:
+        try:
+            got = await pending
+        except Exception as exc:  # Redis trouble: the usual path retries
+            log.warning("edge.delivery.failed edge_id=%s error=%r", session.edge_id, exc)
+            session.claim_cursor = "0-0"  # its reply may be lost: reclaim what it handed out
+            got = ([], session.claim_cursor)
+        finally:
+            session.delivering = False
+        sent = self._hand_out(session, got, count)
+        if command_id not in sent:
+            # Not handed out here: its `routed` event (if any) must trigger the delivery.
+            self._handed.discard(command_id)
+            session.again = True
+        if session.again:
+            session.again = False
+            self.want_delivery(session.edge_id)
+
+    async def _deliver(self, session: EdgeSession) -> None:
+        """Send only what the edge's link can drain; the rest waits in Redis."""
+        if session.delivering:  # one delivery per edge at a time: go on when it is back
+            session.again = True
+            return
+        count = self._room(session)
+        if count == 0:
             session.more = True
             return
-        count = min(room, self.ledger.config.delivery_batch)
-        got = await self.ledger.deliver_some(
-            session.edge_id, session.owner, cursor=session.claim_cursor, count=count
-        )
+        session.delivering = True
+        try:
+            got = await self.ledger.deliver_some(
+                session.edge_id, session.owner, cursor=session.claim_cursor, count=count
+            )
+        finally:
+            session.delivering = False
+        self._hand_out(session, got, count)
+        if session.again:
+            session.again = False
+            self.want_delivery(session.edge_id)
+
+    def _hand_out(
+        self, session: EdgeSession, got: tuple[list[Delivery], str] | None, count: int
+    ) -> set[str]:
+        """Send what the ledger handed to the session; returns the command ids sent."""
+        sent: set[str] = set()
         if got is None:
             # Another session owns the edge now (this one was replaced or expired).
             session.outbox.close(CloseCode.REPLACED, "another connection owns this edge now")
-            return
+            return sent
         deliveries, session.claim_cursor = got
         now = datetime.now(UTC)
         for delivery in deliveries:
             if not session.outbox.put(delivery.frame(now).decode()):
                 break
             session.unacked.add(delivery.command_id)
+            sent.add(delivery.command_id)
             metrics.DELIVERIES.inc()
             if tracing.enabled():
                 tracing.record(
@@ -236,6 +317,7 @@ class Hub:
         session.more = len(deliveries) >= count or session.claim_cursor != ""
         if session.more and len(session.unacked) < self.edge_inflight:
             self.want_delivery(session.edge_id)  # more waiting beyond this batch
+        return sent
 
     def drained(self, session: EdgeSession) -> None:
         """The edge's socket wrote everything queued: what waits in Redis may follow."""
@@ -265,7 +347,10 @@ class Hub:
         if self.lifecycle is not None:
             self.lifecycle.observe(event)
         if isinstance(event, Routed) and event.gateway == self.gateway_id:
-            self.want_delivery(event.edge_id)
+            if event.command_id in self._handed:
+                self._handed.discard(event.command_id)  # already sent by deliver_behind
+            else:
+                self.want_delivery(event.edge_id)
         if isinstance(event, Rejected) and event.stage == "gateway":
             return  # answered to the submitter directly
         status = status_of(event)

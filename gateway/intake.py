@@ -147,16 +147,20 @@ class Intake:
         binary: bool = False,
         turn: Turn | None = None,
         follow: Callable[[str], None] | None = None,
+        then: Callable[[str, str], None] | None = None,
     ) -> Outcome:
         """Admit one command from `user`, or reject it naming the cause; never raises.
 
         `follow(command_id)` is called just before the admission is written, so the
-        caller hears every status of the command. A ledger that does not answer within
+        caller hears every status of the command; `then(edge_id, command_id)` right
+        after the admission script is queued (see `Ledger.submit`). A ledger that does not answer within
         `ledger_wait_s` (or fails) gives `rejected` with `unavailable` (or `internal`).
         """
         try:
             async with asyncio.timeout(self.ledger_wait_s):
-                return await self._submit(raw, user, binary=binary, turn=turn, follow=follow)
+                return await self._submit(
+                    raw, user, binary=binary, turn=turn, follow=follow, then=then
+                )
         except Exception as exc:  # TimeoutError, LedgerUnavailable, anything: still answer
             return self.unanswered(raw, user.actor, exc)
 
@@ -188,6 +192,7 @@ class Intake:
         binary: bool,
         turn: Turn | None,
         follow: Callable[[str], None] | None,
+        then: Callable[[str, str], None] | None = None,
     ) -> Outcome:
         """Admit one command from `user`, or reject it naming the cause.
 
@@ -211,10 +216,13 @@ class Intake:
         cmd = decoded
         edge_id = cmd.target.edge_id
         grant = await self.grants.allows(user, edge_id, CAN_CONTROL)
-        enrolled, decision = await asyncio.gather(
-            self._is_enrolled(edge_id),
-            self._charge(user, edge_id if grant is not None else None),
-        )
+        charged_edge = edge_id if grant is not None else None
+        if edge_id in self._enrolled:  # the usual case: no second wait, no tasks to gather
+            enrolled, decision = True, await self._charge(user, charged_edge)
+        else:
+            enrolled, decision = await asyncio.gather(
+                self._is_enrolled(edge_id), self._charge(user, charged_edge)
+            )
         problem = _limited(decision) or self._refusal(cmd, enrolled=enrolled)
         if problem is None and grant is None:
             problem = error(
@@ -229,7 +237,12 @@ class Intake:
         with tracing.span("dispatch.admit", cmd.traceparent, command_id=cmd.command_id) as tp:
             cmd = msgspec.structs.replace(cmd, traceparent=tp) if tp else cmd
             result = await self.ledger.submit(
-                cmd, actor=user.actor, grant=grant, gateway_id=self.gateway_id, turn=turn
+                cmd,
+                actor=user.actor,
+                grant=grant,
+                gateway_id=self.gateway_id,
+                turn=turn,
+                then=then,
             )
         metrics.SUBMIT_SECONDS.observe(time.perf_counter() - started)
         if result.outcome is SubmitOutcome.DUPLICATE:

@@ -176,6 +176,8 @@ class EdgeSession:
     claim_cursor: str = "0-0"
     more: bool = False  # the last delivery stopped at the in-flight bound
     acknowledges: bool = False  # it acknowledged something: acks pace its deliveries
+    delivering: bool = False  # a delivery call is out: one at a time per edge
+    again: bool = False  # a delivery was wanted while one was out: go on after it
 
     @property
     def edge_id(self) -> str:

@@ -6,13 +6,16 @@ they take and return (config, results, records, codecs) is in ledger/records.py.
 
 This is the only module that knows how a transition is stored. Each public method is
 one atomic script call (through the batcher, so concurrent callers share round trips),
-except `submit`, which first claims the command id in a global index (a separate slot
-on Redis Cluster) and then runs the admission script in the edge's partition.
+except `submit` on Redis Cluster, which first claims the command id in a global index (a
+separate slot there) and then runs the admission script in the edge's partition; on a
+single server the admission script claims the id itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +23,7 @@ import msgspec
 
 from ledger import lifecycle, scripts
 from ledger.batcher import Batcher
-from ledger.connection import AnyRedis
+from ledger.connection import AnyRedis, is_cluster
 from ledger.errors import LedgerError, translated
 from ledger.ids import new_event_id
 from ledger.keys import Keys
@@ -94,6 +97,9 @@ class Ledger:
         self.keys = Keys(self.config.namespace, self.config.partitions)
         self.url = url
         self.batcher = Batcher(redis, url=url)
+        # The command-id index lives in another hash slot than the partition: on a
+        # cluster it is claimed by its own call before the admission script.
+        self._claim_apart = is_cluster(redis)
 
     async def start(self) -> None:
         async with translated("starting the ledger", self.url):
@@ -103,7 +109,9 @@ class Ledger:
     async def close(self) -> None:
         await self.batcher.close()
 
-    def _script(self, script: scripts.Script, keys: list[str], argv: list[Any]) -> Any:
+    def _script(
+        self, script: scripts.Script, keys: list[str], argv: list[Any]
+    ) -> asyncio.Future[Any]:
         """Run one of the ledger's scripts; every one takes the clock offset last."""
         return self.batcher.script(script, keys, [*argv, self.config.clock_offset_ms])
 
@@ -124,27 +132,46 @@ class Ledger:
         return int(cmd.timestamp.timestamp() * 1000) + expiry_s * 1000
 
     async def submit(
-        self, cmd: Command, *, actor: str, grant: str, gateway_id: str, turn: Turn | None = None
+        self,
+        cmd: Command,
+        *,
+        actor: str,
+        grant: str,
+        gateway_id: str,
+        turn: Turn | None = None,
+        then: Callable[[str, str], None] | None = None,
     ) -> SubmitResult:
         """Record an authorized command and route it (edge online) or queue it.
 
         With a `turn`, the admission script is enqueued only after the connection's
-        earlier commands enqueued theirs (see ledger/ordering.py).
+        earlier commands enqueued theirs (see ledger/ordering.py). `then(edge_id,
+        command_id)` is called right after the admission script is queued, before its
+        reply: what it queues rides in the same pipeline, behind the admission (the
+        gateway queues the command's first delivery there, see `deliver_now`).
+
+        On a single Redis server the admission script also claims the command id in
+        the global index; on a cluster the index is another slot, claimed first.
         """
         edge_id = cmd.target.edge_id
         k = self.keys
-        owner = await self.batcher.call(
-            "SET",
-            k.command_index(cmd.command_id),
-            edge_id,
-            "NX",
-            "GET",
-            "EX",
-            self.config.state_ttl_s,
-            get=True,
-        )
-        if owner is not None and _text(owner) != edge_id:
-            return SubmitResult(SubmitOutcome.DUPLICATE, "")
+        index_keys: list[str] = []
+        if self._claim_apart:
+            owner = await self.batcher.call(
+                "SET",
+                k.command_index(cmd.command_id),
+                edge_id,
+                "NX",
+                "GET",
+                "EX",
+                self.config.state_ttl_s,
+                get=True,
+            )
+            if owner is not None and _text(owner) != edge_id:
+                return SubmitResult(SubmitOutcome.DUPLICATE, "")
+        else:
+            # One server holds every key: the admission script claims the id itself,
+            # which saves a round trip on the way to the edge.
+            index_keys = [k.command_index(cmd.command_id)]
         digest = body_digest(cmd)
         expires_at = self.expires_at_ms(cmd)
         body = EdgeCommand(
@@ -198,6 +225,8 @@ class Ledger:
                 k.latest(edge_id),
                 k.inflight(p),
                 k.edge_streams(p),
+                k.request(p, base),
+                *index_keys,
             ],
             [
                 cmd.command_id,
@@ -215,6 +244,8 @@ class Ledger:
                 k.command_prefix(p),
             ],
         )
+        if then is not None:
+            then(edge_id, cmd.command_id)
         if turn is not None:
             turn.passed()
         reply = await pending
@@ -258,12 +289,29 @@ class Ledger:
         ("0-0" to start, "" when nothing is left to reclaim; reclaiming also coalesces
         the backlog's setpoints). None if `owner` no longer holds the edge.
         """
+        return await self._delivery_rounds(edge_id, owner, cursor, count, None)
+
+    def deliver_now(
+        self, edge_id: str, owner: str, *, count: int
+    ) -> Awaitable[tuple[list[Delivery], str] | None]:
+        """`deliver_some` with nothing left to reclaim, whose first script is queued
+        before this returns (so it rides in the pipeline of whatever was queued just
+        before it, e.g. the admission of the command it is meant to hand out)."""
+        first = self._deliver_round(edge_id, owner, "", coalesce=False, count=count)
+        return self._delivery_rounds(edge_id, owner, "", count, first)
+
+    async def _delivery_rounds(
+        self, edge_id: str, owner: str, cursor: str, count: int, first: Any
+    ) -> tuple[list[Delivery], str] | None:
         out: list[Delivery] = []
         for _ in range(self._MAX_DELIVERY_ROUNDS):
             claiming = cursor != ""
-            reply = await self._deliver_round(
-                edge_id, owner, cursor, coalesce=claiming, count=max(1, count - len(out))
-            )
+            if first is not None:
+                reply, first = await first, None
+            else:
+                reply = await self._deliver_round(
+                    edge_id, owner, cursor, coalesce=claiming, count=max(1, count - len(out))
+                )
             if _text(reply[0]) != "ok":
                 return None
             next_cursor, fresh_full, lost = _text(reply[1]), _text(reply[2]), _text(reply[3])
@@ -323,12 +371,24 @@ class Ledger:
         turn: Turn | None = None,
     ) -> TransitionResult:
         """Compare-and-set the command to the event's status and append the event."""
+        if turn is not None:
+            await turn.wait()
+        pending = self.transition_now(
+            edge_id, command_id, event, settle=settle, check_edge=check_edge
+        )
+        if turn is not None:
+            turn.passed()
+        return transition_result(await pending)
+
+    def transition_now(
+        self, edge_id: str, command_id: str, event: Event, *, settle: bool, check_edge: bool
+    ) -> asyncio.Future[Any]:
+        """`transition`'s script, queued before this returns: calls made in arrival order
+        reach Redis in that order. Its reply reads with `transition_result`."""
         to = status_of(event)
         k = self.keys
         p = k.partition(edge_id)
-        if turn is not None:
-            await turn.wait()
-        pending = self._script(
+        return self._script(
             scripts.TRANSITION,
             [
                 k.command(edge_id, command_id),
@@ -351,14 +411,6 @@ class Ledger:
                 command_id,
             ],
         )
-        if turn is not None:
-            turn.passed()
-        reply = await pending
-        verdict = _text(reply[0])
-        previous = _text(reply[1])
-        if verdict != "ok":
-            return TransitionResult(False, previous)
-        return TransitionResult(True, previous, _text(reply[2]) == "1", int(reply[3]))
 
     async def acknowledge(
         self, edge_id: str, ack: Ack, *, turn: Turn | None = None
@@ -368,6 +420,11 @@ class Ledger:
         return await self.transition(
             edge_id, ack.command_id, event, settle=True, check_edge=True, turn=turn
         )
+
+    def acknowledge_now(self, edge_id: str, ack: Ack) -> asyncio.Future[Any]:
+        """`acknowledge`'s script, queued before this returns (see `transition_now`)."""
+        event = ack_event(edge_id, ack)
+        return self.transition_now(edge_id, ack.command_id, event, settle=True, check_edge=True)
 
     async def cancel(self, command_id: str, actor: str) -> TransitionResult:
         """Cancel a command that has not been delivered; a cancelled command is never sent."""
@@ -548,6 +605,15 @@ class Ledger:
 
     async def is_enrolled(self, edge_id: str) -> bool:
         return bool(await self.batcher.call("SISMEMBER", self.keys.edges(), edge_id))
+
+
+def transition_result(reply: Any) -> TransitionResult:
+    """What the transition script answered."""
+    verdict = _text(reply[0])
+    previous = _text(reply[1])
+    if verdict != "ok":
+        return TransitionResult(False, previous)
+    return TransitionResult(True, previous, _text(reply[2]) == "1", int(reply[3]))
 
 
 def ack_event(edge_id: str, ack: Ack) -> Event:

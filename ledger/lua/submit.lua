@@ -1,7 +1,10 @@
 -- Admit an authorized command: record issued + authorized, put it on its edge's
 -- delivery stream, and mark it routed (edge online) or queued (offline).
 -- KEYS: state, log, edge stream, presence, deadlines, expiries, latest, inflight,
---       edge streams set
+--       edge streams set, request (this call's reply is kept there: a rerun returns
+--       it, see common.lua; the gateway queues a delivery behind an admission, and a
+--       lost reply reruns both), [command-id index: only on a single server, where the
+--       script claims the id itself; on a cluster the caller claimed it first]
 -- ARGV: command_id, edge_id, digest, issued json, authorized json, edge body,
 --       expires_at ms, ack timeout ms, coalesce field, state ttl ms, event id base,
 --       actor, command key prefix, clock offset ms
@@ -13,6 +16,13 @@ local field = ARGV[9]
 local base, actor = ARGV[11], ARGV[12]
 clock_offset_ms = tonumber(ARGV[14])
 
+local request = KEYS[10]
+local earlier = replayed(request)
+if earlier then return earlier end
+if KEYS[11] then
+  local claimed_by = redis.call('SET', KEYS[11], edge, 'NX', 'GET', 'PX', ARGV[10])
+  if claimed_by and claimed_by ~= edge then return {'duplicate', '', ''} end
+end
 local prior = redis.call('HMGET', state, 'digest', 'status')
 if prior[1] then
   if prior[1] == digest then return {'exists', prior[2], ''} end
@@ -63,4 +73,4 @@ if field ~= '' then
 end
 redis.call('HSET', state, 'status', status)
 redis.call('PEXPIRE', state, ARGV[10])
-return {'admitted', status, gateway}
+return remember(request, {'admitted', status, gateway})
