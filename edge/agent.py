@@ -314,7 +314,41 @@ class Agent:
             log.exception(
                 "edge.frame.failed command_id=%s error=%r excerpt=%r", command_id, exc, body[:200]
             )
+            if isinstance(frame, EdgeCommand) and await self._refuse_untaken(frame, exc):
+                return
             self.metrics.frames_unanswerable.inc()
+
+    async def _refuse_untaken(self, cmd: EdgeCommand, exc: Exception) -> bool:
+        """Refuse (`internal`) a command whose handling raised, when that is safe: only if
+        the journal positively holds nothing of it, so it was never queued and will never
+        be written. One the journal holds is answered from there by the pump; one it cannot
+        read stays unanswered here (a wrong `rejected` could hide a device write) and the
+        gateway's verdict reports it. True when the gateway was answered."""
+        journal = self._journal
+        assert journal is not None
+        try:
+            taken = journal.lookup(cmd.command_id) is not None
+        except Exception:
+            log.exception("edge.frame.unanswered command_id=%s: journal unreadable", cmd.command_id)
+            return False
+        if taken:
+            self._acks.set()
+            return True
+        answer = ack(
+            cmd.command_id,
+            "rejected",
+            code=ErrorCode.INTERNAL,
+            message=(
+                f"the edge agent failed to take this command ({exc}); it was not queued and "
+                "will not be written: check the edge's log, then send it again"
+            ),
+        )
+        # Not journaled: the journal may be what failed, and a redelivery is taken afresh.
+        if not await self.link.send(_encode(answer).decode()):
+            return False
+        self.metrics.frames_rejected.inc()
+        log_transition(cmd.command_id, self.settings.edge_id, "rejected", code=ErrorCode.INTERNAL)
+        return True
 
     async def _notice(self, notice: Notice) -> None:
         journal = self._journal

@@ -7,10 +7,13 @@ import json
 import logging
 import math
 import random
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from edge.journal import JOURNAL_FILE
 from edge.simulator import BmsSimulator
 
 from edge_testkit import FakeCloud, command
@@ -44,6 +47,32 @@ async def test_every_unreadable_frame_naming_a_command_is_answered_rejected(
     await cloud.route(command("fine", value=7))
     assert (await cloud.wait_final("fine"))["status"] == "executed"
     assert [a["command_id"] for a in cloud.acks if a["command_id"].startswith("x")] == []
+
+
+async def test_a_command_the_journal_fails_to_take_is_refused_not_left_unanswered(
+    cloud: FakeCloud, bms: BmsSimulator, start_agent: Any, tmp_path: Path
+) -> None:
+    """The journal refuses one command's record (a real SQLite failure, injected with a
+    trigger): the agent answers `rejected`/`internal` naming the failure instead of
+    leaving the gateway to time the command out, writes nothing for it, and goes on."""
+    running = await start_agent(cloud, bms.port)
+    await cloud.wait_online()
+    with sqlite3.connect(tmp_path / "state" / JOURNAL_FILE) as db:
+        db.execute(
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON commands WHEN NEW.command_id = 'boom_1'"
+            " BEGIN SELECT RAISE(ABORT, 'injected: disk full'); END"
+        )
+    await cloud.route(command("boom_1", value=41000))
+    refused = await cloud.wait_final("boom_1")
+    assert refused["status"] == "rejected", refused
+    assert refused["error"]["code"] == "internal"
+    assert "injected: disk full" in refused["error"]["message"]
+    assert "will not be written" in refused["error"]["message"]
+    assert running.agent.metrics.frames_unanswerable._value.get() == 0
+    assert bms.state.writes == []  # never queued, so nothing can write it later either
+    await cloud.route(command("after_boom", value=42000))
+    assert (await cloud.wait_final("after_boom"))["status"] == "executed"
+    assert len(bms.state.writes) == 1
 
 
 async def test_an_override_beyond_the_maximum_duration_is_refused(
