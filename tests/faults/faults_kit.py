@@ -133,6 +133,28 @@ class RecordingSite:
             db.close()
 
 
+# -- a wall clock that can be stepped ----------------------------------------------------------
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+def stepped_wall_clock(offset_file: Path, offset: str = "+0") -> dict[str, str]:
+    """The environment of a process whose wall clock is off by what `offset_file` says
+    ("+20", "-5": seconds, re-read on every call, so writing the file steps the clock).
+
+    Only the wall clock moves. libfaketime fakes CLOCK_MONOTONIC as well unless told not
+    to, and then a step back of N seconds postponed every asyncio timer of the process
+    by N seconds (a Redis reconnect backoff of 0.5 s became 25 s): a fault no deployment
+    has, since NTP or an operator stepping the clock never moves CLOCK_MONOTONIC.
+    """
+    offset_file.write_text(f"{offset}\n")
+    return {
+        "LD_PRELOAD": LIBFAKETIME,
+        "FAKETIME_TIMESTAMP_FILE": str(offset_file),
+        "FAKETIME_NO_CACHE": "1",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
+
+
 # -- a private Redis that can be stopped ------------------------------------------------------
 @dataclass
 class PrivateRedis:

@@ -74,7 +74,12 @@ class Faults(RuleBasedStateMachine):
     def teardown(self) -> None:
         try:
             report = self.world.settle()
-            print(f"{self.world.counts}\n{report}")
+            print(f"{self.world.counts}\n{' '.join(self.world.history)}\n{report}")
+            if not report.ok:
+                keep = Path(tempfile.mkdtemp(prefix="faults-machine-failed-"))
+                for proc in self.world.processes.procs:
+                    (keep / proc.log_path.name).write_text(proc.log())
+                print(f"process logs kept in {keep}")
             assert report.ok, report
         finally:
             self.world.close()
