@@ -86,7 +86,7 @@ class RecordingSite:
     def state_dir(self) -> Path:
         return self.root / "edge-state"
 
-    def start_device(self, *extra: str) -> RecordingSite:
+    def start_device(self, *extra: str, wait: bool = True) -> RecordingSite:
         self.bms_port = self.bms_port or free_port()
         self.device = spawn(
             self.processes,
@@ -94,8 +94,13 @@ class RecordingSite:
             [sys.executable, "-m", "edge.recording_device", "--port", str(self.bms_port),
              "--record", str(self.record), *extra],
         )  # fmt: skip
-        wait_port(self.bms_port, self.device)
+        if wait:
+            self.wait_device()
         return self
+
+    def wait_device(self) -> None:
+        assert self.device is not None
+        wait_port(self.bms_port, self.device)
 
     def start_agent(
         self, gateway_ws: str, *extra: str, faketime: str | None = None, wait: bool = True
@@ -115,7 +120,7 @@ class RecordingSite:
             agent = self.agent
             wait_until(
                 lambda: presence(self.processes.env, self.edge_id) or not agent.alive(),
-                20,
+                60,  # a bound: start-ups stretch on the loaded machine
                 interval_s=0.05,
                 what="the agent to connect",
             )
@@ -224,14 +229,17 @@ def deploy(
     processes.env["DISPATCH_ACK_TIMEOUT_MS"] = str(ack_timeout_ms)
     enroll(processes.env, DEMO_EDGE)
     port = gateway_port or free_port()
+    # Gateway, projector and device start side by side: each is a Python start-up of a
+    # second or more on a loaded machine, and none needs another to come up.
     proc = processes.dispatch(
         "gateway", "gateway", "--port", str(port), "--gateway-id", "gw-a", env=gateway_env
     )
-    gw = Gateway(proc, port)
-    gw.wait_ready()
     if projector:
         processes.dispatch("projector", "projector")
-    site = RecordingSite(processes, root).start_device()
+    site = RecordingSite(processes, root).start_device(wait=False)
+    gw = Gateway(proc, port)
+    gw.wait_ready(60)  # a bound, not a wait: start-ups stretch on the shared 2-core machine
+    site.wait_device()
     if agent:
         site.start_agent(gw.ws, *agent_args)
     return gw, site

@@ -58,6 +58,7 @@ def _traffic(stop: threading.Event, client: Dashboard | HttpSender, period_s: fl
         pytest.param(signal.SIGTERM, 1.0, id="sigterm-1s"),
         pytest.param(signal.SIGTERM, 6.0, id="sigterm-6s"),
         pytest.param(signal.SIGKILL, 1.0, id="kill9-1s"),
+        pytest.param(signal.SIGKILL, 6.0, id="kill9-6s"),
     ],
 )
 def test_redis_restart_under_traffic_loses_and_doubles_nothing(
