@@ -6,10 +6,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faults_kit import PrivateRedis
+from faults_kit import PrivateRedis, stop_together
 from faults_proxy import Proxy
 
-from support import free_port
+from support import Processes, free_port
+
+
+@pytest.fixture
+def processes(
+    env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Processes]:
+    """tests/conftest.py's fixture, stopping the processes together at teardown."""
+    procs = Processes(env, tmp_path)
+    yield procs
+    stop_together(procs.procs)
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        for proc in procs.procs:
+            print(f"----- {proc.name} log -----\n{proc.log()[-4000:]}")
 
 
 @pytest.fixture

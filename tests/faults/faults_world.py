@@ -15,7 +15,14 @@ from pathlib import Path
 
 from faults_checker import Checker, Report
 from faults_clients import Dashboard, FrameLog, HttpSender, setpoint
-from faults_kit import PrivateRedis, checker_for, deploy, presence, stepped_wall_clock
+from faults_kit import (
+    PrivateRedis,
+    checker_for,
+    deploy,
+    presence,
+    stepped_wall_clock,
+    stop_together,
+)
 from faults_proxy import Proxy
 
 from support import (
@@ -179,7 +186,7 @@ class World:
     def close(self) -> None:
         if self.dash is not None:
             self.dash.close()
-        self.processes.stop_all()
+        stop_together(self.processes.procs)
         self.proxy.stop()
         self.redis.kill()
         drop_namespace(self.namespace)  # its PostgreSQL schema and roles

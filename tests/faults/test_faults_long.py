@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 from faults_checker import Checker, Report
 from faults_clients import Dashboard, HttpSender, setpoint
-from faults_kit import checker_for, deploy, presence, wait_for
+from faults_kit import checker_for, deploy, presence, stop_together, wait_for
 from faults_proxy import Proxy
 from faults_world import fresh_env
 
@@ -79,7 +79,7 @@ class Stage:
         return proxy
 
     def close(self) -> None:
-        self.processes.stop_all()
+        stop_together(self.processes.procs)
         for proxy in self.proxies:
             proxy.stop()
 
