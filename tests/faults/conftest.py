@@ -12,18 +12,12 @@ from faults_proxy import Proxy
 from support import Processes, free_port
 
 
-@pytest.fixture
-def processes(
-    env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[Processes]:
-    """tests/conftest.py's fixture, stopping the processes together at teardown."""
-    procs = Processes(env, tmp_path)
-    yield procs
-    stop_together(procs.procs)
-    failed = getattr(request.node, "rep_call", None)
-    if failed is not None and failed.failed:
-        for proc in procs.procs:
-            print(f"----- {proc.name} log -----\n{proc.log()[-4000:]}")
+@pytest.fixture(autouse=True)
+def _stop_together(processes: Processes) -> Iterator[None]:
+    """Stop a scenario's processes together at teardown, before tests/conftest.py's
+    `processes` stops them one by one (and then finds them gone)."""
+    yield
+    stop_together(processes.procs)
 
 
 @pytest.fixture

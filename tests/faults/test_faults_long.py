@@ -234,13 +234,17 @@ def running(
         drop_namespace(namespace)
 
 
+@pytest.fixture
+def outcome(request: pytest.FixtureRequest, running: dict[str, Running]) -> Outcome:
+    """This test's scenario (started with the module), waited for."""
+    assert isinstance(request.node, pytest.Function)
+    return running[request.node.originalname].outcome()
+
+
 # -- the tests -------------------------------------------------------------------------------
 def test_postgresql_down_for_a_minute_under_traffic_stores_everything_once(
-    running: dict[str, Running],
+    outcome: Outcome,
 ) -> None:
-    outcome = running[
-        "test_postgresql_down_for_a_minute_under_traffic_stores_everything_once"
-    ].outcome()
     figures = outcome.figures
     assert outcome.report.ok, outcome.report
     assert figures["outage_s"] >= OUTAGE_S
@@ -249,11 +253,8 @@ def test_postgresql_down_for_a_minute_under_traffic_stores_everything_once(
 
 
 def test_gateway_detects_a_black_holed_edge_link_within_its_keepalive_bound(
-    running: dict[str, Running],
+    outcome: Outcome,
 ) -> None:
-    outcome = running[
-        "test_gateway_detects_a_black_holed_edge_link_within_its_keepalive_bound"
-    ].outcome()
     assert outcome.report.ok, outcome.report
     assert outcome.report.figures["statuses"] == {"executed": 1}, outcome.report
     # A ping goes out at most GATEWAY_PING_INTERVAL_S after the last pong and the session
