@@ -120,7 +120,9 @@ def test_slow_edge_link_under_a_2000_command_burst_times_nothing_out_unsent(
     for _ in range(2000):
         dash.send(setpoint())
     assert dash.wait_answers(60)
-    report = assert_invariants(checker_for(processes, site, dash.log), drain_s=60)
+    # A bound, not a wait: at load 9 on the shared machine 200 commands were still queued
+    # or in flight after 60 s (about 50 s in all when the machine is quiet).
+    report = assert_invariants(checker_for(processes, site, dash.log), drain_s=150)
     assert report.figures["statuses"].get("timed_out", 0) == 0, report
     dash.close()
 
