@@ -67,6 +67,7 @@ def main() -> int:
                 clean = clean and report.ok
                 print(f"round {rounds}: {world.counts}\n{report}", flush=True)
                 if not report.ok:
+                    print(f"round {rounds}: operations in order: {' '.join(world.history)}")
                     print(f"round {rounds}: process logs in {world.processes.log_dir}")
                     for proc in world.processes.procs:
                         print(f"----- {proc.name} -----\n{proc.log()[-3000:]}")

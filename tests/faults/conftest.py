@@ -6,10 +6,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faults_kit import PrivateRedis
+from faults_kit import PrivateRedis, stop_together
 from faults_proxy import Proxy
 
-from support import free_port
+from support import Processes, free_port
+
+
+@pytest.fixture(autouse=True)
+def _stop_together(processes: Processes) -> Iterator[None]:
+    """Stop a scenario's processes together at teardown, before tests/conftest.py's
+    `processes` stops them one by one (and then finds them gone)."""
+    yield
+    stop_together(processes.procs)
 
 
 @pytest.fixture

@@ -36,6 +36,24 @@ def spawn(
     return proc
 
 
+def stop_together(procs: list[Proc], timeout_s: float = 10) -> None:
+    """SIGTERM every process at once, then wait for each (SIGKILL after `timeout_s`).
+
+    One after the other, a teardown waited for each graceful shutdown in turn (a gateway
+    alone takes a few seconds to close its sockets): together, the slowest sets the pace.
+    """
+    for proc in procs:
+        if proc.alive():
+            proc.popen.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.popen.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.popen.kill()
+            proc.popen.wait(5)
+
+
 def keys(env: dict[str, str]) -> Keys:
     s = Settings.from_env(env)
     return Keys(s.namespace, s.partitions)
@@ -86,7 +104,7 @@ class RecordingSite:
     def state_dir(self) -> Path:
         return self.root / "edge-state"
 
-    def start_device(self, *extra: str) -> RecordingSite:
+    def start_device(self, *extra: str, wait: bool = True) -> RecordingSite:
         self.bms_port = self.bms_port or free_port()
         self.device = spawn(
             self.processes,
@@ -94,8 +112,13 @@ class RecordingSite:
             [sys.executable, "-m", "edge.recording_device", "--port", str(self.bms_port),
              "--record", str(self.record), *extra],
         )  # fmt: skip
-        wait_port(self.bms_port, self.device)
+        if wait:
+            self.wait_device()
         return self
+
+    def wait_device(self) -> None:
+        assert self.device is not None
+        wait_port(self.bms_port, self.device)
 
     def start_agent(
         self, gateway_ws: str, *extra: str, faketime: str | None = None, wait: bool = True
@@ -115,7 +138,7 @@ class RecordingSite:
             agent = self.agent
             wait_until(
                 lambda: presence(self.processes.env, self.edge_id) or not agent.alive(),
-                20,
+                60,  # a bound: start-ups stretch on the loaded machine
                 interval_s=0.05,
                 what="the agent to connect",
             )
@@ -131,6 +154,28 @@ class RecordingSite:
             return [(e.command_id, e.event) for e in read_log(db, limit=100_000)]
         finally:
             db.close()
+
+
+# -- a wall clock that can be stepped ----------------------------------------------------------
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+def stepped_wall_clock(offset_file: Path, offset: str = "+0") -> dict[str, str]:
+    """The environment of a process whose wall clock is off by what `offset_file` says
+    ("+20", "-5": seconds, re-read on every call, so writing the file steps the clock).
+
+    Only the wall clock moves. libfaketime fakes CLOCK_MONOTONIC as well unless told not
+    to, and then a step back of N seconds postponed every asyncio timer of the process
+    by N seconds (a Redis reconnect backoff of 0.5 s became 25 s): a fault no deployment
+    has, since NTP or an operator stepping the clock never moves CLOCK_MONOTONIC.
+    """
+    offset_file.write_text(f"{offset}\n")
+    return {
+        "LD_PRELOAD": LIBFAKETIME,
+        "FAKETIME_TIMESTAMP_FILE": str(offset_file),
+        "FAKETIME_NO_CACHE": "1",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
 
 
 # -- a private Redis that can be stopped ------------------------------------------------------
@@ -202,14 +247,17 @@ def deploy(
     processes.env["DISPATCH_ACK_TIMEOUT_MS"] = str(ack_timeout_ms)
     enroll(processes.env, DEMO_EDGE)
     port = gateway_port or free_port()
+    # Gateway, projector and device start side by side: each is a Python start-up of a
+    # second or more on a loaded machine, and none needs another to come up.
     proc = processes.dispatch(
         "gateway", "gateway", "--port", str(port), "--gateway-id", "gw-a", env=gateway_env
     )
-    gw = Gateway(proc, port)
-    gw.wait_ready()
     if projector:
         processes.dispatch("projector", "projector")
-    site = RecordingSite(processes, root).start_device()
+    site = RecordingSite(processes, root).start_device(wait=False)
+    gw = Gateway(proc, port)
+    gw.wait_ready(60)  # a bound, not a wait: start-ups stretch on the shared 2-core machine
+    site.wait_device()
     if agent:
         site.start_agent(gw.ws, *agent_args)
     return gw, site

@@ -15,7 +15,14 @@ from pathlib import Path
 
 from faults_checker import Checker, Report
 from faults_clients import Dashboard, FrameLog, HttpSender, setpoint
-from faults_kit import PrivateRedis, checker_for, deploy, presence
+from faults_kit import (
+    PrivateRedis,
+    checker_for,
+    deploy,
+    presence,
+    stepped_wall_clock,
+    stop_together,
+)
 from faults_proxy import Proxy
 
 from support import (
@@ -31,7 +38,6 @@ from support import (
 )
 
 OPERATOR = user_token("op_world", control=[DEMO_EDGE], view=[DEMO_EDGE])
-LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 
 
 def fresh_env(namespace: str, root: Path, redis_url: str) -> dict[str, str]:
@@ -74,12 +80,7 @@ class World:
         self.processes = Processes(fresh_env(self.namespace, root, self.redis.url), root)
         self.clock = root / "faketime"
         self.clock_s = 0
-        self.clock.write_text("+0\n")
-        self.gateway_env = {
-            "LD_PRELOAD": LIBFAKETIME,
-            "FAKETIME_TIMESTAMP_FILE": str(self.clock),
-            "FAKETIME_NO_CACHE": "1",
-        }
+        self.gateway_env = stepped_wall_clock(self.clock)
         self.gw_port = free_port()
         self.proxy = Proxy(self.gw_port)
         self.proxy.start()
@@ -99,6 +100,7 @@ class World:
         self.dash: Dashboard | None = None
         self.link_is_down = False
         self.counts: dict[str, int] = dict.fromkeys(self.OPERATIONS, 0)
+        self.history: list[str] = []  # every operation run, in order (to replay a failure)
 
     # -- operations ----------------------------------------------------------------------
     def start_agent(self) -> None:
@@ -151,9 +153,12 @@ class World:
         step = seconds if seconds is not None else random.choice((-20, -5, 5, 20))
         self.clock_s = max(-25, min(25, self.clock_s + step))
         self.clock.write_text(f"{self.clock_s:+d}\n")
+        if self.history and self.history[-1] == "clock_step":
+            self.history[-1] += f"({self.clock_s:+d})"
 
     def run(self, operation: str) -> None:
         self.counts[operation] += 1
+        self.history.append(operation)
         getattr(self, operation)()
 
     # -- checks --------------------------------------------------------------------------
@@ -181,7 +186,7 @@ class World:
     def close(self) -> None:
         if self.dash is not None:
             self.dash.close()
-        self.processes.stop_all()
+        stop_together(self.processes.procs)
         self.proxy.stop()
         self.redis.kill()
         drop_namespace(self.namespace)  # its PostgreSQL schema and roles

@@ -33,7 +33,12 @@ def test_gateway_kill9_then_restart_delivers_once(
     port = free_port()
     # A slow Core Cycle leaves the command received but not executed when the gateway dies.
     slow = ("--cycle-period-ms", "1500") if moment == "after-send" else ()
-    gw, site = deploy(processes, tmp_path, gateway_port=port, agent_args=slow)
+    # The ack timeout outlasts the restart: a gateway start-up takes 3-10 s on the loaded
+    # 2-core machine, and with the default 3 s a command routed to the dead gateway's
+    # session was rightly `timed_out` before the new gateway could redeliver it.
+    gw, site = deploy(
+        processes, tmp_path, gateway_port=port, agent_args=slow, ack_timeout_ms=15_000
+    )
     sender = HttpSender(gw.http, OPERATOR)
     first, body = setpoint(), setpoint()
     assert sender.send(first) in (200, 202)

@@ -1,11 +1,13 @@
 """Network faults through a loopback TCP proxy, then I1-I6.
 
 - edge <-> gateway: a cut after delivery (before the ack) and before delivery (edge
-  away while commands are sent), a black-hole (half-open link: measured detection time),
-  and a slow link under a 2,000-command burst;
+  away while commands are sent), a black-hole the agent detects (measured time), and a
+  slow link under a 2,000-command burst;
 - gateway <-> Redis: the reply of one ledger script lost after Redis ran it (redis-py
-  retries the call on the new connection);
-- projector <-> PostgreSQL: the database unreachable for a while under traffic.
+  retries the call on the new connection).
+
+The long, mostly idle ones (PostgreSQL down for a minute, the gateway's own half-open
+detection) are in test_faults_long.py, run side by side.
 """
 
 from __future__ import annotations
@@ -118,7 +120,9 @@ def test_slow_edge_link_under_a_2000_command_burst_times_nothing_out_unsent(
     for _ in range(2000):
         dash.send(setpoint())
     assert dash.wait_answers(60)
-    report = assert_invariants(checker_for(processes, site, dash.log), drain_s=60)
+    # A bound, not a wait: at load 9 on the shared machine 200 commands were still queued
+    # or in flight after 60 s (about 50 s in all when the machine is quiet).
+    report = assert_invariants(checker_for(processes, site, dash.log), drain_s=150)
     assert report.figures["statuses"].get("timed_out", 0) == 0, report
     dash.close()
 
@@ -160,32 +164,3 @@ def test_lost_redis_reply_after_the_script_ran(
     for cid, events in checker.ledger().events.items():
         print(cid, [e["status"] for e in events])
     assert report.figures["statuses"].get("executed") == 2, report
-
-
-def test_postgresql_unreachable_for_the_projector_then_back_stores_everything_once(
-    processes: Processes, tmp_path: Path, proxies: list[Proxy]
-) -> None:
-    pg_port = int(processes.env["DISPATCH_DATABASE_URL"].rsplit(":", 1)[1].split("/")[0])
-    proxy = _proxy(proxies, pg_port)
-    gw, site = deploy(processes, tmp_path, projector=False)
-    proj = processes.dispatch(
-        "projector",
-        "projector",
-        env={"DISPATCH_DATABASE_URL": f"postgresql://127.0.0.1:{proxy.port}/test"},
-    )
-    wait_for(lambda: "projector.started" in proj.log(), 20, "the projector to start")
-    dash = Dashboard(gw.ws, OPERATOR)
-    for _ in range(10):
-        dash.send(setpoint())
-    proxy.refuse(True)  # every PostgreSQL connection reset, none accepted
-    down = time.monotonic()
-    for _ in range(20):
-        dash.send(setpoint())
-        time.sleep(0.25)  # traffic spread over the outage (the outage is the scenario)
-    wait_for(lambda: "projector.postgres.unavailable" in proj.log(), 15, "the projector to notice")
-    proxy.refuse(False)
-    print(f"PostgreSQL unreachable for {time.monotonic() - down:.1f} s")
-    assert dash.wait_answers()
-    assert_invariants(checker_for(processes, site, dash.log), drain_s=40)
-    assert proj.alive()
-    dash.close()

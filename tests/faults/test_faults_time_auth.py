@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 from faults_checker import TERMINAL
 from faults_clients import Dashboard, HttpSender, setpoint
-from faults_kit import assert_invariants, checker_for, deploy, presence, wait_for
+from faults_kit import (
+    PrivateRedis,
+    assert_invariants,
+    checker_for,
+    deploy,
+    presence,
+    stepped_wall_clock,
+    wait_for,
+)
 from faults_proxy import Proxy
 
 from support import DEMO_EDGE, Gateway, Processes, free_port, user_token
@@ -107,22 +115,27 @@ def test_token_expiry_and_grant_revocation_with_commands_in_flight(
     processes: Processes, tmp_path: Path
 ) -> None:
     gw, site = deploy(processes, tmp_path, agent_args=("--cycle-period-ms", "1000"))
-    # A token that expires in 3 s, and a user whose control comes from the grants store.
-    short = Dashboard(gw.ws, user_token("op_short", control=[DEMO_EDGE], view=[DEMO_EDGE], ttl_s=3))
+    # A user whose control comes from the grants store, and a token that expires in 5 s,
+    # minted once the grants are in (each `dispatch grant` is a Python start-up, 15 s on
+    # a loaded machine: a token minted before them expired before its command was sent).
     _cli(processes, "grant", "op_granted", DEMO_EDGE, "can_control")
     _cli(processes, "grant", "op_granted", DEMO_EDGE, "can_view")
     granted = Dashboard(gw.ws, user_token("op_granted"), name="granted")
+    short = Dashboard(gw.ws, user_token("op_short", control=[DEMO_EDGE], view=[DEMO_EDGE], ttl_s=5))
     in_flight = [setpoint(), setpoint()]
     short.send(in_flight[0])
     granted.send(in_flight[1])
     assert short.wait_answers(5) and granted.wait_answers(5)
+    for log, body in ((short.log, in_flight[0]), (granted.log, in_flight[1])):
+        statuses = log.statuses(body["command_id"])
+        assert statuses and "rejected" not in statuses, (log.answered, log.cut)
     _cli(processes, "revoke", "op_granted", DEMO_EDGE, "can_control")
     time.sleep(1.2)  # "within a second" is the documented propagation bound
     refused = setpoint()
     granted.send(refused)
     assert granted.wait_answers(5)
     assert granted.log.statuses(refused["command_id"])[-1] == "rejected"
-    closed = short.closed.wait(10)  # the gateway ends the expired session
+    closed = short.closed.wait(20)  # the gateway ends the expired session
     late = setpoint()
     short.send(late)
     short.wait_answers(5)
@@ -145,12 +158,7 @@ def test_gateway_wall_clock_step_keeps_every_invariant(
     """The gateway's wall clock jumps 2 minutes ahead while it serves (libfaketime reads
     the offset from a file on every call); ledger times come from Redis TIME."""
     offset = tmp_path / "faketime"
-    offset.write_text("+0\n")
-    env = {
-        "LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
-        "FAKETIME_TIMESTAMP_FILE": str(offset),
-        "FAKETIME_NO_CACHE": "1",
-    }
+    env = stepped_wall_clock(offset)
     port = free_port()
     gw, site = deploy(processes, tmp_path, gateway_port=port, gateway_env=env)
     assert isinstance(gw, Gateway)
@@ -166,3 +174,42 @@ def test_gateway_wall_clock_step_keeps_every_invariant(
         assert sender.send(setpoint()) in (200, 202)
     report = assert_invariants(checker_for(processes, site, sender.log))
     print(report.figures["statuses"])
+
+
+def test_admission_after_a_redis_restart_and_a_clock_step_back_reaches_the_sender(
+    processes: Processes, tmp_path: Path, private_redis: PrivateRedis
+) -> None:
+    """Issue 12's silent dashboard: the gateway's ledger tail waits between reconnects to a
+    restarted Redis when the gateway's wall clock steps back 25 s. The new dashboard's
+    command is admitted at once; its `issued` must reach it at once too, whatever the wall
+    clock does (asyncio timers run on CLOCK_MONOTONIC, which a clock step never moves)."""
+    clock = tmp_path / "faketime"
+    private_redis.start()
+    gw, site = deploy(
+        processes, tmp_path, redis_url=private_redis.url, gateway_env=stepped_wall_clock(clock)
+    )
+    private_redis.stop()
+    wait_for(lambda: "ledger.tail.reconnecting" in gw.proc.log(), 15, "the gateway's tail to retry")
+    clock.write_text("-25\n")  # while the tail sleeps before its next attempt
+    private_redis.start()
+    dash = Dashboard(gw.ws, OPERATOR)
+    body = setpoint()
+    dash.send(body)
+    sent = time.monotonic()
+    checker = checker_for(processes, site, dash.log)
+    try:
+        wait_for(
+            lambda: "issued" in dash.log.statuses(body["command_id"]),
+            10,  # nominal < 1 s; a tail asleep on the stepped clock answers after 25 s
+            "the admission to reach the dashboard",
+        )
+    except AssertionError as exc:
+        events = checker.ledger().events.get(body["command_id"], [])
+        raise AssertionError(
+            f"{exc}; the ledger has {[e['status'] for e in events]}, the dashboard got "
+            f"{dash.log.answered} and {dash.log.other}"
+        ) from None
+    print(f"issued reached the dashboard {time.monotonic() - sent:.2f} s after the send")
+    clock.write_text("+0\n")
+    assert_invariants(checker)
+    dash.close()
