@@ -23,12 +23,15 @@ services: $(STAMP)
 demo: $(STAMP) services
 	@trap 'scripts/services.sh stop' EXIT; $(BIN)/dispatch demo
 
+# Most tests wait on real processes and servers, not on the CPU: three pytest workers
+# (whole modules each, so module fixtures stay shared) keep the suite well under 15 min.
+TEST_WORKERS ?= 3
 test: $(STAMP) services
 	@scripts/browser.sh
 	@scripts/test-tools.sh
 	@scripts/promtool.sh
 	@scripts/client.sh
-	@trap 'scripts/services.sh stop' EXIT; $(BIN)/pytest -q
+	@trap 'scripts/services.sh stop' EXIT; $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
