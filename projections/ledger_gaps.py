@@ -13,7 +13,7 @@ from typing import Any
 from psycopg import AsyncConnection, sql
 
 from projections.reconcile import Reconciliation
-from projections.schema import REFUSALS_CHAIN
+from projections.schema import REFUSALS_CHAIN, has_table
 
 
 def _q(statement: str, schema: str) -> sql.Composed:
@@ -83,9 +83,7 @@ class RecordedGap:
 
 async def recorded(conn: AsyncConnection, schema: str) -> list[RecordedGap]:
     """Every recorded ledger regression (none on a schema older than the table)."""
-    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}".ledger_gaps',))
-    row = await cur.fetchone()
-    if not (row and row[0]):
+    if not await has_table(conn, schema, "ledger_gaps"):
         return []
     cur = await conn.execute(
         _q(

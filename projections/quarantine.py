@@ -21,6 +21,7 @@ import psycopg
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 from psycopg import AsyncConnection, sql
 
+from projections.schema import has_table
 from projections.text import pg_text
 
 log = logging.getLogger("projections.quarantine")
@@ -135,9 +136,7 @@ def alarm(held: Sequence[Quarantined]) -> None:
 
 async def held(conn: AsyncConnection, schema: str) -> list[Held]:
     """Every quarantined entry, oldest first (none when the table does not exist yet)."""
-    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}".quarantine',))
-    row = await cur.fetchone()
-    if not (row and row[0]):
+    if not await has_table(conn, schema, "quarantine"):
         return []
     cur = await conn.execute(
         sql.SQL(

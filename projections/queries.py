@@ -22,7 +22,7 @@ from psycopg.errors import InvalidSchemaName, UndefinedFunction, UndefinedTable
 from psycopg.rows import dict_row
 
 from ledger.keys import SAFE_ID
-from projections.schema import REFUSALS_CHAIN
+from projections.schema import REFUSALS_CHAIN, has_table
 from projections.text import pg_text
 from schemas.commands import CommandType
 from schemas.errors import ErrorObject
@@ -322,9 +322,7 @@ async def _fetch(conn: AsyncConnection, statement: sql.Composed, args: list[Any]
 
 async def check_projected(conn: AsyncConnection, schema: str) -> None:
     """Raise NotProjected before a streamed export starts, rather than halfway through."""
-    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}".commands',))
-    row = await cur.fetchone()
-    if not (row and row[0]):
+    if not await has_table(conn, schema, "commands"):
         raise NotProjected("the audit tables do not exist yet: start `dispatch projector`")
 
 

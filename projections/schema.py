@@ -692,9 +692,9 @@ async def _grant(conn: AsyncConnection, schema: str, roles: Roles) -> None:
             s, s, s, writer
         ),
     ]
-    if await _has_table(conn, schema, "quarantine"):
+    if await has_table(conn, schema, "quarantine"):
         statements.append(sql.SQL("GRANT INSERT ON {}.quarantine TO {}").format(s, writer))
-    if await _has_table(conn, schema, "ledger_gaps"):
+    if await has_table(conn, schema, "ledger_gaps"):
         statements.append(sql.SQL("GRANT INSERT, UPDATE ON {}.ledger_gaps TO {}").format(s, writer))
     for function in ("refuse_change()", *DEFINERS):
         exists = await conn.execute(
@@ -711,7 +711,8 @@ async def _grant(conn: AsyncConnection, schema: str, roles: Roles) -> None:
         await conn.execute(statement)
 
 
-async def _has_table(conn: AsyncConnection, schema: str, table: str) -> bool:
+async def has_table(conn: AsyncConnection, schema: str, table: str) -> bool:
+    """Whether `schema.table` exists (an older or unprojected schema may lack it)."""
     cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}".{table}',))
     row = await cur.fetchone()
     return bool(row and row[0])
