@@ -97,6 +97,16 @@ def recv_json(ws: ClientConnection, timeout_s: float = 10) -> dict[str, Any]:
     return dict(json.loads(ws.recv(timeout=timeout_s)))
 
 
+def recv_refusal(ws: ClientConnection, timeout_s: float = 10) -> dict[str, Any]:
+    """The `rejected` answer to a frame just sent, skipping the viewer's updates of earlier
+    tests' commands (the module's edge never acks, so they time out while this one runs).
+    A frame wrongly admitted gets no `rejected`, and the read times out: the test fails."""
+    while True:
+        msg = recv_json(ws, timeout_s)
+        if msg.get("status") == "rejected":
+            return msg
+
+
 def recv_for(ws: ClientConnection, command_id: str | None, timeout_s: float = 10) -> dict[str, Any]:
     """The next message about `command_id` (None: a rejection that named no command)."""
     while True:

@@ -32,6 +32,7 @@ from .conftest import (
     enroll,
     recv_for,
     recv_json,
+    recv_refusal,
     start_gateway,
     ws_connect,
 )
@@ -165,8 +166,7 @@ def test_bad_frame_is_rejected_recorded_and_reaches_no_edge(
     raw = frame()
     with site.dashboard() as dash:
         dash.send(raw)
-        reply = recv_json(dash)
-        assert reply["status"] == "rejected", reply
+        reply = recv_refusal(dash)
         assert reply["error"]["code"] == code, reply
         assert reply["error"]["message"]
         record = site.audit_for(code=code, raw=raw if isinstance(raw, bytes) else raw.encode())
@@ -346,8 +346,8 @@ def test_identifier_ending_in_a_newline_is_refused_and_never_becomes_a_key(
     raw = frame()
     with site.dashboard() as dash:
         dash.send(raw)
-        reply = recv_json(dash)
-        assert reply["status"] == "rejected" and reply["error"]["code"] == "invalid_command"
+        reply = recv_refusal(dash)
+        assert reply["error"]["code"] == "invalid_command", reply
         assert field in reply["error"]["message"], reply
         site.audit_for(code="invalid_command", raw=raw.encode())
         site.assert_edge_got_nothing(dash)
