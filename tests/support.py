@@ -87,6 +87,17 @@ class Proc:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_log(self, text: str, timeout_s: float = 10) -> str:
+        """The log once it holds `text`: a process logs a fact after others can see it."""
+        def holds() -> str:
+            log = self.log()
+            return log if text in log else ""
+
+        try:
+            return str(wait_until(holds, timeout_s))
+        except AssertionError:
+            raise AssertionError(f"{self.name} never logged {text!r}:\n{self.log()[-4000:]}") from None
+
     def alive(self) -> bool:
         return self.popen.poll() is None
 

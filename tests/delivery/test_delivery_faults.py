@@ -111,7 +111,8 @@ def test_verdicts_go_on_while_postgresql_is_unreachable(
             await edge.close()
 
     asyncio.run(scenario())
-    assert "projector.postgres.unavailable" in proj.log() and proj.alive()
+    proj.wait_log("projector.postgres.unavailable")
+    assert proj.alive(), proj.log()
     # Nothing of this namespace reached the test server (nor any other).
     ns = processes.env["DISPATCH_NAMESPACE"]
     with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
@@ -301,7 +302,7 @@ def test_vanished_entry_gives_lost_an_alarm_line_and_a_metric(
     client.close()
     done = wait_status(gw, OPERATOR, body["command_id"], "lost", timeout_s=15)
     assert events(done, "lost")[0]["error"]["code"] == "lost"
-    assert f"command.lost command_id={body['command_id']} edge_id={EDGE}" in proj.log()
+    proj.wait_log(f"command.lost command_id={body['command_id']} edge_id={EDGE}")
 
     def lost_metric() -> bool:
         _, _, text = http("GET", f"{gw.http}/metrics")

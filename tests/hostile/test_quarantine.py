@@ -142,7 +142,7 @@ async def test_garbage_entries_are_quarantined_and_the_projector_goes_on(
         assert (raw, stored_kind) == (expected, kind), (entry_id, reason)
         assert reason
         line = f"projector.event.quarantined stream={stream} entry={entry_id} kind={kind}"
-        assert line in projector.log(), projector.log()[-4000:]
+        projector.wait_log(line)
 
     metrics = scrape(metrics_port)
     assert 'dispatch_projector_quarantined_total{kind="undecodable"} 5.0' in metrics, metrics
