@@ -89,6 +89,7 @@ class Proc:
 
     def wait_log(self, text: str, timeout_s: float = 10) -> str:
         """The log once it holds `text`: a process logs a fact after others can see it."""
+
         def holds() -> str:
             log = self.log()
             return log if text in log else ""
@@ -96,7 +97,9 @@ class Proc:
         try:
             return str(wait_until(holds, timeout_s))
         except AssertionError:
-            raise AssertionError(f"{self.name} never logged {text!r}:\n{self.log()[-4000:]}") from None
+            raise AssertionError(
+                f"{self.name} never logged {text!r}:\n{self.log()[-4000:]}"
+            ) from None
 
     def alive(self) -> bool:
         return self.popen.poll() is None
