@@ -123,16 +123,23 @@ class RecordingSite:
     def start_agent(
         self, gateway_ws: str, *extra: str, faketime: str | None = None, wait: bool = True
     ) -> Proc:
-        prefix = ["faketime", "-f", faketime] if faketime else []
+        # The library, not the `faketime` wrapper: the wrapper does not pass SIGTERM on,
+        # so its agent outlived the test.
+        clock = (
+            {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": faketime, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+            if faketime
+            else None
+        )
         self.agent = spawn(
             self.processes,
             "agent",
-            [*prefix, sys.executable, "-m", "dispatch.cli", "edge",
+            [sys.executable, "-m", "dispatch.cli", "edge",
              "--edge-id", self.edge_id, "--gateway", gateway_ws,
              "--token", edge_token(self.edge_id),
              "--modbus", f"bms_main=127.0.0.1:{self.bms_port}",
              "--state-dir", str(self.state_dir),
              "--cycle-period-ms", "50", "--backoff-max-s", "0.5", *extra],
+            env=clock,
         )  # fmt: skip
         if wait:
             agent = self.agent
