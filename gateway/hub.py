@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
+from collections import deque
 from collections.abc import Awaitable
 from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
@@ -20,6 +22,7 @@ import msgspec
 
 from config import tracing
 from gateway import metrics
+from gateway.expiries import Expiries
 from gateway.follows import Follows
 from gateway.grants import GrantCache
 from gateway.lifecycle_metrics import LifecycleMetrics
@@ -39,6 +42,7 @@ log = logging.getLogger("gateway.hub")
 # Statuses of a command that still holds a place in its edge's flight.
 _IN_FLIGHT = frozenset({Status.ISSUED, Status.AUTHORIZED, Status.QUEUED, Status.ROUTED})
 _encode = msgspec.json.Encoder().encode
+TICK_S = 0.25  # housekeeping: credentials end and grant changes apply within this
 
 
 def status_update(event: Event) -> StatusUpdate:
@@ -87,6 +91,11 @@ class Hub:
         self._delivery_wanted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
+        # Sessions by credential end, and edges by last presence refresh (oldest first):
+        # a housekeeping tick touches only the sessions whose time has come.
+        self._dashboard_ends: Expiries[DashboardSession] = Expiries(self.dashboards.__contains__)
+        self._edge_ends: Expiries[EdgeSession] = Expiries(self._serves)
+        self._presence_due: deque[tuple[float, EdgeSession]] = deque()
         keys = ledger.keys
         self._logs = {keys.log(p) for p in keys.all_partitions()}
         self._streams = [keys.log(p) for p in keys.all_partitions()] + [
@@ -124,6 +133,8 @@ class Hub:
     # -- dashboards --------------------------------------------------------------------------
     async def add_dashboard(self, dash: DashboardSession) -> None:
         self.dashboards.add(dash)
+        self._dashboard_ends.add(dash.user.valid_until or dash.user.expires_at, dash)
+        self._unless_revoked(dash.outbox, dash.user.jti, dash.user.actor, "token revoked")
         await self.refresh_views(dash)
         metrics.DASHBOARDS.set(len(self.dashboards))
 
@@ -160,6 +171,11 @@ class Hub:
         """Take the edge's presence and hand it everything waiting for it."""
         previous_local = self.edges.get(session.edge_id)
         self.edges[session.edge_id] = session
+        self._edge_ends.add(session.identity.valid_until or session.identity.expires_at, session)
+        self._presence_due.append((time.time(), session))
+        self._unless_revoked(
+            session.outbox, session.identity.jti, session.identity.actor, "credential revoked"
+        )
         session.outbox.on_drained = lambda: self.drained(session)
         metrics.EDGES.set(len(self.edges))
         if previous_local is not None and previous_local is not session:
@@ -170,6 +186,15 @@ class Hub:
         await self._deliver(session)
         session.ready = True
         self.want_delivery(session.edge_id)
+
+    def _unless_revoked(self, outbox: Outbox, jti: str, actor: str, reason: str) -> None:
+        # A revocation read between this session's handshake and now was applied to the
+        # sessions registered then, which did not include this one yet.
+        if self.revocations is not None and self.revocations.revoked(jti):
+            self.end_session(outbox, actor, reason)
+
+    def _serves(self, session: EdgeSession) -> bool:
+        return self.edges.get(session.edge_id) is session
 
     async def remove_edge(self, session: EdgeSession) -> None:
         if self.edges.get(session.edge_id) is session:
@@ -390,37 +415,34 @@ class Hub:
     # -- housekeeping ------------------------------------------------------------------------
     async def _housekeeping(self) -> None:
         """Refresh edge presence, close ended credentials, re-derive dashboard views."""
-        ttl_s = self.ledger.config.presence_ttl_ms / 1000
-        last_presence = 0.0
+        period_s = self.ledger.config.presence_ttl_ms / 1000 / 3
         while True:
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(TICK_S)
             now = time.time()
             try:
                 if await self.grants.poll():
                     for dash in list(self.dashboards):
                         await self.refresh_views(dash)
-                if self.revocations is not None:
-                    await self.revocations.poll()
-                self._end_credentials(now)
-                if now - last_presence >= ttl_s / 3:
-                    last_presence = now
-                    await self._refresh_presence()
+                revoked = self.revocations is not None and await self.revocations.poll()
+                self._end_credentials(now, revoked=revoked)
+                await self._refresh_presence(now, period_s)
             except Exception as exc:  # keep the gateway alive through Redis blips
                 log.warning("gateway.housekeeping.failed error=%s", exc)
 
-    def _end_credentials(self, now: float) -> None:
-        """Close sessions whose token expired or was revoked (within one poll, 0.25 s)."""
-        revoked = self.revocations.revoked if self.revocations is not None else None
-        for dash in list(self.dashboards):
-            if revoked is not None and revoked(dash.user.jti):
-                self.end_session(dash.outbox, dash.user.actor, "token revoked")
-            elif dash.user.expired(now):
-                self.end_session(dash.outbox, dash.user.actor, "token expired")
-        for session in list(self.edges.values()):
-            if revoked is not None and revoked(session.identity.jti):
-                self.end_session(session.outbox, session.identity.actor, "credential revoked")
-            elif session.identity.expired(now):
-                self.end_session(session.outbox, session.identity.actor, "credential expired")
+    def _end_credentials(self, now: float, *, revoked: bool) -> None:
+        """Close sessions whose token expired (within one tick) or was just revoked."""
+        if revoked and self.revocations is not None:
+            denied = self.revocations.revoked
+            for dash in list(self.dashboards):
+                if denied(dash.user.jti):
+                    self.end_session(dash.outbox, dash.user.actor, "token revoked")
+            for session in list(self.edges.values()):
+                if denied(session.identity.jti):
+                    self.end_session(session.outbox, session.identity.actor, "credential revoked")
+        for dash in list(self._dashboard_ends.due(now)):
+            self.end_session(dash.outbox, dash.user.actor, "token expired")
+        for session in list(self._edge_ends.due(now)):
+            self.end_session(session.outbox, session.identity.actor, "credential expired")
 
     def end_session(self, outbox: Outbox, actor: str, reason: str) -> None:
         """Close a session whose credential ended, and say so in the audit stream."""
@@ -437,14 +459,30 @@ class Hub:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _refresh_presence(self) -> None:
-        sessions = list(self.edges.values())
-        results = await asyncio.gather(
-            *(self.ledger.refresh_edge(s.edge_id, s.owner) for s in sessions),
-            return_exceptions=True,
-        )
-        for session, owned in zip(sessions, results, strict=True):
-            if owned is False:
+    async def _refresh_presence(self, now: float, period_s: float) -> None:
+        """Extend the presence of the edges refreshed `period_s` ago, a slice per tick.
+
+        At most twice the steady rate per tick, so 10,000 edges that connected together
+        are spread over the ticks instead of refreshed in one burst every period.
+        """
+        due = self._presence_due
+        most = max(64, math.ceil(2 * len(self.edges) * TICK_S / period_s))
+        sessions: list[EdgeSession] = []
+        while due and len(sessions) < most and due[0][0] + period_s <= now:
+            _, session = due.popleft()
+            if self._serves(session):
+                sessions.append(session)
+        if not sessions:
+            return
+        try:
+            owned = await self.ledger.refresh_edges([(s.edge_id, s.owner) for s in sessions])
+        except Exception:
+            due.extend((now, s) for s in sessions)  # Redis trouble: again next period
+            raise
+        for session, still in zip(sessions, owned, strict=True):
+            if not still:
                 # The presence lapsed or moved: commands may have been queued meanwhile, so
                 # close; the edge reconnects and its new session claims everything waiting.
                 session.outbox.close(CloseCode.REPLACED, "another connection owns this edge now")
+            elif self._serves(session):
+                due.append((now, session))

@@ -25,7 +25,18 @@ DELIVER = _load("deliver")
 TRANSITION = _load("transition")
 VERDICTS = _load("verdicts")
 PRESENCE = _load("presence")
+PRESENCE_REFRESH = _load("presence_refresh")
 RATELIMIT = _load("ratelimit")
 SWEEP = _load("sweep")
 TRIM = _load("trim")
-ALL = (SUBMIT, DELIVER, TRANSITION, VERDICTS, PRESENCE, RATELIMIT, SWEEP, TRIM)
+ALL = (
+    SUBMIT,
+    DELIVER,
+    TRANSITION,
+    VERDICTS,
+    PRESENCE,
+    PRESENCE_REFRESH,
+    RATELIMIT,
+    SWEEP,
+    TRIM,
+)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -455,6 +455,33 @@ class Ledger:
 
     async def refresh_edge(self, edge_id: str, owner: str) -> bool:
         return int(await self.presence("refresh", edge_id, owner)) == 1
+
+    async def refresh_edges(self, held: Sequence[tuple[str, str]]) -> list[bool]:
+        """Extend the presence of many `(edge_id, owner)`; True where still owned.
+
+        One script call per partition: a gateway holding 10,000 edges refreshes them for
+        a few round trips' worth of work instead of 10,000 calls.
+        """
+        k = self.keys
+        by_partition: dict[int, list[int]] = {}
+        for i, (edge_id, _) in enumerate(held):
+            by_partition.setdefault(k.partition(edge_id), []).append(i)
+        groups = list(by_partition.values())
+        replies = await asyncio.gather(
+            *(
+                self.batcher.script(
+                    scripts.PRESENCE_REFRESH,
+                    [k.presence(held[i][0]) for i in group],
+                    [self.config.presence_ttl_ms, *(held[i][1] for i in group)],
+                )
+                for group in groups
+            )
+        )
+        owned = [False] * len(held)
+        for group, reply in zip(groups, replies, strict=True):
+            for i, one in zip(group, reply, strict=True):
+                owned[i] = int(one) == 1
+        return owned
 
     async def disconnect_edge(self, edge_id: str, owner: str) -> None:
         await self.presence("disconnect", edge_id, owner)
