@@ -21,7 +21,9 @@ from typing import Any
 import psycopg
 import redis
 
+from config.settings import Settings
 from dispatch.tokens import edge_claims, sign, user_claims
+from ledger.keys import PROJECTOR_GROUP, Keys
 
 SECRET = "bench-secret-for-command-dispatch-0123456789abcdef"
 
@@ -117,6 +119,28 @@ class Bench:
             )
         self.procs.append(proc)
         return self._serving(proc, port)
+
+    def wait_projected(self, timeout_s: float = 120) -> None:
+        """Until the projector has stored every event so far: a light-load figure must not
+        share the CPU with the projector catching up on the saturated run before it."""
+        settings = Settings.from_env(self.env)
+        keys = Keys(settings.namespace, settings.partitions)
+        client = redis.Redis.from_url(self.redis_url)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                behind = 0
+                for partition in keys.all_partitions():
+                    with contextlib.suppress(redis.ResponseError):  # no log (yet)
+                        for group in client.xinfo_groups(keys.log(partition)):
+                            if group["name"] == PROJECTOR_GROUP.encode():
+                                behind += int(group.get("lag") or 0) + int(group["pending"])
+                if behind == 0:
+                    return
+                time.sleep(0.2)
+        finally:
+            client.close()
+        raise RuntimeError(f"the projector did not catch up within {timeout_s:.0f} s")
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is None:

@@ -183,9 +183,14 @@ def main(argv: list[str]) -> int:
 def _run(
     b: Bench, port: int, shape: tuple[int, int, int, float], light_commands: int, run: str
 ) -> tuple[float, list[float], list[float]]:
-    """(saturated commands/s, latencies under load, light-load latencies) on `port`."""
+    """(saturated commands/s, latencies under load, light-load latencies) on `port`.
+
+    Light load first, once the projector has caught up with any earlier run: a light
+    figure taken while it stores the saturated run's events measured that instead.
+    """
     edges, dashboards, window, seconds = shape
-    rate, loaded = uvloop.run(measure(b, port, edges, dashboards, window, seconds, run))
+    b.wait_projected()
     light_seconds = max(2.0, light_commands / 500)
     _, light = uvloop.run(measure(b, port, 1, 1, 1, light_seconds, run + "l"))
+    rate, loaded = uvloop.run(measure(b, port, edges, dashboards, window, seconds, run))
     return rate, loaded, light
