@@ -21,6 +21,10 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 AnyRedis: TypeAlias = Redis | RedisCluster
 RETRIES = 6  # with the backoff below: about 2 s before a command gives up
+# A reply lost on a link that stays open (black hole, dead NAT entry) would otherwise be
+# awaited forever, and with it every call behind it in the batcher's pipeline. Set here,
+# not left to the client's default; above the tail's XREAD BLOCK of 1 s.
+SOCKET_TIMEOUT_S = 5.0
 
 
 def _retry() -> Retry:
@@ -30,9 +34,15 @@ def _retry() -> Retry:
 def connect(url: str, *, cluster: bool = False, max_connections: int = 32) -> AnyRedis:
     """A client for `url`; bursts wait up to 10 s for a pooled connection instead of failing."""
     if cluster:
-        return RedisCluster.from_url(url, max_connections=max_connections, retry=_retry())
+        return RedisCluster.from_url(
+            url, max_connections=max_connections, retry=_retry(), socket_timeout=SOCKET_TIMEOUT_S
+        )
     pool = BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=10, retry=_retry()
+        url,
+        max_connections=max_connections,
+        timeout=10,
+        retry=_retry(),
+        socket_timeout=SOCKET_TIMEOUT_S,
     )
     return Redis(connection_pool=pool, retry=_retry())
 

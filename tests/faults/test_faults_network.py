@@ -4,7 +4,8 @@
   away while commands are sent), a black-hole the agent detects (measured time), and a
   slow link under a 2,000-command burst;
 - gateway <-> Redis: the reply of one ledger script lost after Redis ran it (redis-py
-  retries the call on the new connection).
+  retries the call on the new connection), and the whole link black-holed for 4 s (its
+  waits end by the client's socket timeout and the gateway serves again by itself).
 
 The long, mostly idle ones (PostgreSQL down for a minute, the gateway's own half-open
 detection) are in test_faults_long.py, run side by side.
@@ -164,3 +165,50 @@ def test_lost_redis_reply_after_the_script_ran(
     for cid, events in checker.ledger().events.items():
         print(cid, [e["status"] for e in events])
     assert report.figures["statuses"].get("executed") == 2, report
+
+
+def test_redis_link_black_holed_then_back_the_gateway_recovers_by_itself(
+    processes: Processes, tmp_path: Path, proxies: list[Proxy]
+) -> None:
+    """The gateway's Redis link swallows everything for 4 s, then carries bytes again:
+    the replies swallowed meanwhile never come (a dead NAT entry, a failed-over address).
+    Frames sent meanwhile are answered `unavailable`; afterwards the gateway serves again
+    on its own, without a restart: its waits on those connections must end."""
+    redis_port = int(processes.env["DISPATCH_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    proxy = _proxy(proxies, redis_port)
+    gw, site = deploy(
+        processes,
+        tmp_path,
+        agent=False,
+        gateway_env={"DISPATCH_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0"},
+    )
+    site.start_agent(gw.ws)  # the agent reaches the gateway directly
+    dash = Dashboard(gw.ws, OPERATOR)
+    checker = checker_for(processes, site, dash.log)
+    warm = setpoint()
+    dash.send(warm)
+    wait_for(lambda: "executed" in dash.log.statuses(warm["command_id"]), 15, "warm-up")
+    proxy.blackhole(True)
+    during = setpoint()
+    dash.send(during)
+    wait_for(lambda: dash.log.statuses(during["command_id"]), 10, "an answer while cut off")
+    [answer] = dash.log.answered[during["command_id"]][:1]
+    assert answer["status"] == "rejected" and answer["error"]["code"] == "unavailable", answer
+    time.sleep(4)  # the length of the fault, not a synchronisation
+    proxy.blackhole(False)
+    healed = time.monotonic()
+    after = setpoint()
+
+    def served() -> bool:
+        statuses = dash.log.statuses(after["command_id"])
+        if "rejected" in statuses:  # unavailable while the old waits ran out: a fresh one
+            after.update(setpoint())
+            dash.send(after)
+        return "executed" in statuses
+
+    dash.send(after)
+    wait_for(served, 30, "a command executed after the link came back", interval_s=0.5)
+    print(f"served again {time.monotonic() - healed:.1f} s after the link came back")
+    report = assert_invariants(checker)
+    assert report.figures["statuses"].get("executed", 0) >= 2, report
+    dash.close()
