@@ -27,6 +27,7 @@ from schemas.events import Event, status_of
 
 _encode = msgspec.json.Encoder().encode
 STATIC = __file__.rsplit("/", 1)[0] + "/static"
+TAIL_STALE_S = 10.0  # ten of its one-second reads missed
 
 
 def state_of(request: Request) -> GatewayState:
@@ -207,10 +208,19 @@ async def readyz(request: Request) -> Response:
         checks["postgres"] = {"ok": True}
     except Exception as exc:
         checks["postgres"] = {"ok": False, "error": str(exc) or type(exc).__name__}
-    # Only Redis decides readiness: an audit (PostgreSQL) outage degrades the audit routes
+    # Every status a sender hears comes through the ledger tail: a gateway whose tail has
+    # stopped reading answers nobody, so it leaves the rotation.
+    age_s = state.hub.tail_age_s()
+    checks["tail"] = {"ok": age_s < TAIL_STALE_S, "age_s": round(age_s, 1)}
+    if age_s >= TAIL_STALE_S:
+        checks["tail"]["error"] = (
+            f"the ledger tail has not read for {age_s:.0f} s (at least once a second when "
+            "well); see ledger.tail.* lines in this gateway's log"
+        )
+    # Only Redis (and the tail reading it) decides readiness: an audit (PostgreSQL) outage degrades the audit routes
     # (503 there) and is reported here, but never takes a gateway out of rotation.
     checks["postgres"]["required"] = False
-    ready = bool(checks["redis"]["ok"])
+    ready = bool(checks["redis"]["ok"]) and bool(checks["tail"]["ok"])
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
 

@@ -96,6 +96,7 @@ class Hub:
         self._dashboard_ends: Expiries[DashboardSession] = Expiries(self.dashboards.__contains__)
         self._edge_ends: Expiries[EdgeSession] = Expiries(self._serves)
         self._presence_due: deque[tuple[float, EdgeSession]] = deque()
+        self._tails: list[StreamTail] = []
         keys = ledger.keys
         self._logs = {keys.log(p) for p in keys.all_partitions()}
         self._streams = [keys.log(p) for p in keys.all_partitions()] + [
@@ -109,11 +110,11 @@ class Hub:
             groups = [[keys.log(p), keys.wake(p)] for p in keys.all_partitions()]
         else:
             groups = [self._streams]  # one XREAD for everything
-        tails = [StreamTail(self._tail_redis, streams) for streams in groups]
-        for tail in tails:
+        self._tails = [StreamTail(self._tail_redis, streams) for streams in groups]
+        for tail in self._tails:
             await tail.start_at_end()
         self._tasks = [
-            *(asyncio.create_task(self._follow(t), name="hub-tail") for t in tails),
+            *(asyncio.create_task(self._follow(t), name="hub-tail") for t in self._tails),
             asyncio.create_task(self._deliveries(), name="hub-deliveries"),
             asyncio.create_task(self._housekeeping(), name="hub-housekeeping"),
         ]
@@ -357,6 +358,12 @@ class Hub:
                 self.want_delivery(session.edge_id)
 
     # -- the ledger tail ---------------------------------------------------------------------
+    def tail_age_s(self) -> float:
+        """Seconds since the ledger tail last read (it reads at least once a second while
+        well): every status this gateway sends comes through it."""
+        now = time.monotonic()
+        return max((now - tail.last_read for tail in self._tails), default=0.0)
+
     async def _follow(self, tail: StreamTail) -> None:
         async for batch in tail:
             for stream, _entry_id, fields in batch:

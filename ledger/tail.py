@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -29,6 +30,8 @@ class StreamTail:
         self._block_ms = block_ms
         self._count = count
         self._positions: dict[Any, Any] = {}
+        # When XREAD last answered (an empty answer too: BLOCK returns every `block_ms`).
+        self.last_read = time.monotonic()
 
     async def start_at_end(self) -> None:
         """Resolve `$` to concrete ids so nothing appended between reads is skipped."""
@@ -51,6 +54,11 @@ class StreamTail:
                 log.warning("ledger.tail.reconnecting error=%s", exc)
                 await asyncio.sleep(0.5)
                 continue
+            except Exception:  # e.g. a stream key overwritten with another type: keep trying
+                log.exception("ledger.tail.failed streams=%d", len(self._streams))
+                await asyncio.sleep(0.5)
+                continue
+            self.last_read = time.monotonic()
             batch: list[Entry] = []
             for stream_raw, entries in reply or []:
                 stream = stream_raw.decode() if isinstance(stream_raw, bytes) else stream_raw

@@ -7,10 +7,12 @@ Timing is measured with the events' server-side `at` (Redis TIME), not the test'
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -31,6 +33,7 @@ from delivery_kit import (
     wait_status,
 )
 from psycopg import sql
+from websockets.sync.client import connect as ws_connect
 
 from support import (
     DATABASE_URL,
@@ -285,6 +288,45 @@ def test_readyz_warns_when_redis_keeps_nothing_on_disk(processes: Processes) -> 
         pytest.skip("the shared Redis runs with AOF here")
     assert ready["checks"]["redis"]["aof_enabled"] is False
     assert "AOF is off" in ready["checks"]["redis"]["warning"]
+
+
+def test_a_tail_that_cannot_read_takes_the_gateway_out_of_rotation_and_recovers(
+    processes: Processes,
+) -> None:
+    """A stream the tail reads is overwritten with another type (an operator's mistake, a
+    foreign writer): every XREAD fails. The tail keeps trying and says so, /readyz turns
+    503 naming it, and once the key is gone again senders hear their commands at once."""
+    enroll(processes.env, EDGE)
+    gw = processes.gateway()
+    status, _, ready = http("GET", f"{gw.http}/readyz")
+    assert status == 200 and ready["checks"]["tail"]["ok"] is True, ready
+    k = keys(processes.env)
+    wake = k.wake(k.partition(EDGE))
+    client = redis.Redis.from_url(processes.env["DISPATCH_REDIS_URL"])
+    try:
+        client.delete(wake)
+        client.set(wake, "not a stream")
+
+        def out_of_rotation() -> dict[str, Any] | None:
+            code, _, body = http("GET", f"{gw.http}/readyz")
+            return body if code == 503 else None
+
+        body = wait_until(out_of_rotation, 30, what="/readyz to turn 503")
+        assert body["checks"]["redis"]["ok"] is True, body
+        assert "the ledger tail has not read for" in body["checks"]["tail"]["error"], body
+        assert "ledger.tail.failed" in gw.proc.log()
+        client.delete(wake)
+        wait_until(lambda: http("GET", f"{gw.http}/readyz")[0] == 200, 10, what="ready again")
+    finally:
+        client.close()
+    # The tail is reading again: a dashboard's command is answered through it.
+    with ws_connect(
+        f"{gw.ws}/ws/dashboard", additional_headers={"Authorization": f"Bearer {OPERATOR}"}
+    ) as dash:
+        body = command(edge_id=EDGE)
+        dash.send(json.dumps(body))
+        frame = json.loads(dash.recv(timeout=10))
+        assert (frame["command_id"], frame["status"]) == (body["command_id"], "issued"), frame
 
 
 # -- retention ----------------------------------------------------------------------------------
