@@ -16,12 +16,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import KW_ONLY, dataclass, field
 
-from prometheus_client import Gauge
 from psycopg import AsyncConnection, sql
 
 from ledger.keys import Keys
 from projections import ledger_gaps
-from projections.quarantine import REGISTRY
+from projections.quarantine import declare
 from projections.reconcile import Reconciler, Reconciliation, StreamCheck
 from projections.writer import entry_key
 
@@ -32,13 +31,12 @@ def _q(statement: str, schema: str) -> sql.Composed:
     return sql.SQL(statement).format(s=sql.Identifier(schema))
 
 
-MISSING = Gauge(
+MISSING = declare.gauge(
     "dispatch_ledger_missing_events",
     "Events the audit tables hold that the ledger (Redis) lost, per partition log "
     "(`audit` = the refusals stream), as found by the projector's last reconciliation; "
     "counted while the log still retains the range they fell in",
-    ["partition"],
-    registry=REGISTRY,
+    "partition",
 )
 
 
