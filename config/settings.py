@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from config.sections import same_named
 from ledger.records import LedgerConfig
 from ledger.retention import RetentionConfig
 
@@ -276,14 +277,7 @@ class Settings:
         return self.edge_jwt_secret or self.jwt_secret
 
     def ledger(self) -> LedgerConfig:
-        return LedgerConfig(
-            namespace=self.namespace,
-            partitions=self.partitions,
-            ack_timeout_ms=self.ack_timeout_ms,
-            default_expiry_s=self.default_expiry_s,
-            state_ttl_s=self.state_ttl_s,
-            presence_ttl_ms=self.presence_ttl_ms,
-        )
+        return same_named(LedgerConfig, self)
 
     def retention(self) -> RetentionConfig:
         for name in ("retain_log_s", "retain_edge_s"):

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from config import tracing
+from config.sections import same_named
 from edge.capabilities import (
     ConfigSource,
     SiteConfig,
@@ -187,13 +188,12 @@ class Agent:
                 journal=journal,
                 devices=self.devices,
                 site=lambda: self.site,
-                settings=CycleSettings(
+                settings=same_named(
+                    CycleSettings,
+                    settings,
                     period_ms=settings.cycle_period_ms,
                     capacity=settings.queue_capacity,
-                    per_cycle=settings.per_cycle,
                     skew_s=settings.clock_skew_s,
-                    edge_id=settings.edge_id,
-                    max_override_s=settings.max_override_s,
                 ),
                 on_ack=self._acks.set,
                 on_system=self._system,
@@ -203,17 +203,7 @@ class Agent:
             await core.recover()
             # Acks sent just before the last stop may never have arrived: send them again.
             await self._resend_unconfirmed(time.time())
-            self._link = Link(
-                LinkSettings(
-                    url=settings.ws_url,
-                    token=settings.token,
-                    ping_interval_s=settings.ping_interval_s,
-                    ping_timeout_s=settings.ping_timeout_s,
-                    backoff_initial_s=settings.backoff_initial_s,
-                    backoff_max_s=settings.backoff_max_s,
-                ),
-                self,
-            )
+            self._link = Link(same_named(LinkSettings, settings, url=settings.ws_url), self)
             return await self._serve()
         finally:
             with contextlib.suppress(Exception):

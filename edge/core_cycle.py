@@ -559,14 +559,11 @@ class CoreCycle:
         self.controllers.load(self.site(), self.journal.controllers())
         for stored in self.journal.unfinished():
             if stored.state is CommandState.ACCEPTED:
-                answer = ack(
-                    stored.command_id,
-                    "failed",
-                    code=ErrorCode.INTERRUPTED,
-                    message="the edge agent stopped before executing it; it was not executed",
+                await self._settle_failed(
+                    stored,
+                    ErrorCode.INTERRUPTED,
+                    "the edge agent stopped before executing it; it was not executed",
                 )
-                await self.journal.finish(answer)
-                self._report(stored.command_id, answer, recovered=True)
             else:
                 await self._settle_executing(stored)
 
@@ -574,14 +571,11 @@ class CoreCycle:
         plan = None if stored.plan is None else _plan_decoder.decode(stored.plan)
         cmd = _command_decoder.decode(stored.body)
         if not isinstance(plan, WritePlan):
-            answer = ack(
-                stored.command_id,
-                "failed",
-                code=ErrorCode.INTERRUPTED,
-                message="the edge agent stopped while executing it; not repeated",
+            await self._settle_failed(
+                stored,
+                ErrorCode.INTERRUPTED,
+                "the edge agent stopped while executing it; not repeated",
             )
-            await self.journal.finish(answer)
-            self._report(stored.command_id, answer, recovered=True)
             return
         started = self._started_at(stored)
         override = _override(cmd, plan, stored.prior, started)
@@ -590,37 +584,37 @@ class CoreCycle:
             device, channel = _resolve(site, plan)
             now_value = await self._read(device, channel)
         except (DeviceError, LookupError) as exc:
-            answer = ack(
-                stored.command_id,
-                "failed",
-                code=ErrorCode.OUTCOME_UNKNOWN,
-                message=(
-                    "the edge agent stopped during the write and cannot read the channel back "
-                    f"({exc}); not repeated: check the device and send again if still wanted"
-                ),
-            )
-            await self.journal.finish(answer, override=override)
-            self._report(stored.command_id, answer, recovered=True)
-            return
-        if math.isclose(now_value, plan.value, rel_tol=_READBACK_TOLERANCE, abs_tol=1e-9):
-            answer = ack(stored.command_id, "executed", executed_at=self.now())
-            await self.journal.finish(
-                answer,
+            await self._settle_failed(
+                stored,
+                ErrorCode.OUTCOME_UNKNOWN,
+                "the edge agent stopped during the write and cannot read the channel back "
+                f"({exc}); not repeated: check the device and send again if still wanted",
                 override=override,
-                cancel_override_of=(plan.device_id, plan.channel),
-                detail=f"confirmed after restart: {plan.channel} reads {now_value:g}",
             )
-        else:
-            answer = ack(
-                stored.command_id,
-                "failed",
-                code=ErrorCode.OUTCOME_UNKNOWN,
-                message=(
-                    f"the edge agent stopped during the write; {plan.channel} now reads "
-                    f"{now_value:g}, not {plan.value:g}; not repeated: send again if still wanted"
-                ),
+            return
+        if not math.isclose(now_value, plan.value, rel_tol=_READBACK_TOLERANCE, abs_tol=1e-9):
+            await self._settle_failed(
+                stored,
+                ErrorCode.OUTCOME_UNKNOWN,
+                f"the edge agent stopped during the write; {plan.channel} now reads "
+                f"{now_value:g}, not {plan.value:g}; not repeated: send again if still wanted",
             )
-            await self.journal.finish(answer)
+            return
+        answer = ack(stored.command_id, "executed", executed_at=self.now())
+        await self.journal.finish(
+            answer,
+            override=override,
+            cancel_override_of=(plan.device_id, plan.channel),
+            detail=f"confirmed after restart: {plan.channel} reads {now_value:g}",
+        )
+        self._report(stored.command_id, answer, recovered=True)
+
+    async def _settle_failed(
+        self, stored: Stored, code: ErrorCode, message: str, *, override: Override | None = None
+    ) -> None:
+        """Close a command the last run left unfinished as failed, and say so."""
+        answer = ack(stored.command_id, "failed", code=code, message=message)
+        await self.journal.finish(answer, override=override)
         self._report(stored.command_id, answer, recovered=True)
 
     def _started_at(self, stored: Stored) -> float:

@@ -9,74 +9,68 @@ from __future__ import annotations
 import threading
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
+
+from config.metrics import Declare
 
 _FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class EdgeMetrics:
     def __init__(self) -> None:
-        self.registry = registry = CollectorRegistry(auto_describe=True)
-        self.queue_depth = Gauge(
-            "dispatch_edge_queue_depth",
-            "Commands waiting in the Core Cycle queue",
-            registry=registry,
+        self.registry = CollectorRegistry(auto_describe=True)
+        declare = Declare(self.registry)
+        self.queue_depth = declare.gauge(
+            "dispatch_edge_queue_depth", "Commands waiting in the Core Cycle queue"
         )
-        self.cycle_seconds = Histogram(
+        self.cycle_seconds = declare.histogram(
             "dispatch_edge_cycle_seconds",
             "Duration of one Core Cycle tick (commands run, reverts, controllers)",
             buckets=_FAST,
-            registry=registry,
         )
-        self.modbus_seconds = Histogram(
+        self.modbus_seconds = declare.histogram(
             "dispatch_edge_modbus_seconds",
             "Modbus request latency by device and operation (read, write)",
-            ["device", "operation"],
+            "device",
+            "operation",
             buckets=_FAST,
-            registry=registry,
         )
-        self.modbus_errors = Counter(
+        self.modbus_errors = declare.counter(
             "dispatch_edge_modbus_errors_total",
             "Modbus requests that failed, by device, operation and error code",
-            ["device", "operation", "code"],
-            registry=registry,
+            "device",
+            "operation",
+            "code",
         )
-        self.fsync_seconds = Histogram(
+        self.fsync_seconds = declare.histogram(
             "dispatch_edge_journal_commit_seconds",
             "Durable journal commits (COMMIT with synchronous=FULL, i.e. the fsyncs)",
             buckets=_FAST,
-            registry=registry,
         )
-        self.commit_writes = Histogram(
+        self.commit_writes = declare.histogram(
             "dispatch_edge_journal_commit_writes",
             "Journal writes that shared one durable commit (group commit)",
             buckets=(1, 2, 4, 8, 16, 32, 64),
-            registry=registry,
         )
-        self.clock_offset = Gauge(
+        self.clock_offset = declare.gauge(
             "dispatch_edge_clock_offset_seconds",
             "Edge clock minus gateway clock, measured from the commands' sent_at",
-            registry=registry,
         )
-        self.acks_awaiting = Gauge(
+        self.acks_awaiting = declare.gauge(
             "dispatch_edge_acks_awaiting_recording",
             "Acks not yet confirmed recorded by the gateway (ack_recorded)",
-            registry=registry,
         )
-        self.frames_unanswerable = Counter(
+        self.frames_unanswerable = declare.counter(
             "dispatch_edge_frames_unanswerable_total",
             "Gateway frames the edge could not read and could not name a command in",
-            registry=registry,
         )
-        self.frames_rejected = Counter(
+        self.frames_rejected = declare.counter(
             "dispatch_edge_frames_rejected_total",
             "Unreadable gateway frames answered with a rejected ack",
-            registry=registry,
         )
-        self.acks_refused = Counter(
+        self.acks_refused = declare.counter(
             "dispatch_edge_acks_refused_total",
             "Acks the gateway said it can never record (ack_refused)",
-            registry=registry,
         )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None

@@ -284,12 +284,17 @@ def _controller_target(cmd: EdgeCommand, site: SiteConfig) -> Rejection | None:
                 f"(controllers: {known})"
             ),
         )
-    if cmd.duration_sec is not None:
-        return Rejection(
-            code=ErrorCode.INVALID_COMMAND,
-            message=f"`duration_sec` does not apply to {cmd.command_type.value}",
-        )
-    return None
+    return _no_duration(cmd)
+
+
+def _no_duration(cmd: EdgeCommand) -> Rejection | None:
+    """Controller and system commands act at once: a `duration_sec` is a mistake."""
+    if cmd.duration_sec is None:
+        return None
+    return Rejection(
+        code=ErrorCode.INVALID_COMMAND,
+        message=f"`duration_sec` does not apply to {cmd.command_type.value}",
+    )
 
 
 def _mode(cmd: EdgeCommand, site: SiteConfig) -> Plan | Rejection:
@@ -339,10 +344,9 @@ def _system(cmd: EdgeCommand) -> Plan | Rejection:
                 f"not {target.device_id!r}/{target.channel!r}"
             ),
         )
-    if cmd.duration_sec is not None:
-        return Rejection(
-            code=ErrorCode.INVALID_COMMAND, message="`duration_sec` does not apply to system"
-        )
+    problem = _no_duration(cmd)
+    if problem is not None:
+        return problem
     if cmd.value == "restart" and isinstance(cmd.value, str):
         return SystemPlan(action="restart")
     if cmd.value == "sync_config" and isinstance(cmd.value, str):

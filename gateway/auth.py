@@ -91,15 +91,15 @@ class EdgeIdentity(_Credential):
 
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
-    secret: str
+    jwt_secret: str
     edge_secret: str = ""
-    algorithms: tuple[str, ...] = (HMAC_ALGORITHM,)
-    issuer: str = ""
-    audience: str = ""
-    leeway_s: int = 10
-    max_lifetime_s: int = 7 * 86_400
+    jwt_algorithms: tuple[str, ...] = (HMAC_ALGORITHM,)
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_leeway_s: int = 10
+    jwt_max_lifetime_s: int = 7 * 86_400
     edge_max_lifetime_s: int = 2 * 366 * 86_400
-    hmac_key_id: str = ""  # the only `kid` an HS256 user token may carry ("" = none)
+    jwt_key_id: str = ""  # the only `kid` an HS256 user token may carry ("" = none)
 
 
 def signing_key(secret: str) -> OctKey:
@@ -208,8 +208,8 @@ def _check_times(claims: dict[str, Any], now: float, max_lifetime_s: int, leeway
 class Authenticator:
     def __init__(self, config: AuthConfig, jwks: JwksSource | None = None) -> None:
         self.config = config
-        self._user_key = signing_key(config.secret)
-        self._edge_key = signing_key(config.edge_secret or config.secret)
+        self._user_key = signing_key(config.jwt_secret)
+        self._edge_key = signing_key(config.edge_secret or config.jwt_secret)
         self.jwks = jwks
         self._registries = {
             alg: JWSRegistry(header_registry=_REFUSED_HEADERS, algorithms=[alg])
@@ -218,7 +218,7 @@ class Authenticator:
 
     @property
     def leeway_s(self) -> int:
-        return self.config.leeway_s
+        return self.config.jwt_leeway_s
 
     async def _key(
         self, header: dict[str, Any], allowed: tuple[str, ...], *, edge: bool
@@ -231,7 +231,7 @@ class Authenticator:
             )
         if alg == HMAC_ALGORITHM:
             kid = header.get("kid")
-            expected = "" if edge else self.config.hmac_key_id
+            expected = "" if edge else self.config.jwt_key_id
             if kid is not None and (not expected or kid != expected):
                 known = f"only {expected!r}" if expected else "none (DISPATCH_JWT_KEY_ID)"
                 raise AuthError(
@@ -259,7 +259,7 @@ class Authenticator:
             if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
                 raise AuthError(f"token refused: longer than {MAX_TOKEN_BYTES} bytes")
             header = jws.extract_compact(token.encode()).headers()
-            allowed = (HMAC_ALGORITHM,) if edge else cfg.algorithms
+            allowed = (HMAC_ALGORITHM,) if edge else cfg.jwt_algorithms
             alg, key = await self._key(header, allowed, edge=edge)
             if key is None:
                 key = self._edge_key if edge else self._user_key
@@ -272,18 +272,21 @@ class Authenticator:
                 "token_type": {"essential": True, "value": token_type},
                 "jti": {"essential": True},
             }
-            if cfg.issuer and not edge:
-                options["iss"] = {"essential": True, "value": cfg.issuer}
-            if cfg.audience and not edge:
-                options["aud"] = {"essential": True, "value": cfg.audience}
+            if cfg.jwt_issuer and not edge:
+                options["iss"] = {"essential": True, "value": cfg.jwt_issuer}
+            if cfg.jwt_audience and not edge:
+                options["aud"] = {"essential": True, "value": cfg.jwt_audience}
             now = time.time()
             _check_times(
-                claims, now, cfg.edge_max_lifetime_s if edge else cfg.max_lifetime_s, cfg.leeway_s
+                claims,
+                now,
+                cfg.edge_max_lifetime_s if edge else cfg.jwt_max_lifetime_s,
+                cfg.jwt_leeway_s,
             )
-            JWTClaimsRegistry(now=int(now), leeway=cfg.leeway_s, **options).validate(claims)
+            JWTClaimsRegistry(now=int(now), leeway=cfg.jwt_leeway_s, **options).validate(claims)
             if not isinstance(claims["jti"], str) or not 0 < len(claims["jti"]) <= 255:
                 raise AuthError("token refused: claim `jti` must be a string of 1-255 characters")
-            return claims, float(claims["exp"]) + cfg.leeway_s
+            return claims, float(claims["exp"]) + cfg.jwt_leeway_s
         except AuthError:
             raise
         except JoseError as exc:

@@ -32,6 +32,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
+from config.sections import same_named
 from config.settings import Settings
 from gateway.admission import Admission
 from schemas.errors import ErrorCode, error
@@ -43,19 +44,14 @@ REQUEST_LINE_EXTRA = len("OPTIONS  HTTP/1.1\r\n")
 @dataclass(frozen=True, slots=True)
 class HeadLimits:
     # websockets refuses lines over 8192 bytes and more than 128 headers: stay within.
-    max_line_bytes: int = 8192
-    max_head_bytes: int = 32 * 1024
-    max_headers: int = 100
-    timeout_s: float = 10.0
+    http_max_line_bytes: int = 8192
+    http_max_head_bytes: int = 32 * 1024
+    http_max_headers: int = 100
+    handshake_timeout_s: float = 10.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HeadLimits:
-        return cls(
-            max_line_bytes=settings.http_max_line_bytes,
-            max_head_bytes=settings.http_max_head_bytes,
-            max_headers=settings.http_max_headers,
-            timeout_s=settings.handshake_timeout_s,
-        )
+        return same_named(cls, settings)
 
 
 class HeadRefused(Exception):
@@ -92,7 +88,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     # -- the deadline ------------------------------------------------------------------
     def _arm(self) -> None:
         if self._deadline is None:
-            self._deadline = self.loop.call_later(self.limits.timeout_s, self._head_timed_out)
+            self._deadline = self.loop.call_later(
+                self.limits.handshake_timeout_s, self._head_timed_out
+            )
 
     def _disarm(self) -> None:
         if self._deadline is not None:
@@ -106,7 +104,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._refuse(
             HeadRefused(
                 408,
-                f"request head not complete within {self.limits.timeout_s:g} s "
+                f"request head not complete within {self.limits.handshake_timeout_s:g} s "
                 "(DISPATCH_HANDSHAKE_TIMEOUT_S); send the whole request at once",
             )
         )
@@ -148,13 +146,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self._reading_head:
             # An unfinished head: what the parser buffers counts before it reports it.
             self._received_in_head += len(data)
-            if self._received_in_head > self.limits.max_head_bytes:
+            if self._received_in_head > self.limits.http_max_head_bytes:
                 self._refuse(self._head_too_large())
 
     def _head_too_large(self) -> HeadRefused:
         return HeadRefused(
             431,
-            f"request head over {self.limits.max_head_bytes} bytes (DISPATCH_HTTP_MAX_HEAD_BYTES)",
+            f"request head over {self.limits.http_max_head_bytes} bytes (DISPATCH_HTTP_MAX_HEAD_BYTES)",
         )
 
     def on_message_begin(self) -> None:
@@ -166,27 +164,27 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_url(self, url: bytes) -> None:
         self._url_bytes += len(url)
         # The method, the version and the line end take up to REQUEST_LINE_EXTRA bytes more.
-        if self._url_bytes + REQUEST_LINE_EXTRA > self.limits.max_line_bytes:
+        if self._url_bytes + REQUEST_LINE_EXTRA > self.limits.http_max_line_bytes:
             raise HeadRefused(
-                431, f"request line over {self.limits.max_line_bytes} bytes: use a shorter URL"
+                431, f"request line over {self.limits.http_max_line_bytes} bytes: use a shorter URL"
             )
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
-        if self._header_count > self.limits.max_headers:
+        if self._header_count > self.limits.http_max_headers:
             raise HeadRefused(
                 431,
-                f"more than {self.limits.max_headers} header fields (DISPATCH_HTTP_MAX_HEADERS)",
+                f"more than {self.limits.http_max_headers} header fields (DISPATCH_HTTP_MAX_HEADERS)",
             )
-        if len(name) + len(value) + 4 > self.limits.max_line_bytes:
+        if len(name) + len(value) + 4 > self.limits.http_max_line_bytes:
             raise HeadRefused(
                 431,
                 f"header {name[:40].decode('latin-1')!r} is over "
-                f"{self.limits.max_line_bytes} bytes (DISPATCH_HTTP_MAX_LINE_BYTES)",
+                f"{self.limits.http_max_line_bytes} bytes (DISPATCH_HTTP_MAX_LINE_BYTES)",
             )
         self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes + self._url_bytes > self.limits.max_head_bytes:
+        if self._head_bytes + self._url_bytes > self.limits.http_max_head_bytes:
             raise self._head_too_large()
         super().on_header(name, value)
 

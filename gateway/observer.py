@@ -14,7 +14,7 @@ import contextlib
 import heapq
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from prometheus_client import Gauge
@@ -61,24 +61,18 @@ class GroupLag:
     last_delivered: str = ""  # the group's last delivered id
 
 
+@dataclass(eq=False)
 class Observer:
-    def __init__(
-        self,
-        redis: AnyRedis,
-        keys: Keys,
-        config: ObserverConfig,
-        *,
-        pg: AsyncConnectionPool | None = None,
-        connected_edges: Callable[[], Iterable[str]] = tuple,
-    ) -> None:
-        self.redis = redis
-        self.keys = keys
-        self.config = config
-        self.pg = pg
-        self.connected_edges = connected_edges
-        self._task: asyncio.Task[None] | None = None
-        self.rounds = 0
-        self._edge_labels: dict[int, set[str]] = {}  # id(gauge) -> edge ids published
+    redis: AnyRedis
+    keys: Keys
+    config: ObserverConfig
+    _: KW_ONLY
+    pg: AsyncConnectionPool | None = None
+    connected_edges: Callable[[], Iterable[str]] = tuple
+    rounds: int = field(default=0, init=False)
+    _task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    # id(gauge) -> edge ids published
+    _edge_labels: dict[int, set[str]] = field(default_factory=dict, init=False, repr=False)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="metrics-observer")

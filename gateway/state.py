@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from starlette.requests import HTTPConnection
 
+from config.sections import same_named
 from config.settings import Settings
 from gateway.auth import AuthConfig, Authenticator, AuthError, EdgeIdentity, User, claimed
 from gateway.grants import GrantCache
@@ -165,18 +166,7 @@ def auth_from(settings: Settings) -> Authenticator:
     jwks = None
     if settings.jwks_file or settings.jwks_url:
         jwks = JwksSource(file=settings.jwks_file, url=settings.jwks_url, ttl_s=settings.jwks_ttl_s)
-    config = AuthConfig(
-        secret=settings.jwt_secret,
-        edge_secret=settings.edge_secret,
-        algorithms=settings.jwt_algorithms,
-        issuer=settings.jwt_issuer,
-        audience=settings.jwt_audience,
-        leeway_s=settings.jwt_leeway_s,
-        max_lifetime_s=settings.jwt_max_lifetime_s,
-        edge_max_lifetime_s=settings.edge_max_lifetime_s,
-        hmac_key_id=settings.jwt_key_id,
-    )
-    return Authenticator(config, jwks)
+    return Authenticator(same_named(AuthConfig, settings), jwks)
 
 
 def rate_limits(settings: Settings) -> RateLimits:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 
 from ledger.store import Ledger
 
@@ -24,20 +24,14 @@ class VerdictConfig:
     limit: int = 500  # commands examined per partition and script call
 
 
+@dataclass(eq=False)
 class VerdictLoop:
-    def __init__(
-        self,
-        ledger: Ledger,
-        actor: str,
-        config: VerdictConfig | None = None,
-        *,
-        process: str = "projector",
-    ) -> None:
-        self.ledger = ledger
-        self.actor = actor
-        self.config = config or VerdictConfig()
-        self.process = process  # prefix of the log lines: `<process>.verdicts.*`
-        self.reached = 0
+    ledger: Ledger
+    actor: str
+    config: VerdictConfig = field(default_factory=VerdictConfig)
+    _: KW_ONLY
+    process: str = "projector"  # prefix of the log lines: `<process>.verdicts.*`
+    reached: int = field(default=0, init=False)
 
     async def tick(self) -> int:
         """Reach every due verdict of every partition once; returns how many."""

@@ -18,20 +18,21 @@ from typing import Any
 
 import msgspec
 import psycopg
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
 from psycopg import AsyncConnection, sql
 
+from config.metrics import Declare
 from projections.schema import has_table
 from projections.text import pg_text
 
 log = logging.getLogger("projections.quarantine")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
-QUARANTINED = Counter(
+declare = Declare(REGISTRY)
+QUARANTINED = declare.counter(
     "dispatch_projector_quarantined",
     "Log entries this projector could not decode or store and quarantined, by kind",
-    ["kind"],
-    registry=REGISTRY,
+    "kind",
 )
 
 UNDECODABLE = "undecodable"

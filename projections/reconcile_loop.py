@@ -14,13 +14,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import KW_ONLY, dataclass, field
 
-from prometheus_client import Gauge
 from psycopg import AsyncConnection, sql
 
 from ledger.keys import Keys
 from projections import ledger_gaps
-from projections.quarantine import REGISTRY
+from projections.quarantine import declare
 from projections.reconcile import Reconciler, Reconciliation, StreamCheck
 from projections.writer import entry_key
 
@@ -31,13 +31,12 @@ def _q(statement: str, schema: str) -> sql.Composed:
     return sql.SQL(statement).format(s=sql.Identifier(schema))
 
 
-MISSING = Gauge(
+MISSING = declare.gauge(
     "dispatch_ledger_missing_events",
     "Events the audit tables hold that the ledger (Redis) lost, per partition log "
     "(`audit` = the refusals stream), as found by the projector's last reconciliation; "
     "counted while the log still retains the range they fell in",
-    ["partition"],
-    registry=REGISTRY,
+    "partition",
 )
 
 
@@ -64,28 +63,22 @@ async def rewind(conn: AsyncConnection, schema: str, check: StreamCheck) -> str 
     return to if cur.rowcount == 1 else None
 
 
+@dataclass(eq=False)
 class ReconcileLoop:
     """The projector's reconciliation for the logs it holds: a full check at start and
     within `probe_s` of a Redis restart or failover (a new `run_id`), an incremental one
     (links stored since) every `interval_s`."""
 
-    def __init__(
-        self,
-        reconciler: Reconciler,
-        connect: Callable[[], Awaitable[AsyncConnection]],
-        streams: Callable[[], list[str]],
-        *,
-        interval_s: float = 30.0,
-        probe_s: float = 2.0,
-    ) -> None:
-        self.reconciler = reconciler
-        self.connect = connect
-        self.streams = streams
-        self.interval_s = interval_s
-        self.probe_s = probe_s
-        self.runs = 0
-        self.labels: set[str] = set()  # partitions this loop's gauge reports
-        self.alarmed: set[tuple[str, str]] = set()  # (stream, entry id) already logged
+    reconciler: Reconciler
+    connect: Callable[[], Awaitable[AsyncConnection]]
+    streams: Callable[[], list[str]]
+    _: KW_ONLY
+    interval_s: float = 30.0
+    probe_s: float = 2.0
+    runs: int = field(default=0, init=False)
+    # Partitions this loop's gauge reports; (stream, entry id) pairs already logged.
+    labels: set[str] = field(default_factory=set, init=False)
+    alarmed: set[tuple[str, str]] = field(default_factory=set, init=False)
 
     async def tick(self, conn: AsyncConnection) -> Reconciliation:
         result = await self.reconciler.check(conn, self.streams())
