@@ -277,7 +277,7 @@ class Settings:
         return self.edge_jwt_secret or self.jwt_secret
 
     def ledger(self) -> LedgerConfig:
-        return same_named(LedgerConfig, self)
+        return same_named(LedgerConfig, self, defaults=("delivery_batch", "clock_offset_ms"))
 
     def retention(self) -> RetentionConfig:
         for name in ("retain_log_s", "retain_edge_s"):

@@ -194,6 +194,7 @@ class Agent:
                     period_ms=settings.cycle_period_ms,
                     capacity=settings.queue_capacity,
                     skew_s=settings.clock_skew_s,
+                    defaults=("emergency_reserve",),
                 ),
                 on_ack=self._acks.set,
                 on_system=self._system,
@@ -203,7 +204,10 @@ class Agent:
             await core.recover()
             # Acks sent just before the last stop may never have arrived: send them again.
             await self._resend_unconfirmed(time.time())
-            self._link = Link(same_named(LinkSettings, settings, url=settings.ws_url), self)
+            link = same_named(
+                LinkSettings, settings, url=settings.ws_url, defaults=("open_timeout_s", "stable_s")
+            )
+            self._link = Link(link, self)
             return await self._serve()
         finally:
             with contextlib.suppress(Exception):
