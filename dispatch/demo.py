@@ -121,13 +121,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             DEMO_EDGE,
             "--gateway",
             f"ws://{settings.host}:{settings.port}",
-            "--token",
-            edge_token,
             "--modbus",
             f"{DEMO_DEVICE}=127.0.0.1:{modbus_port}",
             "--state-dir",
             str(state / "edge"),
-            env=env,
+            env={**env, "DISPATCH_EDGE_TOKEN": edge_token},  # not in the process list
         )
         token = sign(user_claims(DEMO_USER, [DEMO_EDGE], [], 12 * 3600), settings.jwt_secret)
         print(

@@ -84,7 +84,16 @@ def register(sub: Any) -> None:
     edge.add_argument(
         "--token",
         default=env.get("DISPATCH_EDGE_TOKEN"),
-        help="edge credential ($DISPATCH_EDGE_TOKEN)",
+        help=(
+            "edge credential ($DISPATCH_EDGE_TOKEN); a flag shows in the process list to every "
+            "local user: prefer --token-file or the variable"
+        ),
+    )
+    edge.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="file holding the edge credential; wins over --token ($DISPATCH_EDGE_TOKEN_FILE)",
     )
     edge.add_argument(
         "--modbus",
@@ -147,6 +156,7 @@ def agent_settings(args: argparse.Namespace, env: Mapping[str, str] | None = Non
         raise EdgeError("no edge id: pass --edge-id or set DISPATCH_EDGE_ID")
     state_dir = args.state_dir or _env_path(env, "DISPATCH_STATE_DIR") or default_state_dir(edge_id)
     config = args.config or _env_path(env, "DISPATCH_EDGE_CONFIG")
+    token_file = getattr(args, "token_file", None) or _env_path(env, "DISPATCH_EDGE_TOKEN_FILE")
     modbus_specs = list(args.modbus or [])
     if not modbus_specs and env.get("DISPATCH_EDGE_MODBUS"):
         modbus_specs = [s for s in env["DISPATCH_EDGE_MODBUS"].split(",") if s.strip()]
@@ -168,12 +178,29 @@ def agent_settings(args: argparse.Namespace, env: Mapping[str, str] | None = Non
     return AgentSettings(
         edge_id=edge_id,
         gateway_url=args.gateway,
-        token=args.token or "",
+        token=_credential(token_file) if token_file else args.token or "",
         state_dir=Path(state_dir),
         config_file=None if config is None else Path(config),
         modbus=tuple(parse_modbus(spec) for spec in modbus_specs),
         **values,
     )
+
+
+def _credential(path: Path) -> str:
+    """The edge credential in `path` (what `dispatch token --edge EDGE` printed)."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgeError(
+            f"--token-file {path}: cannot read it ({exc}); write the credential that "
+            "`dispatch token --edge EDGE` prints into it, readable by this user"
+        ) from exc
+    if not token or len(token.split()) != 1:
+        raise EdgeError(
+            f"--token-file {path} holds {'nothing' if not token else 'more than one word'}; "
+            "it must hold only the credential that `dispatch token --edge EDGE` prints"
+        )
+    return token
 
 
 def parse_modbus(spec: str) -> tuple[str, str, int]:

@@ -122,6 +122,8 @@ class Sandbox:
             DISPATCH_REDIS_URL=self.live.redis_url,
             DISPATCH_NAMESPACE=self.namespace,
             DISPATCH_JWT_SECRET=self.secret,
+            # The sandbox edge's credential: in its environment, not in the process list.
+            DISPATCH_EDGE_TOKEN=sign(edge_claims(self.edge_id, 86_400), self.secret),
             DISPATCH_PARTITIONS=str(self.live.partitions),
             DISPATCH_ACK_TIMEOUT_MS=str(self.live.ack_timeout_ms),
             DISPATCH_DEFAULT_EXPIRY_S=str(self.live.default_expiry_s),
@@ -189,8 +191,6 @@ class Sandbox:
             self.edge_id,
             "--gateway",
             f"ws://127.0.0.1:{relay_port}",
-            "--token",
-            sign(edge_claims(self.edge_id, 86_400), self.secret),
             "--state-dir",
             str(self.workdir / "edge-state"),
             "--config",
