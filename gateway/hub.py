@@ -113,6 +113,7 @@ class Hub:
         self._tails = [StreamTail(self._tail_redis, streams) for streams in groups]
         for tail in self._tails:
             await tail.start_at_end()
+        metrics.TAIL_AGE.set_function(self.tail_age_s)
         self._tasks = [
             *(asyncio.create_task(self._follow(t), name="hub-tail") for t in self._tails),
             asyncio.create_task(self._deliveries(), name="hub-deliveries"),

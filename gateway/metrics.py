@@ -21,6 +21,10 @@ REJECTIONS = declare.counter("dispatch_rejections_total", "Refused inputs by err
 EVENTS = declare.counter(
     "dispatch_events_total", "Lifecycle events seen on the ledger, by status", "status"
 )
+TAIL_AGE = declare.gauge(
+    "dispatch_ledger_tail_age_seconds",
+    "Seconds since this gateway's ledger tail last read Redis (at least once a second when well)",
+)
 DELIVERIES = declare.counter("dispatch_deliveries_total", "Commands handed to edge connections")
 ACKS = declare.counter(
     "dispatch_acks_total", "Edge acknowledgments by status and result", "status", "result"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -315,6 +316,9 @@ def test_a_tail_that_cannot_read_takes_the_gateway_out_of_rotation_and_recovers(
         assert body["checks"]["redis"]["ok"] is True, body
         assert "the ledger tail has not read for" in body["checks"]["tail"]["error"], body
         assert "ledger.tail.failed" in gw.proc.log()
+        _, _, text = http("GET", f"{gw.http}/metrics")
+        age = re.search(r"^dispatch_ledger_tail_age_seconds (\S+)$", str(text), re.M)
+        assert age is not None and float(age.group(1)) >= 10, text
         client.delete(wake)
         wait_until(lambda: http("GET", f"{gw.http}/readyz")[0] == 200, 10, what="ready again")
     finally:
