@@ -47,6 +47,23 @@ def _edge_link(
     return gw, proxy, site
 
 
+def _redis_link(
+    processes: Processes, tmp_path: Path, proxies: list[Proxy]
+) -> tuple[Gateway, Proxy, RecordingSite]:
+    """The gateway reaches Redis through a proxy; everything else (agent, projector) directly."""
+    redis_port = int(processes.env["DISPATCH_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    proxy = _proxy(proxies, redis_port)
+    gw, site = deploy(
+        processes,
+        tmp_path,
+        agent=False,
+        ack_timeout_ms=3000,
+        gateway_env={"DISPATCH_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0"},
+    )
+    site.start_agent(gw.ws)
+    return gw, proxy, site
+
+
 def test_edge_link_cut_after_delivery_executes_once(
     processes: Processes, tmp_path: Path, proxies: list[Proxy]
 ) -> None:
@@ -141,16 +158,7 @@ def test_lost_redis_reply_after_the_script_ran(
 ) -> None:
     """The gateway talks to Redis through the proxy; the reply to one run of `script` is
     lost after Redis ran it, so redis-py runs it again on a new connection."""
-    redis_port = int(processes.env["DISPATCH_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
-    proxy = _proxy(proxies, redis_port)
-    gw, site = deploy(
-        processes,
-        tmp_path,
-        agent=False,
-        ack_timeout_ms=3000,
-        gateway_env={"DISPATCH_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0"},
-    )
-    site.start_agent(gw.ws)
+    gw, proxy, site = _redis_link(processes, tmp_path, proxies)
     sender = HttpSender(gw.http, OPERATOR)
     warm = setpoint()
     assert sender.send(warm) in (200, 202)  # scripts loaded, pools open, nothing in flight
@@ -174,15 +182,7 @@ def test_redis_link_black_holed_then_back_the_gateway_recovers_by_itself(
     the replies swallowed meanwhile never come (a dead NAT entry, a failed-over address).
     Frames sent meanwhile are answered `unavailable`; afterwards the gateway serves again
     on its own, without a restart: its waits on those connections must end."""
-    redis_port = int(processes.env["DISPATCH_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
-    proxy = _proxy(proxies, redis_port)
-    gw, site = deploy(
-        processes,
-        tmp_path,
-        agent=False,
-        gateway_env={"DISPATCH_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0"},
-    )
-    site.start_agent(gw.ws)  # the agent reaches the gateway directly
+    gw, proxy, site = _redis_link(processes, tmp_path, proxies)
     dash = Dashboard(gw.ws, OPERATOR)
     checker = checker_for(processes, site, dash.log)
     warm = setpoint()
