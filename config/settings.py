@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from config.ledger import LedgerConfig, RetentionConfig
 from config.sections import same_named
-from ledger.records import LedgerConfig
-from ledger.retention import RetentionConfig
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "postgresql://127.0.0.1:5432/test"

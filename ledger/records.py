@@ -21,20 +21,6 @@ EDGE_COMMAND_DECODER = msgspec.json.Decoder(EdgeCommand)
 _encode = msgspec.json.Encoder().encode
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerConfig:
-    namespace: str = "dispatch"
-    partitions: int = 16
-    ack_timeout_ms: int = 10_000
-    default_expiry_s: int = 86_400
-    state_ttl_s: int = 7 * 86_400
-    presence_ttl_ms: int = 30_000
-    delivery_batch: int = 100
-    # Tests only: shifts the scripts' clock (Redis TIME cannot be advanced). Every
-    # process of a namespace must use the same value; production leaves it at 0.
-    clock_offset_ms: int = 0
-
-
 class SubmitOutcome(StrEnum):
     ADMITTED = "admitted"  # new command, recorded and routed or queued
     EXISTS = "exists"  # same id, same body: nothing appended, current status returned

@@ -17,24 +17,11 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from config.ledger import RetentionConfig
 from ledger.records import TrimResult
 from ledger.store import Ledger
 
 log = logging.getLogger("ledger.retention")
-
-
-@dataclass(frozen=True, slots=True)
-class RetentionConfig:
-    log_retain_s: int = 86_400  # keep at least this much of each log for replay
-    edge_retain_s: int = 3_600  # and of each edge's delivery stream
-    interval_s: float = 60.0  # how often the projector runs retention
-
-    def __post_init__(self) -> None:
-        if self.log_retain_s < 0 or self.edge_retain_s < 0 or self.interval_s <= 0:
-            raise ValueError(
-                f"retention needs log_retain_s >= 0, edge_retain_s >= 0 and interval_s > 0; "
-                f"got {self.log_retain_s}, {self.edge_retain_s}, {self.interval_s}"
-            )
 
 
 @dataclass(slots=True)

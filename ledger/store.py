@@ -21,6 +21,7 @@ from typing import Any
 
 import msgspec
 
+from config.ledger import LedgerConfig
 from ledger import lifecycle, scripts
 from ledger.batcher import Batcher
 from ledger.connection import AnyRedis, is_cluster
@@ -33,7 +34,6 @@ from ledger.records import (
     EVENT_DECODER,
     CommandRecord,
     Delivery,
-    LedgerConfig,
     Persistence,
     SubmitOutcome,
     SubmitResult,

@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 from psycopg import AsyncConnection, errors, sql
 
-from ledger.retention import Retention, RetentionConfig
+from config.ledger import RetentionConfig
+from ledger.retention import Retention
 from ledger.store import Ledger
 
 log = logging.getLogger("projections.retention")

@@ -32,9 +32,9 @@ from psycopg import AsyncConnection, sql
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from config.ledger import RetentionConfig
 from ledger.connection import is_cluster
 from ledger.keys import PROJECTOR_GROUP
-from ledger.retention import RetentionConfig
 from ledger.store import Ledger
 from ledger.verdicts import VerdictConfig, VerdictLoop
 from projections import isolation, quarantine, schema

@@ -16,7 +16,8 @@ import pytest
 import websockets
 from redis.asyncio.cluster import RedisCluster
 
-from ledger.records import LedgerConfig, SubmitOutcome
+from config.ledger import LedgerConfig
+from ledger.records import SubmitOutcome
 from ledger.store import Ledger
 from schemas.commands import Ack, Command
 

@@ -9,9 +9,10 @@ import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
+from config.ledger import LedgerConfig
 from ledger import lifecycle
 from ledger.keys import Keys, UnsafeKeyPart
-from ledger.records import LedgerConfig, SubmitOutcome
+from ledger.records import SubmitOutcome
 from ledger.store import Ledger
 from schemas.commands import Ack, Command
 from schemas.errors import ErrorObject

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from config.ledger import LedgerConfig
 from config.sections import same_named
 from config.settings import Settings
-from ledger.records import LedgerConfig
 
 
 def test_a_config_built_from_settings_names_every_field_it_cannot_fill() -> None:

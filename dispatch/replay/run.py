@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+from config.ledger import LedgerConfig
 from config.settings import Settings
 from dispatch.replay.report import Report, Row
 from dispatch.replay.sandbox import POLL_S, Sandbox
@@ -37,7 +38,7 @@ from ledger import lifecycle
 from ledger.connection import AnyRedis, connect
 from ledger.errors import LedgerError
 from ledger.lifecycle import CommandState
-from ledger.records import EVENT_DECODER, LedgerConfig
+from ledger.records import EVENT_DECODER
 from ledger.store import Ledger
 from schemas.events import Event
 

@@ -14,10 +14,11 @@ from dataclasses import replace
 import pytest
 from delivery_clock import Clock, same_partition_edges
 
+from config.ledger import RetentionConfig
 from config.settings import Settings
 from ledger.keys import EDGE_GROUP, PROJECTOR_GROUP
 from ledger.records import SubmitOutcome
-from ledger.retention import Retention, RetentionConfig
+from ledger.retention import Retention
 from ledger.store import Ledger
 from projections.verdicts import VerdictLoop
 from schemas.commands import Ack, Command

@@ -42,10 +42,11 @@ from hypothesis.stateful import (
 )
 from redis.asyncio import Redis
 
+from config.ledger import LedgerConfig, RetentionConfig
 from ledger import lifecycle
 from ledger.keys import partition_of
-from ledger.records import LedgerConfig, SubmitOutcome
-from ledger.retention import Retention, RetentionConfig
+from ledger.records import SubmitOutcome
+from ledger.retention import Retention
 from ledger.store import Ledger
 from schemas.commands import Ack, Command
 from schemas.events import Routed, Status, status_of
