@@ -143,6 +143,10 @@ async def test_a_half_open_connection_is_noticed_and_replaced(
     # Generous slack for a loaded CI machine; the bound that matters (30 s) is far above.
     assert time.monotonic() - started < 0.3 + 0.3 + CLOSE_TIMEOUT_S + 2.0
     proxy.restore()
+    # The agent may have begun its reconnect while the link was still dark: that
+    # handshake was swallowed and would wait out the 10 s open timeout. Connections
+    # opened during a black hole are dead once it heals; end them, as the network would.
+    proxy.cut()
     await cloud.wait_for(lambda: cloud.connections >= 2)
     await cloud.route(command("after", value=10))
     assert (await cloud.wait_final("after"))["status"] == "executed"
