@@ -595,13 +595,13 @@ class Agent:
             raw = await self._fetch_cloud_config()
             if raw is None:
                 return Rejection(
-                    code=ErrorCode.CONFIG_SYNC_FAILED,
-                    message="the gateway has no config for this edge (HTTP 404); kept the old one",
+                    ErrorCode.CONFIG_SYNC_FAILED,
+                    "the gateway has no config for this edge (HTTP 404); kept the old one",
                 )
             self._adopt(raw, ConfigSource.CLOUD, cache=True)
         except ConfigError as exc:
             return Rejection(
-                code=ErrorCode.CONFIG_SYNC_FAILED,
-                message=f"{exc}; kept version {self.site.version!r}",
+                ErrorCode.CONFIG_SYNC_FAILED,
+                f"{exc}; kept version {self.site.version!r}",
             )
         return None

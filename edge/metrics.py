@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from config.metrics import Declare
 
+_WRITES = (1, 2, 4, 8, 16, 32, 64)  # journal writes sharing one commit
 _FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -24,9 +25,7 @@ class EdgeMetrics:
             "dispatch_edge_queue_depth", "Commands waiting in the Core Cycle queue"
         )
         self.cycle_seconds = declare.histogram(
-            "dispatch_edge_cycle_seconds",
-            "Duration of one Core Cycle tick (commands run, reverts, controllers)",
-            buckets=_FAST,
+            "dispatch_edge_cycle_seconds", "Duration of one Core Cycle tick", buckets=_FAST
         )
         self.modbus_seconds = declare.histogram(
             "dispatch_edge_modbus_seconds",
@@ -48,29 +47,25 @@ class EdgeMetrics:
             buckets=_FAST,
         )
         self.commit_writes = declare.histogram(
-            "dispatch_edge_journal_commit_writes",
-            "Journal writes that shared one durable commit (group commit)",
-            buckets=(1, 2, 4, 8, 16, 32, 64),
+            "dispatch_edge_journal_commit_writes", "Journal writes per fsync", buckets=_WRITES
         )
         self.clock_offset = declare.gauge(
             "dispatch_edge_clock_offset_seconds",
             "Edge clock minus gateway clock, measured from the commands' sent_at",
         )
+        self.acks_refused = declare.counter(
+            "dispatch_edge_acks_refused_total", "Acks the gateway can never record (ack_refused)"
+        )
         self.acks_awaiting = declare.gauge(
             "dispatch_edge_acks_awaiting_recording",
             "Acks not yet confirmed recorded by the gateway (ack_recorded)",
         )
+        self.frames_rejected = declare.counter(
+            "dispatch_edge_frames_rejected_total", "Unreadable frames answered `rejected`"
+        )
         self.frames_unanswerable = declare.counter(
             "dispatch_edge_frames_unanswerable_total",
             "Gateway frames the edge could not read and could not name a command in",
-        )
-        self.frames_rejected = declare.counter(
-            "dispatch_edge_frames_rejected_total",
-            "Unreadable gateway frames answered with a rejected ack",
-        )
-        self.acks_refused = declare.counter(
-            "dispatch_edge_acks_refused_total",
-            "Acks the gateway said it can never record (ack_refused)",
         )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None

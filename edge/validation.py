@@ -7,38 +7,34 @@ message that quotes the value and says what would be accepted.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Literal
 
 from msgspec import Struct
 
-from edge.capabilities import RAW_LIMITS, Channel, DataType, SiteConfig
-from schemas.commands import CORE_DEVICE, SYSTEM_CHANNEL, CommandType, EdgeCommand
+from edge.capabilities import RAW_LIMITS, Channel, DataType, Device, SiteConfig
+from schemas.commands import CORE_DEVICE, SYSTEM_CHANNEL, CommandType, EdgeCommand, Target
 from schemas.errors import ErrorCode
 
-# Units the validator converts between: unit -> (base unit, factor to the base).
+# Units the validator converts between: unit -> (base unit, factor to the base). Each base
+# unit takes the SI prefixes devices use for it; time also comes in minutes and hours.
+_PREFIXES = {"": 1.0, "k": 1e3, "M": 1e6, "m": 1e-3}
 UNITS: dict[str, tuple[str, float]] = {
-    "W": ("W", 1.0),
-    "kW": ("W", 1e3),
-    "MW": ("W", 1e6),
-    "Wh": ("Wh", 1.0),
-    "kWh": ("Wh", 1e3),
-    "MWh": ("Wh", 1e6),
-    "var": ("var", 1.0),
-    "kvar": ("var", 1e3),
-    "VA": ("VA", 1.0),
-    "kVA": ("VA", 1e3),
-    "V": ("V", 1.0),
-    "kV": ("V", 1e3),
-    "mV": ("V", 1e-3),
-    "A": ("A", 1.0),
-    "mA": ("A", 1e-3),
-    "Hz": ("Hz", 1.0),
-    "%": ("%", 1.0),
-    "s": ("s", 1.0),
-    "min": ("s", 60.0),
-    "h": ("s", 3600.0),
-}
+    prefix + base: (base, _PREFIXES[prefix])
+    for base, prefixes in (
+        ("W", "kM"),
+        ("Wh", "kM"),
+        ("var", "k"),
+        ("VA", "k"),
+        ("V", "km"),
+        ("A", "m"),
+        ("Hz", ""),
+        ("%", ""),
+        ("s", ""),
+    )
+    for prefix in ("", *prefixes)
+} | {"min": ("s", 60.0), "h": ("s", 3600.0)}
 # Relative tolerance when a converted value must land on a whole raw register value.
 _INTEGRAL_TOLERANCE = 1e-6
 
@@ -69,7 +65,7 @@ class SystemPlan(Struct, frozen=True, kw_only=True, tag="system"):
 Plan = WritePlan | ModePlan | SchedulePlan | SystemPlan
 
 
-class Rejection(Struct, frozen=True, kw_only=True):
+class Rejection(Struct, frozen=True):
     code: ErrorCode
     message: str
 
@@ -97,12 +93,12 @@ def validate(
     """
     if cmd.target.edge_id != edge_id:
         return Rejection(
-            code=ErrorCode.WRONG_EDGE,
-            message=f"command is for edge {cmd.target.edge_id!r} but this is {edge_id!r}",
+            ErrorCode.WRONG_EDGE,
+            f"command is for edge {cmd.target.edge_id!r} but this is {edge_id!r}",
         )
     kind = cmd.command_type
     if clock_problem is not None and kind is not CommandType.SYSTEM:
-        return Rejection(code=ErrorCode.CLOCK_SKEW, message=clock_problem)
+        return Rejection(ErrorCode.CLOCK_SKEW, clock_problem)
     expired = _expired(cmd, now, skew_s, remaining_s)
     if expired is not None:
         return expired
@@ -122,20 +118,16 @@ def _expired(
         if remaining_s >= 0:
             return None
         return Rejection(
-            code=ErrorCode.EXPIRED,
-            message=(
-                f"command expired {-remaining_s:.3f} s ago by the lifetime the gateway handed "
-                f"over (expires_at {cmd.expires_at.isoformat()}); send a new command"
-            ),
+            ErrorCode.EXPIRED,
+            f"command expired {-remaining_s:.3f} s ago by the lifetime the gateway handed "
+            f"over (expires_at {cmd.expires_at.isoformat()}); send a new command",
         )
     if now - (cmd.expires_at + timedelta(seconds=skew_s)) <= timedelta(0):
         return None
     return Rejection(
-        code=ErrorCode.EXPIRED,
-        message=(
-            f"command expired at {cmd.expires_at.isoformat()} (now {now.isoformat()}, "
-            f"clock-skew tolerance {skew_s:g} s); send a new command"
-        ),
+        ErrorCode.EXPIRED,
+        f"command expired at {cmd.expires_at.isoformat()} (now {now.isoformat()}, "
+        f"clock-skew tolerance {skew_s:g} s); send a new command",
     )
 
 
@@ -143,63 +135,44 @@ def _write(cmd: EdgeCommand, site: SiteConfig, max_override_s: float) -> Plan | 
     target = cmd.target
     if target.device_id == CORE_DEVICE:
         return Rejection(
-            code=ErrorCode.WRONG_TARGET,
-            message=f"a {cmd.command_type.value} writes a device channel; 'core' is not a device",
+            ErrorCode.WRONG_TARGET,
+            f"a {cmd.command_type.value} writes a device channel; 'core' is not a device",
         )
     device = site.device(target.device_id)
-    if device is None:
-        known = ", ".join(d.device_id for d in site.devices) or "none"
-        return Rejection(
-            code=ErrorCode.UNKNOWN_DEVICE,
-            message=(
-                f"device {target.device_id!r} is not in config {site.version!r} (devices: {known})"
-            ),
-        )
-    channel = device.channel(target.channel)
-    if channel is None:
-        known = ", ".join(c.name for c in device.channels) or "none"
-        return Rejection(
-            code=ErrorCode.UNKNOWN_CHANNEL,
-            message=(
-                f"device {device.device_id!r} has no channel {target.channel!r} (channels: {known})"
-            ),
-        )
+    channel = None if device is None else device.channel(target.channel)
+    if device is None or channel is None:
+        return _unknown_target(site, target, device)
     if not channel.writable:
-        return Rejection(
-            code=ErrorCode.NOT_WRITABLE,
-            message=f"channel {device.device_id}.{channel.name} is read-only",
-        )
+        return Rejection(ErrorCode.NOT_WRITABLE, f"{device.device_id}.{channel.name} is read-only")
     if cmd.command_type is CommandType.CONFIG_OVERRIDE and (
         cmd.duration_sec is None or cmd.duration_sec <= 0
     ):
         return Rejection(
-            code=ErrorCode.INVALID_COMMAND,
-            message="a config_override needs a positive `duration_sec` (how long it lasts)",
+            ErrorCode.INVALID_COMMAND,
+            "a config_override needs a positive `duration_sec` (how long it lasts)",
         )
     if cmd.command_type is CommandType.CONFIG_OVERRIDE and cmd.duration_sec is not None:
         limit = channel.max_override_s if channel.max_override_s is not None else max_override_s
         if cmd.duration_sec > limit:
             return Rejection(
-                code=ErrorCode.OUT_OF_RANGE,
-                message=(
-                    f"override duration {cmd.duration_sec} s exceeds the maximum {limit:g} s "
-                    f"for {device.device_id}.{channel.name}; send a shorter override, or a "
-                    "setpoint to change the value for good"
-                ),
+                ErrorCode.OUT_OF_RANGE,
+                f"override duration {cmd.duration_sec} s exceeds the maximum {limit:g} s "
+                f"for {device.device_id}.{channel.name}; send a shorter override, or a "
+                "setpoint to change the value for good",
             )
     if cmd.command_type is CommandType.SETPOINT and cmd.duration_sec is not None:
         return Rejection(
-            code=ErrorCode.INVALID_COMMAND,
-            message="`duration_sec` applies to config_override only; send a config_override",
+            ErrorCode.INVALID_COMMAND,
+            "`duration_sec` applies to config_override only; send a config_override",
         )
     value = cmd.value
     if isinstance(value, bool) or not isinstance(value, int | float):
         return Rejection(
-            code=ErrorCode.WRONG_TYPE,
-            message=f"channel {channel.name} takes a number, got {value!r}",
+            ErrorCode.WRONG_TYPE,
+            f"channel {channel.name} takes a number, got {value!r}",
         )
     if isinstance(value, float) and not math.isfinite(value):
-        return Rejection(code=ErrorCode.WRONG_TYPE, message=f"value {value!r} is not finite")
+        return Rejection(ErrorCode.WRONG_TYPE, f"value {value!r} is not finite")
     converted = _convert(value, cmd.unit, channel)
     if isinstance(converted, Rejection):
         return converted
@@ -218,11 +191,9 @@ def _convert(value: float, unit: str | None, channel: Channel) -> float | Reject
     have, want = UNITS.get(unit), UNITS.get(channel.unit)
     if have is None or want is None or have[0] != want[0]:
         return Rejection(
-            code=ErrorCode.WRONG_UNIT,
-            message=(
-                f"unit {unit!r} does not convert to channel {channel.name}'s unit "
-                f"{channel.unit!r}; send the value in {channel.unit!r}"
-            ),
+            ErrorCode.WRONG_UNIT,
+            f"unit {unit!r} does not convert to channel {channel.name}'s unit "
+            f"{channel.unit!r}; send the value in {channel.unit!r}",
         )
     return float(value) * have[1] / want[1]
 
@@ -232,33 +203,44 @@ def _range_problem(value: float, channel: Channel) -> Rejection | None:
     high = channel.max if channel.max is not None else math.inf
     if not low <= value <= high:
         return Rejection(
-            code=ErrorCode.OUT_OF_RANGE,
-            message=(
-                f"{value:g} {channel.unit} is outside {channel.name}'s limits "
-                f"{_fmt(channel.min)} … {_fmt(channel.max)} {channel.unit}"
-            ),
+            ErrorCode.OUT_OF_RANGE,
+            f"{value:g} {channel.unit} is outside {channel.name}'s limits "
+            f"{_fmt(channel.min)} … {_fmt(channel.max)} {channel.unit}",
         )
     raw = value / channel.scale
     raw_low, raw_high = RAW_LIMITS[channel.data_type]
     if not raw_low <= raw <= raw_high:
         return Rejection(
-            code=ErrorCode.OUT_OF_RANGE,
-            message=(
-                f"{value:g} {channel.unit} does not fit {channel.name}'s "
-                f"{channel.data_type} register"
-            ),
+            ErrorCode.OUT_OF_RANGE,
+            f"{value:g} {channel.unit} does not fit {channel.name}'s {channel.data_type} register",
         )
     if channel.data_type is not DataType.FLOAT32:
         whole = round(raw)
         if abs(raw - whole) > _INTEGRAL_TOLERANCE * max(1.0, abs(raw)):
             return Rejection(
-                code=ErrorCode.WRONG_TYPE,
-                message=(
-                    f"{value:g} {channel.unit} is not a multiple of {channel.name}'s resolution "
-                    f"{channel.scale:g} {channel.unit}"
-                ),
+                ErrorCode.WRONG_TYPE,
+                f"{value:g} {channel.unit} is not a multiple of {channel.name}'s resolution "
+                f"{channel.scale:g} {channel.unit}",
             )
     return None
+
+
+def _unknown_target(site: SiteConfig, target: Target, device: Device | None) -> Rejection:
+    if device is None:
+        known = _names(d.device_id for d in site.devices)
+        where = f"config {site.version!r}"
+        return Rejection(
+            ErrorCode.UNKNOWN_DEVICE, f"{where} has no device {target.device_id!r} ({known})"
+        )
+    known = _names(c.name for c in device.channels)
+    return Rejection(
+        ErrorCode.UNKNOWN_CHANNEL,
+        f"device {device.device_id!r} has no channel {target.channel!r} ({known})",
+    )
+
+
+def _names(known: Iterable[str]) -> str:
+    return ", ".join(known) or "none known"
 
 
 def _fmt(limit: float | None) -> str:
@@ -269,20 +251,15 @@ def _controller_target(cmd: EdgeCommand, site: SiteConfig) -> Rejection | None:
     target = cmd.target
     if target.device_id != CORE_DEVICE:
         return Rejection(
-            code=ErrorCode.WRONG_TARGET,
-            message=(
-                f"a {cmd.command_type.value} addresses device 'core' and a controller as channel, "
-                f"not device {target.device_id!r}"
-            ),
+            ErrorCode.WRONG_TARGET,
+            f"a {cmd.command_type.value} addresses device 'core' and a controller as channel, "
+            f"not device {target.device_id!r}",
         )
     if site.controller(target.channel) is None:
-        known = ", ".join(c.name for c in site.controllers) or "none"
+        known = _names(c.name for c in site.controllers)
         return Rejection(
-            code=ErrorCode.UNKNOWN_CONTROLLER,
-            message=(
-                f"no controller {target.channel!r} in config {site.version!r} "
-                f"(controllers: {known})"
-            ),
+            ErrorCode.UNKNOWN_CONTROLLER,
+            f"config {site.version!r} has no controller {target.channel!r} ({known})",
         )
     return _no_duration(cmd)
 
@@ -292,8 +269,8 @@ def _no_duration(cmd: EdgeCommand) -> Rejection | None:
     if cmd.duration_sec is None:
         return None
     return Rejection(
-        code=ErrorCode.INVALID_COMMAND,
-        message=f"`duration_sec` does not apply to {cmd.command_type.value}",
+        ErrorCode.INVALID_COMMAND,
+        f"`duration_sec` does not apply to {cmd.command_type.value}",
     )
 
 
@@ -305,19 +282,15 @@ def _mode(cmd: EdgeCommand, site: SiteConfig) -> Plan | Rejection:
     assert controller is not None
     if not isinstance(cmd.value, str):
         return Rejection(
-            code=ErrorCode.WRONG_TYPE,
-            message=(
-                f"a mode_change value is a mode name ({', '.join(controller.modes)}), "
-                f"got {cmd.value!r}"
-            ),
+            ErrorCode.WRONG_TYPE,
+            f"a mode_change value is a mode name ({', '.join(controller.modes)}), "
+            f"got {cmd.value!r}",
         )
     if cmd.value not in controller.modes:
         return Rejection(
-            code=ErrorCode.UNKNOWN_MODE,
-            message=(
-                f"controller {controller.name!r} has no mode {cmd.value!r} "
-                f"(modes: {', '.join(controller.modes)})"
-            ),
+            ErrorCode.UNKNOWN_MODE,
+            f"controller {controller.name!r} has no mode {cmd.value!r} "
+            f"(modes: {', '.join(controller.modes)})",
         )
     return ModePlan(controller=controller.name, mode=cmd.value)
 
@@ -328,8 +301,8 @@ def _schedule(cmd: EdgeCommand, site: SiteConfig) -> Plan | Rejection:
         return problem
     if cmd.value not in ("start", "stop") or not isinstance(cmd.value, str):
         return Rejection(
-            code=ErrorCode.WRONG_TYPE,
-            message=f"a scheduler_control value is 'start' or 'stop', got {cmd.value!r}",
+            ErrorCode.WRONG_TYPE,
+            f"a scheduler_control value is 'start' or 'stop', got {cmd.value!r}",
         )
     return SchedulePlan(controller=cmd.target.channel, run=cmd.value == "start")
 
@@ -338,11 +311,9 @@ def _system(cmd: EdgeCommand) -> Plan | Rejection:
     target = cmd.target
     if target.device_id != CORE_DEVICE or target.channel != SYSTEM_CHANNEL:
         return Rejection(
-            code=ErrorCode.WRONG_TARGET,
-            message=(
-                "a system command addresses device 'core', channel 'system', "
-                f"not {target.device_id!r}/{target.channel!r}"
-            ),
+            ErrorCode.WRONG_TARGET,
+            "a system command addresses device 'core', channel 'system', "
+            f"not {target.device_id!r}/{target.channel!r}",
         )
     problem = _no_duration(cmd)
     if problem is not None:
@@ -352,6 +323,6 @@ def _system(cmd: EdgeCommand) -> Plan | Rejection:
     if cmd.value == "sync_config" and isinstance(cmd.value, str):
         return SystemPlan(action="sync_config")
     return Rejection(
-        code=ErrorCode.WRONG_TYPE,
-        message=f"a system command value is 'restart' or 'sync_config', got {cmd.value!r}",
+        ErrorCode.WRONG_TYPE,
+        f"a system command value is 'restart' or 'sync_config', got {cmd.value!r}",
     )
