@@ -64,7 +64,7 @@ async def answer_frame(state: GatewayState, user: User, raw: bytes) -> CancelOut
             else f"unknown frame type {kind!r}; send a command object or "
             '{"type": "cancel", "command_id": ...}'
         )
-        return await _refuse(state, user, raw, error(ErrorCode.INVALID_COMMAND, message))
+        return await _refuse(state, user, error(ErrorCode.INVALID_COMMAND, message), raw=raw)
     return await cancel(state, user, frame.command_id, raw=raw)
 
 
@@ -75,17 +75,11 @@ async def cancel(
     unknown = error(ErrorCode.UNKNOWN_COMMAND, f"no command {command_id!r} in the ledger")
     edge_id = await state.ledger.edge_of(command_id) if SAFE_ID.fullmatch(command_id) else None
     if edge_id is None:
-        return await _refuse(state, user, raw, unknown, command_id=command_id)
+        return await _refuse(state, user, unknown, command_id, raw=raw)
     if await state.grants.allows(user, edge_id, CAN_CONTROL) is None:
+        lacks = f"user {user.user_id!r} lacks can_control on edge {edge_id!r}"
         return await _refuse(
-            state,
-            user,
-            raw,
-            error(
-                ErrorCode.FORBIDDEN, f"user {user.user_id!r} lacks can_control on edge {edge_id!r}"
-            ),
-            command_id=command_id,
-            edge_id=edge_id,
+            state, user, error(ErrorCode.FORBIDDEN, lacks), command_id, edge_id, raw=raw
         )
     result = await state.ledger.cancel(command_id, user.actor)
     if result.applied:
@@ -94,7 +88,7 @@ async def cancel(
         )
         return CancelOutcome(reply, 200)
     if result.unknown:
-        return await _refuse(state, user, raw, unknown, command_id=command_id, edge_id=edge_id)
+        return await _refuse(state, user, unknown, command_id, edge_id, raw=raw)
     # Too late (already sent) or already final: the answer carries the true status.
     refusal = error(
         ErrorCode.NOT_CANCELLABLE,
@@ -121,11 +115,11 @@ HTTP_STATUS = {
 async def _refuse(
     state: GatewayState,
     user: User,
-    raw: bytes,
     err: ErrorObject,
-    *,
     command_id: str | None = None,
     edge_id: str | None = None,
+    *,
+    raw: bytes,
 ) -> CancelOutcome:
     """Record the refused request in the audit stream and answer `rejected`."""
     # A cancel by URL (no frame) has no input to digest.

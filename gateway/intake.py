@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 
 import msgspec
 
@@ -92,29 +92,19 @@ def probe(raw: bytes) -> tuple[str | None, str | None]:
     )
 
 
+@dataclass(eq=False)
 class Intake:
-    def __init__(
-        self,
-        ledger: Ledger,
-        grants: GrantCache,
-        *,
-        gateway_id: str,
-        max_message_bytes: int,
-        clock_skew_s: int,
-        limiter: RateLimiter | None = None,
-        revocations: Revocations | None = None,
-        ledger_wait_s: float = 2.0,
-    ) -> None:
-        self.ledger = ledger
-        self.grants = grants
-        self.gateway_id = gateway_id
-        self.max_message_bytes = max_message_bytes
-        self.clock_skew_s = clock_skew_s
-        # Enrollment is never withdrawn while a gateway runs: remember positive answers.
-        self._enrolled: set[str] = set()
-        self.limiter = limiter
-        self.revocations = revocations
-        self.ledger_wait_s = ledger_wait_s
+    ledger: Ledger
+    grants: GrantCache
+    _: KW_ONLY
+    gateway_id: str
+    max_message_bytes: int
+    clock_skew_s: int
+    limiter: RateLimiter | None = None
+    revocations: Revocations | None = None
+    ledger_wait_s: float = 2.0
+    # Enrollment is never withdrawn while a gateway runs: remember positive answers.
+    _enrolled: set[str] = field(default_factory=set, init=False)
 
     async def _charge(self, user: User, edge_id: str | None) -> RateDecision:
         if self.limiter is None:
