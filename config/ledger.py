@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from config.durations import DAY_S, HOUR_S
+
 
 @dataclass(frozen=True, slots=True)
 class LedgerConfig:
     namespace: str = "dispatch"
     partitions: int = 16
     ack_timeout_ms: int = 10_000
-    default_expiry_s: int = 86_400
-    state_ttl_s: int = 7 * 86_400
+    default_expiry_s: int = DAY_S
+    state_ttl_s: int = 7 * DAY_S
     presence_ttl_ms: int = 30_000
     delivery_batch: int = 100
     # Tests only: shifts the scripts' clock (Redis TIME cannot be advanced). Every
@@ -22,8 +24,8 @@ class LedgerConfig:
 
 @dataclass(frozen=True, slots=True)
 class RetentionConfig:
-    log_retain_s: int = 86_400  # keep at least this much of each log for replay
-    edge_retain_s: int = 3_600  # and of each edge's delivery stream
+    log_retain_s: int = DAY_S  # keep at least this much of each log for replay
+    edge_retain_s: int = HOUR_S  # and of each edge's delivery stream
     interval_s: float = 60.0  # how often the projector runs retention
 
     def __post_init__(self) -> None:

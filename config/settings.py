@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from config.durations import DAY_S
 from config.ledger import LedgerConfig, RetentionConfig
 from config.sections import same_named
 
@@ -22,6 +23,9 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "postgresql://127.0.0.1:5432/test"
 MIN_SECRET_BYTES = 32
 JWT_ALGORITHMS = ("HS256", "RS256", "ES256")
+# The ledger and retention settings default to what their configs default to.
+_LEDGER = LedgerConfig()
+_RETENTION = RetentionConfig()
 
 
 class SettingsError(ValueError):
@@ -34,14 +38,15 @@ class Settings:
     redis_cluster: bool = False  # DISPATCH_REDIS_CLUSTER=1: the URL names a cluster node
     database_url: str = DEFAULT_DATABASE_URL
     jwt_secret: str = ""
-    namespace: str = "dispatch"
-    partitions: int = 16
+    namespace: str = _LEDGER.namespace
+    partitions: int = _LEDGER.partitions
     host: str = "127.0.0.1"
     port: int = 8000
-    ack_timeout_ms: int = 10_000
-    default_expiry_s: int = 86_400
-    state_ttl_s: int = 7 * 86_400
-    presence_ttl_ms: int = 30_000
+    # The ledger's timings (config/ledger.py holds their defaults).
+    ack_timeout_ms: int = _LEDGER.ack_timeout_ms
+    default_expiry_s: int = _LEDGER.default_expiry_s
+    state_ttl_s: int = _LEDGER.state_ttl_s
+    presence_ttl_ms: int = _LEDGER.presence_ttl_ms
     max_message_bytes: int = 64 * 1024
     clock_skew_s: int = 60
     allowed_origins: tuple[str, ...] = ()
@@ -56,11 +61,11 @@ class Settings:
     jwks_ttl_s: int = 300
     jwks_min_refresh_s: int = 10  # unknown key ids fetch the set again at most this often
     jwt_leeway_s: int = 10
-    jwt_max_lifetime_s: int = 7 * 86_400
+    jwt_max_lifetime_s: int = 7 * DAY_S
     # Edge credentials are HS256 with their own secret (default: DISPATCH_JWT_SECRET), so
     # whoever holds the users' signing key need not be able to impersonate edges.
     edge_jwt_secret: str = ""
-    edge_max_lifetime_s: int = 2 * 366 * 86_400
+    edge_max_lifetime_s: int = 2 * 366 * DAY_S
     # Commands per second and burst, per user, per edge and for the whole deployment
     # (0 per second switches that scope off).
     rate_user_per_s: float = 20.0
@@ -94,9 +99,9 @@ class Settings:
     # refused, as SimpleJWT sets none).
     jwt_key_id: str = ""
     # Retention (docs/operations.md): kept at least this long even when acknowledged.
-    retain_log_s: int = 86_400
-    retain_edge_s: int = 3_600
-    retention_interval_s: int = 60
+    retain_log_s: int = _RETENTION.log_retain_s
+    retain_edge_s: int = _RETENTION.edge_retain_s
+    retention_interval_s: int = int(_RETENTION.interval_s)
     # Audit projection (docs/audit.md): the writer role's own login (else the admin URL
     # plus SET ROLE), the prefix of the roles, and how long events are kept.
     projector_database_url: str = ""

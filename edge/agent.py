@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from config import tracing
+from config.durations import DAY_S
 from config.sections import same_named
 from edge.capabilities import (
     ConfigSource,
@@ -72,7 +73,7 @@ class AgentSettings:
     ack_resend_window_s: float = 60.0
     # With a gateway that confirms acks (ack_recorded): unconfirmed final acks this
     # young are sent again after every reconnect and restart.
-    ack_retention_s: float = 24 * 3600.0
+    ack_retention_s: float = DAY_S
     config_fetch_timeout_s: float = 5.0
     max_override_s: float = DEFAULT_MAX_OVERRIDE_S
     max_clock_offset_s: float = 30.0

@@ -13,6 +13,7 @@ from typing import Literal
 
 from msgspec import Struct
 
+from config.durations import DAY_S, HOUR_S
 from edge.capabilities import RAW_LIMITS, Channel, DataType, Device, SiteConfig
 from schemas.commands import CORE_DEVICE, SYSTEM_CHANNEL, CommandType, EdgeCommand, Target
 from schemas.errors import ErrorCode
@@ -34,7 +35,7 @@ UNITS: dict[str, tuple[str, float]] = {
         ("s", ""),
     )
     for prefix in ("", *prefixes)
-} | {"min": ("s", 60.0), "h": ("s", 3600.0)}
+} | {"min": ("s", 60.0), "h": ("s", float(HOUR_S))}
 # Relative tolerance when a converted value must land on a whole raw register value.
 _INTEGRAL_TOLERANCE = 1e-6
 
@@ -70,7 +71,7 @@ class Rejection(Struct, frozen=True):
     message: str
 
 
-DEFAULT_MAX_OVERRIDE_S = 24 * 3600
+DEFAULT_MAX_OVERRIDE_S = DAY_S
 
 
 def validate(
