@@ -13,27 +13,20 @@ from schemas import identifiers as ids
 from schemas.errors import ErrorObject
 from schemas.identifiers import schema_pattern
 
+
+def _matching(pattern: str, description: str, *examples: str) -> Meta:
+    """A string that must match `pattern` whole (schemas.identifiers explains why)."""
+    return Meta(
+        pattern=schema_pattern(pattern), description=description, examples=list(examples) or None
+    )
+
+
 # Identifiers end up inside Redis keys and log lines: keep them to a safe alphabet.
-EdgeId = Annotated[
-    str,
-    Meta(
-        pattern=schema_pattern(ids.EDGE_ID),
-        description="Edge identifier: letters, digits, '_', '.', '-' (1-64 chars).",
-        examples=["site1_edge_prod"],
-    ),
-]
-CommandId = Annotated[
-    str,
-    Meta(
-        pattern=schema_pattern(ids.COMMAND_ID),
-        description="Client-chosen idempotency key: letters, digits, '_', '.', ':', '-'.",
-        examples=["cmd_12345"],
-    ),
-]
-Name = Annotated[
-    str,
-    Meta(pattern=schema_pattern(ids.NAME), description="Device or channel name."),
-]
+_EDGE_ID = "Edge identifier: letters, digits, '_', '.', '-' (1-64 chars)."
+_COMMAND_ID = "Client-chosen idempotency key: letters, digits, '_', '.', ':', '-'."
+EdgeId = Annotated[str, _matching(ids.EDGE_ID, _EDGE_ID, "site1_edge_prod")]
+CommandId = Annotated[str, _matching(ids.COMMAND_ID, _COMMAND_ID, "cmd_12345")]
+Name = Annotated[str, _matching(ids.NAME, "Device or channel name.")]
 Source = Annotated[str, Meta(min_length=1, max_length=128, description="Who asked (as claimed).")]
 Unit = Annotated[str, Meta(max_length=16)]
 ExpirySec = Annotated[int, Meta(ge=1, le=7 * 86400, description="Seconds after `timestamp`.")]
@@ -42,12 +35,13 @@ UtcTime = Annotated[datetime, Meta(tz=True, description="RFC 3339 timestamp with
 # Setpoint values are bounded well beyond any real device so absurd numbers fail early.
 Value = Annotated[float, Meta(ge=-1e12, le=1e12)] | Annotated[int, Meta(ge=-(10**12), le=10**12)]
 TextValue = Annotated[str, Meta(min_length=1, max_length=64)]
+_TRACEPARENT = r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}"
 TraceParent = Annotated[
     str,
-    Meta(
-        pattern=schema_pattern(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}"),
-        description="W3C trace context (`traceparent`) linking this command's trace spans.",
-        examples=["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"],
+    _matching(
+        _TRACEPARENT,
+        "W3C trace context (`traceparent`) linking this command's trace spans.",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
     ),
 ]
 
