@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from ledger.store import Ledger
 from schemas.commands import Ack, Command, CommandType, Target
@@ -20,9 +20,8 @@ USERS = ("alice", "bob", "carol")
 GATEWAY_OWNER = "loadgen-gw|session"
 
 
-@dataclass(frozen=True, slots=True)
-class Planned:
-    index: int
+class Planned(NamedTuple):
+    number: int  # the command index the plan is a function of
     command_id: str
     edge_id: str
     user: str
@@ -60,8 +59,8 @@ def _command(p: Planned) -> Command:
         command_id=p.command_id,
         command_type=CommandType(p.command_type),
         # One channel per command: queued setpoints for one channel would coalesce.
-        target=Target(edge_id=p.edge_id, device_id="bms_main", channel=f"ch{p.index}"),
-        value=p.index * 10 if setpoint else "peak_shaving",
+        target=Target(edge_id=p.edge_id, device_id="bms_main", channel=f"ch{p.number}"),
+        value=p.number * 10 if setpoint else "peak_shaving",
         unit="W" if setpoint else None,
         expiry_sec=3600,
         source=p.source,

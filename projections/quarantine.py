@@ -39,8 +39,9 @@ UNDECODABLE = "undecodable"
 UNSTORABLE = "unstorable"
 
 
-@dataclass(frozen=True, slots=True)
-class Quarantined:
+class Quarantined(msgspec.Struct, frozen=True):
+    """One log entry held back: its stream and id, its raw fields, which kind and why."""
+
     stream: str
     entry_id: str
     raw: bytes

@@ -138,8 +138,8 @@ async def test_ten_thousand_commands_projected_and_queried(
                     for k, v in params.items()
                     if k not in ("since", "until")
                 )
-                and (("since" not in params) or p.index >= 5000)
-                and (("until" not in params) or p.index < 5000)
+                and (("since" not in params) or p.number >= 5000)
+                and (("until" not in params) or p.number < 5000)
             )
 
         want = sorted(p.command_id for p in plans if keep(p))
