@@ -31,8 +31,8 @@ from ledger.ordering import InOrder, Turn
 from schemas.errors import ErrorCode, error
 from schemas.messages import StatusUpdate, Subscribed
 
-log = logging.getLogger("gateway.dashboard")
 _encode = msgspec.json.Encoder().encode
+log = logging.getLogger("gateway.dashboard")
 
 
 async def dashboard_endpoint(ws: WebSocket) -> None:

@@ -199,11 +199,11 @@ class Ledger:
             digest=digest,
         )
         authorized = Authorized(
+            grant=grant,
             event_id=base + "-a",
             command_id=cmd.command_id,
             edge_id=edge_id,
             actor=actor,
-            grant=grant,
         )
         coalesce = (
             f"{cmd.target.device_id}/{cmd.target.channel}"
@@ -487,34 +487,30 @@ class Ledger:
         await self.presence("disconnect", edge_id, owner)
 
     # -- verdicts ----------------------------------------------------------------------------
+    def _verdict_keys(self, partition: int, actor: str) -> tuple[list[str], list[str]]:
+        """The KEYS and leading ARGV that verdicts.lua and sweep.lua share."""
+        k = self.keys
+        keys = [
+            k.deadlines(partition),
+            k.expiries(partition),
+            k.log(partition),
+            k.inflight(partition),
+        ]
+        common = [k.command_prefix(partition), k.edge_stream_prefix(partition)]
+        return keys, [*common, new_event_id(), actor]
+
     async def reach_verdicts(self, partition: int, *, actor: str, limit: int = 500) -> int:
         """Time out unacknowledged and expire undelivered commands that are due.
 
         Atomic per call and safe to run from any number of workers at once: each command
         gets exactly one verdict. Repeats while a call found a full batch due.
         """
-        k = self.keys
         reached = 0
         while True:
-            reply = await self._script(
-                scripts.VERDICTS,
-                [
-                    k.deadlines(partition),
-                    k.expiries(partition),
-                    k.log(partition),
-                    k.inflight(partition),
-                ],
-                [
-                    k.command_prefix(partition),
-                    k.edge_stream_prefix(partition),
-                    limit,
-                    new_event_id(),
-                    actor,
-                    self.config.ack_timeout_ms,
-                    _ALLOWED_FROM[Status.TIMED_OUT],
-                    _ALLOWED_FROM[Status.EXPIRED],
-                ],
-            )
+            keys, common = self._verdict_keys(partition, actor)
+            froms = [_ALLOWED_FROM[Status.TIMED_OUT], _ALLOWED_FROM[Status.EXPIRED]]
+            args = [*common, limit, self.config.ack_timeout_ms, *froms]
+            reply = await self._script(scripts.VERDICTS, keys, args)
             reached += int(reply[0])
             if int(reply[1]) < limit:
                 return reached
@@ -522,27 +518,10 @@ class Ledger:
     # -- retention ---------------------------------------------------------------------------
     async def sweep_vanished(self, partition: int, *, actor: str, chunk: int = 500) -> list[str]:
         """Give `lost` to every command whose delivery entry vanished before it was settled."""
-        k = self.keys
         cursor, lost = "0", []
         while True:
-            reply = await self._script(
-                scripts.SWEEP,
-                [
-                    k.inflight(partition),
-                    k.log(partition),
-                    k.deadlines(partition),
-                    k.expiries(partition),
-                ],
-                [
-                    cursor,
-                    chunk,
-                    k.command_prefix(partition),
-                    k.edge_stream_prefix(partition),
-                    new_event_id(),
-                    actor,
-                    _LOST_FROM,
-                ],
-            )
+            keys, common = self._verdict_keys(partition, actor)
+            reply = await self._script(scripts.SWEEP, keys, [*common, cursor, chunk, _LOST_FROM])
             cursor = _text(reply[0])
             for i in range(2, len(reply), 2):
                 command_id, edge_id = _text(reply[i]), _text(reply[i + 1])

@@ -2,15 +2,16 @@
 -- hand) while their command still waited for the edge, so that none disappears in
 -- silence even if the edge never comes back: such a command gets the `lost` verdict.
 -- Walks the partition's inflight hash with HSCAN, one chunk per call.
--- KEYS: inflight, log, deadlines, expiries
--- ARGV: HSCAN cursor, count, command key prefix, edge stream prefix, event id base,
---       actor, lost-from statuses, clock offset ms
+-- KEYS: deadlines, expiries, log, inflight (as verdicts.lua)
+-- ARGV: command key prefix, edge stream prefix, event id base, actor (as verdicts.lua),
+--       HSCAN cursor, count, lost-from statuses, clock offset ms
 -- Returns: {next cursor, fields checked, lost command_id, its edge_id, ...}
-local inflight, log, deadlines, expiries = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local prefix, stream_prefix, base, actor, lost_from = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local deadlines, expiries, log, inflight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local prefix, stream_prefix, base, actor = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local lost_from = ARGV[7]
 clock_offset_ms = tonumber(ARGV[8])
 
-local res = redis.call('HSCAN', inflight, ARGV[1], 'COUNT', tonumber(ARGV[2]))
+local res = redis.call('HSCAN', inflight, ARGV[5], 'COUNT', tonumber(ARGV[6]))
 local fields, now = res[2], nil
 local out = {res[1], #fields / 2}
 for i = 1, #fields, 2 do

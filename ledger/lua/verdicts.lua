@@ -3,12 +3,12 @@
 -- command gets exactly one verdict: the ZREM and the status check are atomic here, so
 -- any number of workers may call this for the same partition at the same time.
 -- KEYS: deadlines, expiries, log, inflight
--- ARGV: command key prefix, edge stream prefix, limit, event id base, actor,
---       ack timeout ms, timeout-from statuses, expire-from statuses, clock offset ms
+-- ARGV: command key prefix, edge stream prefix, event id base, actor (as sweep.lua),
+--       limit, ack timeout ms, timeout-from statuses, expire-from statuses, clock offset ms
 -- Returns: {verdicts reached, entries examined}
 local deadlines, expiries, log, inflight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local prefix, stream_prefix, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local base, actor = ARGV[4], ARGV[5]
+local prefix, stream_prefix, base, actor = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local limit = tonumber(ARGV[5])
 clock_offset_ms = tonumber(ARGV[9])
 local now = now_ms()
 local reached, examined = 0, 0
