@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import resource
@@ -20,6 +21,7 @@ from typing import Any
 
 import psycopg
 import redis
+from websockets.asyncio.client import connect as ws_connect
 
 from config.settings import Settings
 from dispatch.tokens import edge_claims, sign, user_claims
@@ -225,3 +227,22 @@ def command(command_id: str, edge_id: str, value: int, priority: str = "normal")
         "timestamp": now_iso(),
         "priority": priority,
     }
+
+
+def connect(url: str, token: str, **options: Any) -> ws_connect:
+    """A benchmark client's WebSocket: bearer token, no compression (as the relay), and
+    no receive queue bound unless `options` set one."""
+    options.setdefault("max_queue", None)
+    return ws_connect(
+        url, additional_headers={"Authorization": f"Bearer {token}"}, compression=None, **options
+    )
+
+
+def load_parser(prog: str, *, seconds: float) -> argparse.ArgumentParser:
+    """The load shape every saturating benchmark takes: edges, dashboards, window, time."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--edges", type=int, default=100)
+    parser.add_argument("--dashboards", type=int, default=50)
+    parser.add_argument("--window", type=int, default=4, help="commands in flight per dashboard")
+    parser.add_argument("--seconds", type=float, default=seconds)
+    return parser

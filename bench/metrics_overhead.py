@@ -23,7 +23,7 @@ from pathlib import Path
 import msgspec
 import uvloop
 
-from bench.harness import Bench, command, raise_fd_limit
+from bench.harness import Bench, command, load_parser, raise_fd_limit
 from bench.throughput import measure
 from gateway.lifecycle_metrics import LifecycleMetrics
 from schemas.commands import Command, EdgeCommand
@@ -83,11 +83,7 @@ def _affinity(cpus: Iterable[int]) -> Iterator[None]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bench metrics_overhead")
-    parser.add_argument("--edges", type=int, default=100)
-    parser.add_argument("--dashboards", type=int, default=50)
-    parser.add_argument("--window", type=int, default=4, help="commands in flight per dashboard")
-    parser.add_argument("--seconds", type=float, default=8.0)
+    parser = load_parser("bench metrics_overhead", seconds=8.0)
     parser.add_argument("--rounds", type=int, default=3)
     args, _ = parser.parse_known_args(argv)
     raise_fd_limit()

@@ -7,25 +7,18 @@ keep a window of commands in flight; a command counts when its dashboard receive
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import time
 from typing import Any
 
 import uvloop
-import websockets
 
-from bench.harness import Bench, bench, command, percentile, raise_fd_limit
+from bench.harness import Bench, bench, command, connect, load_parser, percentile, raise_fd_limit
 
 
 async def run_edge(url: str, token: str, stop: asyncio.Event) -> None:
-    async with websockets.connect(
-        url,
-        additional_headers={"Authorization": f"Bearer {token}"},
-        compression=None,
-        max_queue=None,
-    ) as ws:
+    async with connect(url, token) as ws:
         while not stop.is_set():
             try:
                 raw = await asyncio.wait_for(ws.recv(), 0.5)
@@ -56,12 +49,7 @@ async def run_dashboard(
 ) -> None:
     sent: dict[str, float] = {}
     counter = 0
-    async with websockets.connect(
-        url,
-        additional_headers={"Authorization": f"Bearer {token}"},
-        compression=None,
-        max_queue=None,
-    ) as ws:
+    async with connect(url, token) as ws:
 
         async def send_one() -> None:
             nonlocal counter
@@ -134,11 +122,7 @@ async def measure(
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bench throughput")
-    parser.add_argument("--edges", type=int, default=100)
-    parser.add_argument("--dashboards", type=int, default=50)
-    parser.add_argument("--window", type=int, default=4, help="commands in flight per dashboard")
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser = load_parser("bench throughput", seconds=10.0)
     parser.add_argument("--light-commands", type=int, default=300)
     args, _ = parser.parse_known_args(argv)
     raise_fd_limit()

@@ -83,17 +83,17 @@ class AdmissionLimits:
 
 
 @dataclass(slots=True)
-class _Bucket:
-    tokens: float
-    at: float
-
-
-@dataclass(slots=True)
 class _Summary:
     """Refusals of one address throttled during one window, written once at its end."""
 
     count: int = 0
     paths: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    at: float
 
 
 class Admission:

@@ -60,7 +60,10 @@ class HeadRefused(Exception):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
         self.status = status
-        self.reason = reason
+
+    @property
+    def reason(self) -> str:
+        return str(self.args[0])
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):

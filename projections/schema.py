@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from typing import NamedTuple
 
 from psycopg import AsyncConnection, sql
 from psycopg.errors import DuplicateObject, InsufficientPrivilege
@@ -56,8 +57,9 @@ def check_identifier(value: str, what: str) -> str:
     return value
 
 
-@dataclass(frozen=True, slots=True)
-class Roles:
+class Roles(NamedTuple):
+    """The deployment's three PostgreSQL roles: owner of the schema, projector, auditors."""
+
     owner: str
     writer: str
     reader: str
