@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The TypeScript client (client/): install its npm packages when they are missing and
-# check that the committed build (gateway/static/client/) still compiles from the sources.
-# `make demo` needs none of this: the gateway serves the committed JavaScript.
+# type-check the sources (tsc --noEmit). That the committed bundle
+# (gateway/static/client/index.js) was built from these sources is tests/client's check.
+# `make demo` needs none of this: the gateway serves the committed bundle.
 set -euo pipefail
 cd "$(dirname "$0")/../client"
 if ! command -v npm >/dev/null; then
@@ -13,4 +14,4 @@ if [ ! -d node_modules ]; then
   npm ci --no-audit --no-fund --loglevel=error
 fi
 npm run --silent check
-echo "client: TypeScript build check passed"
+echo "client: TypeScript type check passed"
