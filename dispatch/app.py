@@ -41,9 +41,9 @@ def audit_gate(audit: audit_api.AuditDatabase) -> audit_api.Gate:
 
 
 def create_app(settings: Settings, admission: Admission | None = None) -> Starlette:
-    audit = audit_api.AuditDatabase(settings.database_url)
+    audit = audit_api.AuditDatabase(settings.database_url, settings.namespace)
     return gateway_app.create_app(
-        settings, admission, mounted=audit_api.routes(audit_gate(audit)), audit_pool=audit.opened
+        settings, admission, mounted=audit_api.routes(audit_gate(audit)), audit=audit
     )
 
 

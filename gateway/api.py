@@ -10,7 +10,6 @@ from typing import Any
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
@@ -33,12 +32,6 @@ TAIL_STALE_S = 10.0  # ten of its one-second reads missed
 def state_of(request: Request) -> GatewayState:
     state: GatewayState = request.app.state.gateway
     return state
-
-
-def audit_pool_of(request: Request) -> AsyncConnectionPool | None:
-    """The audit's pool the composition root opened (gateway/app.py), for reporting only."""
-    pool: AsyncConnectionPool | None = request.app.state.audit_pool
-    return pool
 
 
 def problem(status: int, code: ErrorCode | str, message: str, **extra: Any) -> JSONResponse:
@@ -200,11 +193,10 @@ async def readyz(request: Request) -> Response:
     except Exception as exc:
         checks["redis"] = {"ok": False, "error": str(exc)}
     try:
-        pool = audit_pool_of(request)
-        if pool is None:
+        probe = request.app.state.audit_probe
+        if probe is None:
             raise RuntimeError("not configured")
-        async with pool.connection(timeout=2) as conn:
-            await conn.execute("SELECT 1")
+        await probe(2.0)
         checks["postgres"] = {"ok": True}
     except Exception as exc:
         checks["postgres"] = {"ok": False, "error": str(exc) or type(exc).__name__}

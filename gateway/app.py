@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from typing import Protocol
 
-from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route, WebSocketRoute
@@ -19,39 +19,40 @@ from gateway.dashboard_socket import dashboard_endpoint
 from gateway.edge_socket import edge_endpoint
 from gateway.headers import SecurityHeaders
 from gateway.lifecycle_metrics import TRANSITION_LOGGER, LifecycleMetrics
-from gateway.observer import Observer, ObserverConfig
+from gateway.observer import AuditProbe, Observer, ObserverConfig
 from gateway.state import GatewayState
 from ledger.verdicts import VerdictLoop
 
-# The audit's PostgreSQL pool, opened and closed by the composition root (dispatch/app.py)
-# around the gateway's lifespan. The gateway never needs it: /readyz and the observer's
-# gauges only report on it, so an audit outage never takes a gateway out of rotation.
-AuditPool = Callable[[], AbstractAsyncContextManager[AsyncConnectionPool | None]]
 
+class Audit(Protocol):
+    """The audit database as the composition root hands it over (dispatch/app.py): opened
+    around the gateway's lifespan, probed for /readyz and the observer's gauges. The
+    gateway never needs it, so an audit outage never takes a gateway out of rotation."""
 
-def no_audit() -> AbstractAsyncContextManager[AsyncConnectionPool | None]:
-    return nullcontext(None)
+    def opened(self) -> AbstractAsyncContextManager[object]: ...
+
+    async def probe(self, timeout_s: float) -> int | None: ...
 
 
 def create_app(
     settings: Settings,
     admission: Admission | None = None,
     mounted: Sequence[BaseRoute] = (),
-    audit_pool: AuditPool = no_audit,
+    audit: Audit | None = None,
 ) -> Starlette:
     """The gateway's routes, plus `mounted` ones the composition root adds (dispatch/app.py)."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with audit_pool() as pg:
-            app.state.audit_pool = pg
+        async with audit.opened() if audit is not None else nullcontext():
+            app.state.audit_probe = audit.probe if audit is not None else None
             state = await GatewayState.open(settings)
             app.state.gateway = state
             if settings.metrics_lifecycle:
                 state.hub.lifecycle = LifecycleMetrics(settings.ack_timeout_ms)
             if not settings.log_transitions:
                 logging.getLogger(TRANSITION_LOGGER).setLevel(logging.WARNING)
-            observer = observer_for(settings, state, pg)
+            observer = observer_for(settings, state, app.state.audit_probe)
             observer.start()
             # Verdicts need Redis only: every gateway reaches them, whatever the audit does.
             loop = VerdictLoop(state.ledger, f"gateway:{state.gateway_id}", process="gateway")
@@ -85,14 +86,10 @@ def create_app(
     return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
 
 
-def observer_for(
-    settings: Settings, state: GatewayState, audit_pool: AsyncConnectionPool | None
-) -> Observer:
+def observer_for(settings: Settings, state: GatewayState, audit: AuditProbe | None) -> Observer:
     config = ObserverConfig(
-        interval_s=settings.metrics_interval_s,
-        top_edges=settings.metrics_top_edges,
-        schema=settings.namespace,
+        interval_s=settings.metrics_interval_s, top_edges=settings.metrics_top_edges
     )
     return Observer(
-        state.redis, state.ledger.keys, config, pg=audit_pool, connected_edges=state.hub.edges.keys
+        state.redis, state.ledger.keys, config, audit=audit, connected_edges=state.hub.edges.keys
     )

@@ -1,4 +1,4 @@
-"""A periodic task that reads Redis (and, best effort, PostgreSQL) for the fleet gauges.
+"""A periodic task that reads Redis (and, best effort, the audit database) for the fleet gauges.
 
 Queue sizes, edges online, projector lag, overdue verdicts and reachability live in
 Redis, not in this process: every `interval_s` the observer reads them in a few
@@ -13,13 +13,11 @@ import asyncio
 import contextlib
 import heapq
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from prometheus_client import Gauge
-from psycopg import sql
-from psycopg_pool import AsyncConnectionPool
 
 from gateway import metrics
 from gateway.lifecycle_metrics import CLOCK_OFFSETS
@@ -28,6 +26,9 @@ from ledger.keys import EDGE_GROUP, PROJECTOR_GROUP, Keys
 
 log = logging.getLogger("gateway.observer")
 PROBE_TIMEOUT_S = 2.0
+# The audit database as the gateway sees it: answers within the timeout with the count of
+# quarantined log entries (None: this deployment has no quarantine table), or raises.
+AuditProbe = Callable[[float], Awaitable[int | None]]
 CHUNK = 1000  # edges per pipelined round trip
 
 
@@ -35,7 +36,6 @@ CHUNK = 1000  # edges per pipelined round trip
 class ObserverConfig:
     interval_s: float = 15.0
     top_edges: int = 0  # > 0: per-edge gauges for the N longest queues and clock offsets
-    schema: str = "dispatch"  # PostgreSQL schema of the audit tables (quarantine count)
 
 
 def _text(value: Any) -> str:
@@ -67,7 +67,7 @@ class Observer:
     keys: Keys
     config: ObserverConfig
     _: KW_ONLY
-    pg: AsyncConnectionPool | None = None
+    audit: AuditProbe | None = None
     connected_edges: Callable[[], Iterable[str]] = tuple
     rounds: int = field(default=0, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
@@ -226,25 +226,14 @@ class Observer:
             top = heapq.nlargest(self.config.top_edges, offsets.items(), key=lambda kv: abs(kv[1]))
             self._publish_edges(metrics.CLOCK_OFFSET, {e: ms / 1000 for e, ms in top})
 
-    # -- PostgreSQL (never needed for readiness: only reported) ----------------------------
+    # -- the audit database (never needed for readiness: only reported) -------------------
     async def _postgres(self) -> None:
-        if self.pg is None:
+        if self.audit is None:
             metrics.POSTGRES_UP.set(0)
             return
-        async with self.pg.connection(timeout=PROBE_TIMEOUT_S) as conn:
-            await conn.execute("SELECT 1")
-            metrics.POSTGRES_UP.set(1)
-            # The projector's quarantine table, when this deployment has one.
-            table = f"{self.config.schema}.quarantine"
-            cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
-            row = await cur.fetchone()
-            if row is None or not row[0]:
-                metrics.QUARANTINED.set(-1)
-                return
-            count = sql.SQL("SELECT count(*) FROM {}.quarantine")
-            cur = await conn.execute(count.format(sql.Identifier(self.config.schema)))
-            counted = await cur.fetchone()
-            metrics.QUARANTINED.set(int(counted[0]) if counted else -1)
+        quarantined = await self.audit(PROBE_TIMEOUT_S)
+        metrics.POSTGRES_UP.set(1)
+        metrics.QUARANTINED.set(-1 if quarantined is None else quarantined)
 
 
 def _unread(groups: Any, name: str) -> int:

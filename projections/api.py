@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from projections import queries, stats
+from projections import quarantine, queries, stats
 from schemas.errors import problem_body
 
 log = logging.getLogger("projections.api")
@@ -33,8 +33,9 @@ class AuditDatabase:
     without it, and the audit routes answer 503 until it answers.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, schema: str) -> None:
         self.url = url
+        self.schema = schema
         self.pool: AsyncConnectionPool | None = None
 
     @asynccontextmanager
@@ -53,6 +54,15 @@ class AuditDatabase:
             self.pool = None
             with suppress(Exception):
                 await pool.close()
+
+    async def probe(self, timeout_s: float) -> int | None:
+        """Raises unless PostgreSQL answers within `timeout_s`; the number of quarantined
+        log entries (None: no quarantine table in this deployment)."""
+        if self.pool is None:
+            raise RuntimeError("the audit database is not open")
+        async with self.pool.connection(timeout=timeout_s) as conn:
+            await conn.execute("SELECT 1")
+            return await quarantine.count(conn, self.schema)
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,17 @@ async def store(conn: AsyncConnection, schema: str, held: Sequence[Quarantined])
         )
 
 
+async def count(conn: AsyncConnection, schema: str) -> int | None:
+    """Entries held in `schema`'s quarantine; None when the schema has no such table."""
+    if not await has_table(conn, schema, "quarantine"):
+        return None
+    cur = await conn.execute(
+        sql.SQL("SELECT count(*) FROM {}.quarantine").format(sql.Identifier(schema))
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else None
+
+
 def alarm(held: Sequence[Quarantined]) -> None:
     """After the commit: one alarm line and one count per quarantined entry."""
     for q in held:

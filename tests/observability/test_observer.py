@@ -6,13 +6,13 @@ import time
 
 import msgspec
 from psycopg import sql
-from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from gateway import metrics
 from gateway.lifecycle_metrics import CLOCK_OFFSETS, LifecycleMetrics
 from gateway.observer import Observer, ObserverConfig
 from ledger.store import Ledger
+from projections.api import AuditDatabase
 from schemas.commands import Command, EdgeCommand
 from schemas.errors import ErrorObject
 from schemas.events import Issued, Routed, TimedOut
@@ -110,12 +110,13 @@ async def test_unreachable_redis_reads_as_down_and_the_observer_goes_on(ledger: 
 
 
 async def test_quarantine_is_counted_when_the_table_exists(ledger: Ledger, namespace: str) -> None:
-    pool = AsyncConnectionPool(DATABASE_URL, min_size=1, max_size=1, open=False)
-    await pool.open()
+    """The audit database the composition root hands the gateway, probed by the observer."""
+    audit = AuditDatabase(DATABASE_URL, namespace)
     observer = Observer(
-        Redis.from_url(ledger.url), ledger.keys, ObserverConfig(schema=namespace), pg=pool
+        Redis.from_url(ledger.url), ledger.keys, ObserverConfig(), audit=audit.probe
     )
-    try:
+    async with audit.opened() as pool:
+        await pool.wait()
         await observer.observe_once()
         assert gauge(metrics.POSTGRES_UP) == 1
         assert gauge(metrics.QUARANTINED) == -1  # no quarantine table: not known
@@ -133,6 +134,6 @@ async def test_quarantine_is_counted_when_the_table_exists(ledger: Ledger, names
             )
         await observer.observe_once()
         assert gauge(metrics.QUARANTINED) == 2
-    finally:
-        await observer.redis.aclose()
-        await pool.close()
+    await observer.observe_once()  # closed: the audit database reads as down
+    assert gauge(metrics.POSTGRES_UP) == 0
+    await observer.redis.aclose()
