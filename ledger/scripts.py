@@ -20,23 +20,19 @@ def _load(name: str) -> Script:
     return Script(name, source, hashlib.sha1(source.encode()).hexdigest())
 
 
-SUBMIT = _load("submit")
-DELIVER = _load("deliver")
-TRANSITION = _load("transition")
-VERDICTS = _load("verdicts")
-PRESENCE = _load("presence")
-PRESENCE_REFRESH = _load("presence_refresh")
-RATELIMIT = _load("ratelimit")
-SWEEP = _load("sweep")
-TRIM = _load("trim")
-ALL = (
-    SUBMIT,
-    DELIVER,
-    TRANSITION,
-    VERDICTS,
-    PRESENCE,
-    PRESENCE_REFRESH,
-    RATELIMIT,
-    SWEEP,
-    TRIM,
+# Every script of ledger/lua/ but the prelude, in the order they are loaded into Redis.
+ALL = tuple(
+    _load(name)
+    for name in (
+        "submit",
+        "deliver",
+        "transition",
+        "verdicts",
+        "presence",
+        "presence_refresh",
+        "ratelimit",
+        "sweep",
+        "trim",
+    )
 )
+SUBMIT, DELIVER, TRANSITION, VERDICTS, PRESENCE, PRESENCE_REFRESH, RATELIMIT, SWEEP, TRIM = ALL
