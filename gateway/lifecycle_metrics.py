@@ -17,6 +17,7 @@ from typing import Any
 from config.tracing import enabled as tracing_enabled
 from config.tracing import trace_id
 from gateway import metrics
+from ledger import lifecycle
 from schemas.errors import ErrorCode
 from schemas.events import (
     Delivered,
@@ -34,17 +35,7 @@ from schemas.events import (
 TRANSITION_LOGGER = "dispatch.transition"
 log = logging.getLogger(TRANSITION_LOGGER)
 
-FINAL = frozenset(
-    {
-        Status.EXECUTED,
-        Status.FAILED,
-        Status.REJECTED,
-        Status.TIMED_OUT,
-        Status.EXPIRED,
-        Status.CANCELLED,
-        Status.LOST,
-    }
-)
+FINAL = lifecycle.TERMINAL  # every status a command ends in, verdicts included
 KNOWN_CODES = frozenset(code.value for code in ErrorCode)
 
 
