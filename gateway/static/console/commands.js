@@ -1,9 +1,8 @@
 // One row per command with its current status and timeline; cancel; active overrides;
 // re-sync after a reload.
-import { FINAL, answered, errorWords, isSuperseded } from "../client/index.js";
+import { FINAL, errorWords, isSuperseded } from "../client/index.js";
 import { SENT_KEY, HISTORY_ROWS, state } from "./state.js";
 import { el, replaceKeepingFocus, announce, age, clock, showValue, $ } from "./dom.js";
-import { validate } from "./form.js";
 import { loadHistory } from "./history.js";
 
 export function upsertRow(id, patch) {
@@ -30,10 +29,6 @@ export function onStatus(update) {
   renderRows();
   if (row.mine && handle?.current === update) {
     announce(`${describe(row)}: ${statusWords(update)}`);
-  }
-  if (state.inFlight === id && answered(update.status)) {
-    state.inFlight = null;
-    validate();
   }
 }
 
