@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # The TypeScript client (client/): install its npm packages when they are missing or older
-# than package-lock.json, and
-# type-check the sources (tsc --noEmit). That the committed bundle
-# (gateway/static/client/index.js) was built from these sources is tests/client's check.
-# `make demo` needs none of this: the gateway serves the committed bundle.
+# than package-lock.json, and type-check the sources (tsc --noEmit). That the committed
+# bundle (gateway/static/client/index.js) was built from these sources is tests/client's
+# check. `make demo` needs none of this: the gateway serves the committed bundle.
 set -euo pipefail
 cd "$(dirname "$0")/../client"
 if ! command -v npm >/dev/null; then
