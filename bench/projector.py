@@ -40,6 +40,9 @@ from projections.schema import Roles
 from projections.worker import Database, Projector, ProjectorConfig
 
 ACK_TIMEOUT_MS = 3_600_000  # commands left routed must not time out during the run
+# As many edges as the throughput bench's fleet: 8 would fill at most 8 of the 16
+# partitions, and the processes' shares of the work would depend on which they took.
+FLEET = tuple(loadgen.edges(100))
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,7 @@ async def backlog(b: Bench, commands: int) -> AsyncIterator[tuple[Ledger, int]]:
     ledger = _ledger(b, redis)
     await ledger.start()
     try:
-        await loadgen.generate(ledger, range(commands), offline=1)
+        await loadgen.generate(ledger, range(commands), edge_ids=FLEET, offline=1)
         yield ledger, await _events(ledger)
     finally:
         await ledger.close()

@@ -36,7 +36,8 @@ COMPARED = {
         "command_id, edge_id, command_type, device_id, channel, value, unit, priority,"
         " duration_sec, expiry_sec, client_timestamp, source, actor, grant_basis, status, final,"
         " error_code, error_message, late, deliveries, issued_at, routed_at, delivered_at,"
-        " finished_at, executed_at, expires_at, route_ms, deliver_ms, execute_ms, total_ms, state"
+        " finished_at, executed_at, expires_at, route_ms, deliver_ms, execute_ms, total_ms,"
+        " state::jsonb"  # `json` has no equality; as jsonb, compared as before
     ),
     "chains": "chain, seq, hash",
     "positions": "stream, entry_id",

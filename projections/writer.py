@@ -76,17 +76,26 @@ def entry_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def chain_of(event: Event, refusals: bool) -> str:
+def chain_of(edge_id: str, refusals: bool) -> str:
     """An edge's events form one chain; gateway refusals (any or no edge) form another."""
-    return REFUSALS_CHAIN if refusals else pg_text(event.edge_id)
+    return REFUSALS_CHAIN if refusals else pg_text(edge_id)
 
 
 def link_hash(
     prev: str, chain: str, seq: int, *, stream: str, entry_id: str, payload: bytes
 ) -> str:
     """The hash of one chain link: the previous hash, the event's place and its bytes."""
-    head = f"{prev}\n{chain}\n{seq}\n{stream}\n{entry_id}\n".encode()
-    return hashlib.sha256(head + payload).hexdigest()
+    digest = hashlib.sha256(f"{prev}\n{chain}\n{seq}\n{stream}\n{entry_id}\n".encode())
+    digest.update(payload)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _chain_in(edge_id: str, refusals: bool, stream: str) -> tuple[str, bool]:
+    """The chain of an event of `edge_id` read from `stream`, and whether the chain and
+    the stream need no COPY escape (a few edges, thousands of events per batch)."""
+    chain = chain_of(edge_id, refusals)
+    return chain, copy_text.clean(chain, stream)
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +264,7 @@ class Writer:
     async def _store_events(self, stream: str, batch: list[Entry], refusals: bool) -> list[Entry]:
         """COPY the batch, extending each chain; returns the entries actually stored."""
         conn, s = self.conn, self.schema
-        chains = sorted({chain_of(e.event, refusals) for e in batch})
+        chains = sorted({_chain_in(e.event.edge_id, refusals, stream)[0] for e in batch})
         cur = await conn.execute(
             _q("SELECT chain, seq, hash FROM {s}.chains WHERE chain = ANY(%s) FOR UPDATE", s),
             (chains,),
@@ -321,7 +330,9 @@ class Writer:
             (ids,),
         )
         states: dict[str, lifecycle.CommandState] = {}
+        stored_ids: set[str] = set()
         for command_id, stored, deliveries in await cur.fetchall():
+            stored_ids.add(command_id)
             folded = lifecycle.replay(STATE_DECODER.decode(stored).values())
             if folded is not None:
                 # `firsts` keeps one event per status: the redelivery count lives apart.
@@ -337,11 +348,38 @@ class Writer:
                 command_id=ev.command_id, edge_id=ev.edge_id
             )
             states[key] = lifecycle.fold(state, ev)
-        rows = [_command_line(st) for st in states.values() if st.status is not None]
+        fresh: list[str] = []
+        known: list[str] = []
+        for key, st in states.items():
+            if st.status is not None:
+                (known if key in stored_ids else fresh).append(_command_line(st))
+        if fresh and not await self._insert_commands("".join(fresh)):
+            known += fresh
+        if known:
+            await self._upsert_commands("".join(known))
+
+    async def _insert_commands(self, rows: str) -> bool:
+        """COPY rows of commands not stored yet straight into the table (no staging, no
+        conflict check); False, with nothing written, when one is stored after all."""
+        try:
+            async with (
+                self.conn.transaction(),
+                self.conn.cursor().copy(
+                    _q("COPY {s}.commands (" + COMMAND_FIELDS + ") FROM STDIN", self.schema)
+                ) as copy,
+            ):
+                await copy.write(rows.encode())
+        except UniqueViolation:
+            log.warning("projector.commands.already_stored; upserting the batch's new ones")
+            return False
+        return True
+
+    async def _upsert_commands(self, rows: str) -> None:
+        conn, s = self.conn, self.schema
         async with conn.cursor().copy(
             "COPY incoming_commands (" + COMMAND_FIELDS + ") FROM STDIN"
         ) as copy:
-            await copy.write("".join(rows).encode())
+            await copy.write(rows.encode())
         await conn.execute(
             _q(
                 "INSERT INTO {s}.commands ("
@@ -377,7 +415,7 @@ def _unique(entries: list[Entry]) -> list[Entry]:
 def _event_line(e: Entry, refusals: bool, links: dict[str, tuple[int, str]]) -> str:
     """One `events` row (EVENT_FIELDS order) in COPY text, extending its chain in `links`."""
     ev = e.event
-    chain = chain_of(ev, refusals)
+    chain, clean = _chain_in(ev.edge_id, refusals, e.stream)
     seq, prev = links.get(chain, (0, GENESIS))
     seq += 1
     digest = link_hash(prev, chain, seq, stream=e.stream, entry_id=e.entry_id, payload=e.raw)
@@ -391,7 +429,7 @@ def _event_line(e: Entry, refusals: bool, links: dict[str, tuple[int, str]]) -> 
         ev.actor,
         e.stream,
     )
-    if b"\\" in e.raw or not copy_text.clean(chain, stream):
+    if b"\\" in e.raw or not clean:
         # Rare: the event's JSON escapes something (a control character, NUL, backslash,
         # quote...); without an escape in it none of its texts needs one in COPY either.
         event_id, chain_text, command_id, edge_id, actor, stream = (

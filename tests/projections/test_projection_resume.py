@@ -13,13 +13,14 @@ from projection_support import at_port, log_ids, pg, positions, roles, scalar, w
 from redis.asyncio import Redis
 
 from config.settings import Settings
+from ledger import lifecycle
 from ledger.store import Ledger
 from projections import loadgen
 from projections.logs import LogReader, decode
 from projections.schema import migrate
 from projections.verify import verify
 from projections.worker import Database, Projector, ProjectorConfig
-from projections.writer import Writer
+from projections.writer import Writer, _command_line
 
 from support import Processes, free_port
 
@@ -128,6 +129,41 @@ async def test_an_event_id_repeated_in_the_log_is_stored_once(
             await scalar(writer.conn, "SELECT count(*) FROM {s}.events", schema=settings.namespace)
             == total - 2
         )
+        assert (await verify(writer.conn, settings.namespace, commands=True)).ok
+    finally:
+        await writer.conn.close()
+
+
+async def test_a_new_command_row_stored_meanwhile_is_not_copied_over(
+    ledger: Ledger, settings: Settings
+) -> None:
+    """New commands are COPYed straight into the table; should one be stored after all
+    (by another writer, between the batch's lookup and its COPY), the COPY writes nothing
+    and says so, and the stored row stays as it was."""
+    await loadgen.generate(ledger, range(16))
+    writer = await writer_for(settings)
+    try:
+        stream, rows = await log_entries(ledger, await busiest_partition(ledger))
+        entries, _, _ = decode(stream, rows)
+        await writer.catch_up(stream, LogReader(ledger.redis).fetch)
+        first = entries[0].event
+        partial = lifecycle.replay([first])  # what a stale writer would hold: `issued` only
+        assert partial is not None
+        before = await scalar(
+            writer.conn,
+            "SELECT status FROM {s}.commands WHERE command_id = %s",
+            first.command_id,
+            schema=settings.namespace,
+        )
+        async with writer.conn.transaction():
+            assert not await writer._insert_commands(_command_line(partial))
+        after = await scalar(
+            writer.conn,
+            "SELECT status FROM {s}.commands WHERE command_id = %s",
+            first.command_id,
+            schema=settings.namespace,
+        )
+        assert before == after != "issued"
         assert (await verify(writer.conn, settings.namespace, commands=True)).ok
     finally:
         await writer.conn.close()
