@@ -352,6 +352,22 @@ MIGRATIONS.append([LEDGER_GAPS_TABLE])
 # on every upsert (a quarter of PostgreSQL's CPU per projected event).
 MIGRATIONS.append(["ALTER TABLE {s}.commands ALTER COLUMN state TYPE json USING state::json"])
 
+# The indexed texts in byte order (COLLATE "C"): under the database's default collation
+# (C.UTF-8 is not "C" to PostgreSQL 15) every index comparison went through strcoll.
+# Identifiers are ASCII and UTF-8 byte order is code point order, so every ORDER BY
+# reads the same. Index-only: the rows are not rewritten.
+_BYTE_ORDER = {
+    "events": ("event_id", "command_id", "chain"),
+    "commands": ("command_id", "edge_id", "source", "actor", "status", "command_type"),
+}
+MIGRATIONS.append(
+    [
+        f"ALTER TABLE {{s}}.{table} "
+        + ", ".join(f'ALTER COLUMN {c} TYPE text COLLATE "C"' for c in columns)
+        for table, columns in _BYTE_ORDER.items()
+    ]
+)
+
 
 def _q(statement: str, schema: str) -> sql.Composed:
     return sql.SQL(statement).format(s=sql.Identifier(schema))

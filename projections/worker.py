@@ -55,6 +55,7 @@ RETRY_MAX_S = 10.0
 class ProjectorConfig:
     batch: int = 2000  # per stream and transaction; only a backlog fills a batch
     block_ms: int = 500
+    linger_s: float = 0.1
     verdict_interval_s: float = 0.1
     rebalance_interval_s: float = 2.0
     retention_days: int = schema.DEFAULT_RETENTION_DAYS
@@ -288,6 +289,10 @@ class Projector:
                     # another holder, or a swapped-in rebuild that is behind).
                     quiet_check[stream] = now + self.config.rebalance_interval_s
                     await self._catch_up(writer, redis, reader, stream)
+            read = sum(len(rows) for _, rows in stream_rows(reply))
+            if 0 < read < self.config.batch // 4 and self.config.linger_s:
+                # A trickle: let more gather, so each transaction carries more events.
+                await asyncio.sleep(self.config.linger_s)
 
     async def _read(self, redis: Any, streams: list[str]) -> list[Any]:
         """New entries of `streams`: one blocking read, or per stream on a Redis Cluster
