@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import uvloop
 
+from bench import cpu
 from bench.harness import Bench, bench, command, connect, load_parser, percentile, raise_fd_limit
 
 
@@ -83,6 +86,19 @@ async def run_dashboard(
 async def measure(
     b: Bench, port: int, edges: int, dashboards: int, window: int, seconds: float, run: str = ""
 ) -> tuple[float, list[float]]:
+    rate, latencies, _ = await measure_cpu(b, port, (edges, dashboards, window, seconds), run)
+    return rate, latencies
+
+
+async def measure_cpu(
+    b: Bench,
+    port: int,
+    shape: tuple[int, int, int, float],
+    run: str = "",
+    roles: cpu.Roles | None = None,
+) -> tuple[float, list[float], dict[str, float]]:
+    """(commands/s, latencies, CPU seconds per role over the measured window)."""
+    edges, dashboards, window, seconds = shape
     names = [f"edge{i:05d}" for i in range(edges)]
     b.enroll(names)
     stop, measuring = asyncio.Event(), asyncio.Event()
@@ -111,14 +127,19 @@ async def measure(
         for i, group in enumerate(groups)
     ]
     await asyncio.sleep(2.0)  # warm up
+    before = roles.snapshot() if roles is not None else {}
     measuring.set()
     started = time.perf_counter()
     await asyncio.sleep(seconds)
     measuring.clear()
     elapsed = time.perf_counter() - started
+    used = cpu.spent(before, roles.snapshot()) if roles is not None else {}
     stop.set()
     await asyncio.gather(*dash_tasks, *edge_tasks, return_exceptions=True)
-    return len(done) / elapsed, latencies
+    return len(done) / elapsed, latencies, used
+
+
+TARGET = 0.40  # issue 9: saturated full lifecycles >= 40 % of the relay
 
 
 def main(argv: list[str]) -> int:
@@ -127,35 +148,55 @@ def main(argv: list[str]) -> int:
     args, _ = parser.parse_known_args(argv)
     raise_fd_limit()
     shape = (args.edges, args.dashboards, args.window, args.seconds)
-    results: dict[str, tuple[float, list[float], list[float]]] = {}
+    results: dict[str, Result] = {}
+    me = os.getpid()
     with bench() as b:
+        servers = {"Redis": [pid]} if (pid := cpu.redis_pid(b.redis_url)) else {}
         # The bare relay first, then the gateway with 1 and 2 workers: same load
         # generator, same machine, same run; each figure is also a ratio to the relay.
         relay, port = b.relay()
-        results["relay"] = _run(b, port, shape, args.light_commands, "r")
+        roles = cpu.Roles({"relay": [relay.pid]}, {"load generator": me}, {})
+        results["relay"] = _run(b, port, shape, args.light_commands, "r", roles)
         b.stop(relay)
-        b.dispatch("projector", "projector")
+        projector = b.dispatch("projector", "projector")
         for workers in (1, 2):
             gw, port = b.gateway(workers)
+            roles = cpu.Roles(
+                {"gateway": [gw.pid], **servers, "projector": [projector.pid]},
+                {"load generator": me},
+                {"PostgreSQL": cpu.POSTGRES},
+            )
             results[f"gateway_{workers}w"] = _run(
-                b, port, shape, args.light_commands, f"g{workers}"
+                b, port, shape, args.light_commands, f"g{workers}", roles
             )
             b.stop(gw)
-    rate0, _, light0 = results["relay"]
+    relay_result = results["relay"]
+    rate0, light0 = relay_result.rate, relay_result.light
     p50_0, p99_0 = percentile(light0, 50), percentile(light0, 99)
     print(
         f"relay_baseline: {rate0:.0f} commands/s saturated; light load p50 {p50_0:.2f} ms, "
         f"p99 {p99_0:.2f} ms (bare in-memory relay, same stack; {args.edges} scripted edges, "
         f"{args.dashboards} dashboards x {args.window} in flight, {args.seconds:.0f} s)"
     )
-    for name, (rate, loaded, light) in results.items():
+    print(f"saturated_cpu_relay: per command {relay_result.cpu_line()}")
+    cores = os.cpu_count() or 1
+    budget_us = cores / (TARGET * rate0) * 1e6
+    for name, result in results.items():
         if name == "relay":
             continue
+        rate, loaded, light = result.rate, result.loaded, result.light
         p50, p99 = percentile(light, 50), percentile(light, 99)
         print(
             f"saturated_throughput_{name}: {rate:.0f} commands/s ({rate / rate0:.0%} of the relay; "
             f"full lifecycles issued..executed, 1 projector; loaded p50 "
             f"{percentile(loaded, 50):.1f} ms, p99 {percentile(loaded, 99):.1f} ms)"
+        )
+        others = sum(v for role, v in result.cpu.items() if role != "gateway")
+        print(
+            f"saturated_cpu_{name}: per command {result.cpu_line()} ({TARGET:.0%} of the relay"
+            f" is {TARGET * rate0:.0f}/s: {budget_us:.0f} µs per command on {cores} cores for"
+            f" everything; all but the gateway take {others / max(result.commands, 1) * 1e6:.0f}"
+            " µs)"
         )
         print(
             f"light_load_scripted_edge_{name}: p50 {p50:.2f} ms ({p50 / p50_0:.1f}x the relay), "
@@ -164,17 +205,37 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Result:
+    rate: float  # saturated commands/s
+    loaded: list[float]  # latencies under that load (ms)
+    light: list[float]  # light-load latencies (ms)
+    cpu: dict[str, float]  # CPU seconds per role over the saturated window
+    seconds: float
+
+    @property
+    def commands(self) -> int:
+        return round(self.rate * self.seconds)
+
+    def cpu_line(self) -> str:
+        return cpu.per_command(self.cpu, max(self.commands, 1), self.seconds)
+
+
 def _run(
-    b: Bench, port: int, shape: tuple[int, int, int, float], light_commands: int, run: str
-) -> tuple[float, list[float], list[float]]:
-    """(saturated commands/s, latencies under load, light-load latencies) on `port`.
+    b: Bench,
+    port: int,
+    shape: tuple[int, int, int, float],
+    light_commands: int,
+    run: str,
+    roles: cpu.Roles,
+) -> Result:
+    """The saturated rate, its latencies and CPU, and the light-load latencies on `port`.
 
     Light load first, once the projector has caught up with any earlier run: a light
     figure taken while it stores the saturated run's events measured that instead.
     """
-    edges, dashboards, window, seconds = shape
     b.wait_projected()
     light_seconds = max(2.0, light_commands / 500)
     _, light = uvloop.run(measure(b, port, 1, 1, 1, light_seconds, run + "l"))
-    rate, loaded = uvloop.run(measure(b, port, edges, dashboards, window, seconds, run))
-    return rate, loaded, light
+    rate, loaded, used = uvloop.run(measure_cpu(b, port, shape, run, roles))
+    return Result(rate, loaded, light, used, shape[3])

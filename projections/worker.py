@@ -289,9 +289,10 @@ class Projector:
                     # another holder, or a swapped-in rebuild that is behind).
                     quiet_check[stream] = now + self.config.rebalance_interval_s
                     await self._catch_up(writer, redis, reader, stream)
-            read = sum(len(rows) for _, rows in stream_rows(reply))
-            if 0 < read < self.config.batch // 4 and self.config.linger_s:
-                # A trickle: let more gather, so each transaction carries more events.
+            largest = max((len(rows) for _, rows in stream_rows(reply)), default=0)
+            if 0 < largest < self.config.batch // 4 and self.config.linger_s:
+                # A trickle on every stream: let more gather, so that each stream's
+                # transaction carries more events (most of its cost is per transaction).
                 await asyncio.sleep(self.config.linger_s)
 
     async def _read(self, redis: Any, streams: list[str]) -> list[Any]:
