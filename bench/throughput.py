@@ -11,7 +11,7 @@ import asyncio
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import uvloop
@@ -20,7 +20,11 @@ from bench import cpu
 from bench.harness import Bench, bench, command, connect, load_parser, percentile, raise_fd_limit
 
 
-async def run_edge(url: str, token: str, stop: asyncio.Event) -> None:
+async def run_edge(
+    url: str, token: str, stop: asyncio.Event, seen: dict[str, float] | None = None
+) -> None:
+    """A scripted edge: accepts and executes every command at once; `seen`: when each
+    command arrived."""
     async with connect(url, token) as ws:
         while not stop.is_set():
             try:
@@ -31,6 +35,8 @@ async def run_edge(url: str, token: str, stop: asyncio.Event) -> None:
             if "command_id" not in msg or msg.get("type"):
                 continue
             cid = msg["command_id"]
+            if seen is not None:
+                seen[cid] = time.perf_counter()
             await ws.send(json.dumps({"command_id": cid, "status": "accepted"}))
             await ws.send(
                 json.dumps(
@@ -49,6 +55,7 @@ async def run_dashboard(
     latencies: list[float],
     measuring: asyncio.Event,
     prefix: str,
+    steps: Steps | None = None,
 ) -> None:
     sent: dict[str, float] = {}
     counter = 0
@@ -71,7 +78,9 @@ async def run_dashboard(
                 continue
             msg: dict[str, Any] = json.loads(raw)
             status = msg.get("status")
-            if status in ("executed", "failed", "rejected", "timed_out"):
+            if steps is not None and measuring.is_set() and status:
+                steps.note(msg.get("command_id") or "", status, sent)
+            if status in FINAL:
                 started = sent.pop(msg.get("command_id") or "", None)
                 if started is None:
                     continue
@@ -86,24 +95,61 @@ async def run_dashboard(
 async def measure(
     b: Bench, port: int, edges: int, dashboards: int, window: int, seconds: float, run: str = ""
 ) -> tuple[float, list[float]]:
-    rate, latencies, _ = await measure_cpu(b, port, (edges, dashboards, window, seconds), run)
-    return rate, latencies
+    window_ = await observe(b, port, (edges, dashboards, window, seconds), run)
+    return window_.rate, window_.latencies
 
 
-async def measure_cpu(
+FINAL = ("executed", "failed", "rejected", "timed_out")
+
+
+@dataclass
+class Steps:
+    """When each status reached the sender, and the command the edge, after the send."""
+
+    edge_seen: dict[str, float] = field(default_factory=dict)
+    at: dict[str, list[float]] = field(default_factory=dict)
+
+    def note(self, command_id: str, status: str, sent: dict[str, float]) -> None:
+        started = sent.get(command_id)
+        if started is None:
+            return
+        now = time.perf_counter()
+        self.at.setdefault(status, []).append((now - started) * 1000)
+        if status in FINAL and (seen := self.edge_seen.pop(command_id, None)):
+            self.at.setdefault("at the edge", []).append((seen - started) * 1000)
+
+    def line(self) -> str:
+        order = sorted(self.at, key=lambda s: percentile(self.at[s], 50))
+        return ", ".join(f"{s} {percentile(self.at[s], 50):.2f}" for s in order)
+
+
+@dataclass
+class Window:
+    """What one measured window gave."""
+
+    rate: float  # commands/s
+    latencies: list[float]  # send -> final status, ms
+    cpu: dict[str, float]  # CPU seconds per role
+    steps: Steps
+
+
+async def observe(
     b: Bench,
     port: int,
     shape: tuple[int, int, int, float],
     run: str = "",
     roles: cpu.Roles | None = None,
-) -> tuple[float, list[float], dict[str, float]]:
-    """(commands/s, latencies, CPU seconds per role over the measured window)."""
+) -> Window:
+    """Drive `shape` (edges, dashboards, window, seconds) and measure one window."""
     edges, dashboards, window, seconds = shape
+    steps = Steps()
     names = [f"edge{i:05d}" for i in range(edges)]
     b.enroll(names)
     stop, measuring = asyncio.Event(), asyncio.Event()
     edge_tasks = [
-        asyncio.create_task(run_edge(f"ws://127.0.0.1:{port}/ws/edge/{n}", b.edge_token(n), stop))
+        asyncio.create_task(
+            run_edge(f"ws://127.0.0.1:{port}/ws/edge/{n}", b.edge_token(n), stop, steps.edge_seen)
+        )
         for n in names
     ]
     await asyncio.sleep(1.0)
@@ -122,6 +168,7 @@ async def measure_cpu(
                 latencies,
                 measuring,
                 f"{run}d{i}",
+                steps,
             )
         )
         for i, group in enumerate(groups)
@@ -136,7 +183,7 @@ async def measure_cpu(
     used = cpu.spent(before, roles.snapshot()) if roles is not None else {}
     stop.set()
     await asyncio.gather(*dash_tasks, *edge_tasks, return_exceptions=True)
-    return len(done) / elapsed, latencies, used
+    return Window(len(done) / elapsed, latencies, used, steps)
 
 
 TARGET = 0.40  # issue 9: saturated full lifecycles >= 40 % of the relay
@@ -178,6 +225,7 @@ def main(argv: list[str]) -> int:
         f"p99 {p99_0:.2f} ms (bare in-memory relay, same stack; {args.edges} scripted edges, "
         f"{args.dashboards} dashboards x {args.window} in flight, {args.seconds:.0f} s)"
     )
+    print(f"light_load_steps_relay: p50 ms after the send: {relay_result.light_steps.line()}")
     print(f"saturated_cpu_relay: per command {relay_result.cpu_line()}")
     cores = os.cpu_count() or 1
     budget_us = cores / (TARGET * rate0) * 1e6
@@ -202,6 +250,7 @@ def main(argv: list[str]) -> int:
             f"light_load_scripted_edge_{name}: p50 {p50:.2f} ms ({p50 / p50_0:.1f}x the relay), "
             f"p99 {p99:.2f} ms ({p99 / p99_0:.1f}x) (send -> executed, one command in flight)"
         )
+        print(f"light_load_steps_{name}: p50 ms after the send: {result.light_steps.line()}")
     return 0
 
 
@@ -212,6 +261,7 @@ class Result:
     light: list[float]  # light-load latencies (ms)
     cpu: dict[str, float]  # CPU seconds per role over the saturated window
     seconds: float
+    light_steps: Steps
 
     @property
     def commands(self) -> int:
@@ -236,6 +286,6 @@ def _run(
     """
     b.wait_projected()
     light_seconds = max(2.0, light_commands / 500)
-    _, light = uvloop.run(measure(b, port, 1, 1, 1, light_seconds, run + "l"))
-    rate, loaded, used = uvloop.run(measure_cpu(b, port, shape, run, roles))
-    return Result(rate, loaded, light, used, shape[3])
+    light = uvloop.run(observe(b, port, (1, 1, 1, light_seconds), run + "l"))
+    loaded = uvloop.run(observe(b, port, shape, run, roles))
+    return Result(loaded.rate, loaded.latencies, light.latencies, loaded.cpu, shape[3], light.steps)
