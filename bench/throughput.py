@@ -16,7 +16,7 @@ from typing import Any
 
 import uvloop
 
-from bench import cpu
+from bench import _cpu as cpu
 from bench.harness import Bench, bench, command, connect, load_parser, percentile, raise_fd_limit
 
 
