@@ -57,6 +57,20 @@ def edge(gw: Gateway, edge_id: str = EDGE, token: str | None = None) -> Any:
     )
 
 
+async def until_offline(gw: Gateway, token: str, edge_id: str = EDGE) -> None:
+    """Until the gateway has closed the edge's session and cleared its presence: a client
+    that closed its socket is still routed to until then (the gateway notices the close
+    after the client has moved on)."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        _, _, listing = await asyncio.to_thread(http, "GET", f"{gw.http}/api/edges", token)
+        online = {e["edge_id"]: e["online"] for e in listing["edges"]}
+        if not online.get(edge_id, False):
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"{edge_id} still online: {online}"
+        await asyncio.sleep(0.02)
+
+
 async def run_edge(ws: Any, count: int) -> list[dict[str, Any]]:
     """A minimal edge: accept and execute `count` commands."""
     got: list[dict[str, Any]] = []
@@ -244,6 +258,7 @@ async def test_one_connection_is_pipelined_but_admitted_in_arrival_order(gateway
             await d.send(json.dumps(body))
         got = await run_edge(e, len(bodies))
         assert [m["command_id"] for m in got] == [b["command_id"] for b in bodies]
+    await until_offline(gateway, token)
     async with dashboard(gateway, token) as d:
         # Offline now: the last of the queued setpoints for one channel must win.
         queued = [command(edge_id=EDGE, channel="Same", value=v) for v in range(30)]
