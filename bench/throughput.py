@@ -95,8 +95,8 @@ async def run_dashboard(
 async def measure(
     b: Bench, port: int, edges: int, dashboards: int, window: int, seconds: float, run: str = ""
 ) -> tuple[float, list[float]]:
-    window_ = await observe(b, port, (edges, dashboards, window, seconds), run)
-    return window_.rate, window_.latencies
+    measured = await observe(b, port, (edges, dashboards, window, seconds), run)
+    return measured.rate, measured.latencies
 
 
 FINAL = ("executed", "failed", "rejected", "timed_out")
@@ -218,28 +218,32 @@ def main(argv: list[str]) -> int:
             )
             b.stop(gw)
     relay_result = results["relay"]
-    rate0, light0 = relay_result.rate, relay_result.light
+    rate0, light0 = relay_result.saturated.rate, relay_result.light.latencies
     p50_0, p99_0 = percentile(light0, 50), percentile(light0, 99)
     print(
         f"relay_baseline: {rate0:.0f} commands/s saturated; light load p50 {p50_0:.2f} ms, "
         f"p99 {p99_0:.2f} ms (bare in-memory relay, same stack; {args.edges} scripted edges, "
         f"{args.dashboards} dashboards x {args.window} in flight, {args.seconds:.0f} s)"
     )
-    print(f"light_load_steps_relay: p50 ms after the send: {relay_result.light_steps.line()}")
+    print(f"light_load_steps_relay: p50 ms after the send: {relay_result.light.steps.line()}")
     print(f"saturated_cpu_relay: per command {relay_result.cpu_line()}")
     cores = os.cpu_count() or 1
     budget_us = cores / (TARGET * rate0) * 1e6
     for name, result in results.items():
         if name == "relay":
             continue
-        rate, loaded, light = result.rate, result.loaded, result.light
+        rate, loaded, light = (
+            result.saturated.rate,
+            result.saturated.latencies,
+            result.light.latencies,
+        )
         p50, p99 = percentile(light, 50), percentile(light, 99)
         print(
             f"saturated_throughput_{name}: {rate:.0f} commands/s ({rate / rate0:.0%} of the relay; "
             f"full lifecycles issued..executed, 1 projector; loaded p50 "
             f"{percentile(loaded, 50):.1f} ms, p99 {percentile(loaded, 99):.1f} ms)"
         )
-        others = sum(v for role, v in result.cpu.items() if role != "gateway")
+        others = sum(v for role, v in result.saturated.cpu.items() if role != "gateway")
         print(
             f"saturated_cpu_{name}: per command {result.cpu_line()} ({TARGET:.0%} of the relay"
             f" is {TARGET * rate0:.0f}/s: {budget_us:.0f} µs per command on {cores} cores for"
@@ -250,25 +254,22 @@ def main(argv: list[str]) -> int:
             f"light_load_scripted_edge_{name}: p50 {p50:.2f} ms ({p50 / p50_0:.1f}x the relay), "
             f"p99 {p99:.2f} ms ({p99 / p99_0:.1f}x) (send -> executed, one command in flight)"
         )
-        print(f"light_load_steps_{name}: p50 ms after the send: {result.light_steps.line()}")
+        print(f"light_load_steps_{name}: p50 ms after the send: {result.light.steps.line()}")
     return 0
 
 
 @dataclass(frozen=True)
 class Result:
-    rate: float  # saturated commands/s
-    loaded: list[float]  # latencies under that load (ms)
-    light: list[float]  # light-load latencies (ms)
-    cpu: dict[str, float]  # CPU seconds per role over the saturated window
-    seconds: float
-    light_steps: Steps
+    saturated: Window
+    light: Window
+    seconds: float  # of the saturated window
 
     @property
     def commands(self) -> int:
-        return round(self.rate * self.seconds)
+        return round(self.saturated.rate * self.seconds)
 
     def cpu_line(self) -> str:
-        return cpu.per_command(self.cpu, max(self.commands, 1), self.seconds)
+        return cpu.per_command(self.saturated.cpu, max(self.commands, 1), self.seconds)
 
 
 def _run(
@@ -287,5 +288,5 @@ def _run(
     b.wait_projected()
     light_seconds = max(2.0, light_commands / 500)
     light = uvloop.run(observe(b, port, (1, 1, 1, light_seconds), run + "l"))
-    loaded = uvloop.run(observe(b, port, shape, run, roles))
-    return Result(loaded.rate, loaded.latencies, light.latencies, loaded.cpu, shape[3], light.steps)
+    saturated = uvloop.run(observe(b, port, shape, run, roles))
+    return Result(saturated, light, shape[3])

@@ -274,9 +274,11 @@ class Projector:
                     continue
                 raise
             seen: set[str] = set()
-            for stream_raw, rows in stream_rows(reply):
+            largest = 0  # the most entries one stream brought
+            for stream_raw, rows in reply:
                 if not rows:
                     continue
+                largest = max(largest, len(rows))
                 seen.add(stream_raw.decode())
                 await self._store(writer, redis, reader, stream_raw.decode(), rows)
             now = time.monotonic()
@@ -289,7 +291,6 @@ class Projector:
                     # another holder, or a swapped-in rebuild that is behind).
                     quiet_check[stream] = now + self.config.rebalance_interval_s
                     await self._catch_up(writer, redis, reader, stream)
-            largest = max((len(rows) for _, rows in stream_rows(reply)), default=0)
             if 0 < largest < self.config.batch // 4 and self.config.linger_s:
                 # A trickle on every stream: let more gather, so that each stream's
                 # transaction carries more events (most of its cost is per transaction).

@@ -76,11 +76,6 @@ def entry_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def chain_of(edge_id: str, refusals: bool) -> str:
-    """An edge's events form one chain; gateway refusals (any or no edge) form another."""
-    return REFUSALS_CHAIN if refusals else pg_text(edge_id)
-
-
 def link_hash(
     prev: str, chain: str, seq: int, *, stream: str, entry_id: str, payload: bytes
 ) -> str:
@@ -92,9 +87,10 @@ def link_hash(
 
 @functools.lru_cache(maxsize=4096)
 def _chain_in(edge_id: str, refusals: bool, stream: str) -> tuple[str, bool]:
-    """The chain of an event of `edge_id` read from `stream`, and whether the chain and
-    the stream need no COPY escape (a few edges, thousands of events per batch)."""
-    chain = chain_of(edge_id, refusals)
+    """The chain of an event of `edge_id` read from `stream` (an edge's events form one
+    chain; gateway refusals, of any or no edge, another), and whether the chain and the
+    stream need no COPY escape. Cached: a few edges, thousands of events per batch."""
+    chain = REFUSALS_CHAIN if refusals else pg_text(edge_id)
     return chain, copy_text.clean(chain, stream)
 
 
