@@ -24,6 +24,7 @@ from ledger.records import TransitionResult
 from ledger.store import transition_result
 from schemas.commands import Ack
 from schemas.errors import ErrorCode, ErrorObject, error
+from schemas.events import Event
 from schemas.messages import EdgeNotice
 
 log = logging.getLogger("gateway.edges")
@@ -101,6 +102,7 @@ class _Acks:
         self.limit = limit
         self.wait_s = state.settings.ledger_wait_s
         self.pending: set[asyncio.Future[Any]] = set()
+        self.log = state.ledger.log_of(session.edge_id)
 
     async def room(self) -> None:
         while len(self.pending) >= self.limit:
@@ -131,13 +133,13 @@ class _Acks:
             else None
         )
         try:
-            pending = self.state.ledger.acknowledge_now(session.edge_id, ack)
+            event, pending = self.state.ledger.acknowledge_now(session.edge_id, ack)
         except Exception as exc:  # the ledger is not running: the edge keeps the ack
             self._unrecorded(ack, exc)
             return
         timer = asyncio.get_running_loop().call_later(self.wait_s, self._too_slow, pending, ack)
         self.pending.add(pending)
-        pending.add_done_callback(functools.partial(self._answered, ack, timer, trace))
+        pending.add_done_callback(functools.partial(self._answered, ack, event, timer, trace))
 
     def _too_slow(self, pending: asyncio.Future[Any], ack: Ack) -> None:
         if not pending.done():
@@ -147,6 +149,7 @@ class _Acks:
     def _answered(
         self,
         ack: Ack,
+        event: Event,
         timer: asyncio.TimerHandle,
         trace: tuple[int, str | None] | None,
         pending: asyncio.Future[Any],
@@ -165,6 +168,8 @@ class _Acks:
             if trace is not None:
                 tracing.record("dispatch.ack", trace[1], start_ns=trace[0], status=ack.status)
             session.acknowledges = True  # from now on its acks pace its deliveries
+            # The sender and viewers hear it now, not when the tail brings it.
+            self.state.hub.pass_on(result.appended(self.log, event))
             self.state.hub.settled(session, ack.command_id)
             session.outbox.put(_encode(_notice(session.edge_id, ack, result)).decode())
         except Exception as exc:  # a bug here must still answer the edge

@@ -22,6 +22,7 @@ import msgspec
 
 from config import tracing
 from gateway import metrics
+from gateway.direct import DirectAnswers
 from gateway.expiries import Expiries
 from gateway.follows import Follows
 from gateway.grants import GrantCache
@@ -31,7 +32,7 @@ from gateway.revocations import Revocations
 from gateway.sessions import CloseCode, DashboardSession, EdgeSession, Outbox
 from ledger import lifecycle
 from ledger.connection import AnyRedis, is_cluster
-from ledger.records import EVENT_DECODER, Delivery
+from ledger.records import EVENT_DECODER, Appended, Delivery
 from ledger.store import Ledger
 from ledger.tail import StreamTail
 from schemas.errors import ErrorCode, error
@@ -43,6 +44,8 @@ log = logging.getLogger("gateway.hub")
 _IN_FLIGHT = frozenset({Status.ISSUED, Status.AUTHORIZED, Status.QUEUED, Status.ROUTED})
 _encode = msgspec.json.Encoder().encode
 TICK_S = 0.25  # housekeeping: credentials end and grant changes apply within this
+_FROM_REPLY = metrics.STATUS_FRAMES.labels("reply")
+_FROM_TAIL = metrics.STATUS_FRAMES.labels("tail")
 
 
 def status_update(event: Event) -> StatusUpdate:
@@ -81,6 +84,8 @@ class Hub:
         self._watch_all: set[DashboardSession] = set()
         # Senders and subscribers of each command, answered whatever their views.
         self.follows = Follows(follow_limit)
+        # Statuses sent from script replies ahead of the tail, kept in log order.
+        self.direct = DirectAnswers()
         self.edge_inflight = edge_inflight
         self._tail_redis = tail_redis
         self.lifecycle: LifecycleMetrics | None = None  # set by the app (gateway/app.py)
@@ -367,16 +372,21 @@ class Hub:
 
     async def _follow(self, tail: StreamTail) -> None:
         async for batch in tail:
-            for stream, _entry_id, fields in batch:
+            # The replies of this gateway's scripts that appended these events arrive
+            # with them: let their callers go first, so they answer from the reply and
+            # the tail only skips what they sent (gateway/direct.py).
+            await self.ledger.batcher.answered()
+            for stream, entry_id, fields in batch:
                 try:
                     if stream in self._logs:
-                        self._on_event(EVENT_DECODER.decode(fields[b"e"]))
+                        event = EVENT_DECODER.decode(fields[b"e"])
+                        self._on_event(stream, entry_id.decode(), event)
                     else:
                         self._on_wake(fields)
                 except Exception:
                     log.exception("gateway.tail.bad_entry stream=%s", stream)
 
-    def _on_event(self, event: Event) -> None:
+    def _on_event(self, stream: str, entry_id: str, event: Event) -> None:
         if self.lifecycle is not None:
             self.lifecycle.observe(event)
         if isinstance(event, Routed) and event.gateway == self.gateway_id:
@@ -384,12 +394,34 @@ class Hub:
                 self._handed.discard(event.command_id)  # already sent by deliver_behind
             else:
                 self.want_delivery(event.edge_id)
+        status = status_of(event)
+        sent = self.direct.reached(
+            stream, event.command_id, entry_id, terminal=status in lifecycle.TERMINAL
+        )
         if isinstance(event, Rejected) and event.stage == "gateway":
             return  # answered to the submitter directly
-        status = status_of(event)
         if status not in _IN_FLIGHT and (edge := self.edges.get(event.edge_id)) is not None:
             self.settled(edge, event.command_id)  # e.g. timed out: free its place
         metrics.EVENTS.labels(status.value).inc()
+        if not sent:  # not passed on from a reply already
+            _FROM_TAIL.inc()
+            self._fan_out(event, status)
+
+    def admitted(self, appended: Appended) -> None:
+        """An admission's statuses: sent right after the edge's delivery that rode in the
+        same pipeline (`deliver_behind`), which is what the sender waits for."""
+        asyncio.get_running_loop().call_soon(self.pass_on, appended)
+
+    def pass_on(self, appended: Appended | None) -> None:
+        """Send the statuses of events this gateway just appended, if their turn has come
+        (gateway/direct.py); otherwise the tail sends them."""
+        if appended is not None and self.direct.take(appended):
+            _FROM_REPLY.inc(len(appended.events))
+            for _, event in appended.events:
+                self._fan_out(event, status_of(event))
+
+    def _fan_out(self, event: Event, status: Status) -> None:
+        """One status frame to the edge's viewers and the command's followers."""
         frame = _encode(status_update(event)).decode()
         viewers = self.broadcast(event.edge_id, frame)
         for dash in self.follows.of(event.command_id):

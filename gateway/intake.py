@@ -25,7 +25,7 @@ from gateway.revocations import Revocations
 from ledger.errors import LedgerUnavailable
 from ledger.keys import SAFE_ID
 from ledger.ordering import Turn
-from ledger.records import SubmitOutcome
+from ledger.records import Appended, SubmitOutcome
 from ledger.store import Ledger
 from schemas.commands import Command
 from schemas.errors import ErrorCode, ErrorObject, error
@@ -103,6 +103,8 @@ class Intake:
     limiter: RateLimiter | None = None
     revocations: Revocations | None = None
     ledger_wait_s: float = 2.0
+    # Called with an admission's events as soon as Redis answers (the hub sends them).
+    admitted: Callable[[Appended], None] | None = None
     # Enrollment is never withdrawn while a gateway runs: remember positive answers.
     _enrolled: set[str] = field(default_factory=set, init=False)
 
@@ -234,6 +236,8 @@ class Intake:
                 turn=turn,
                 then=then,
             )
+        if self.admitted is not None and result.appended is not None:
+            self.admitted(result.appended)
         metrics.SUBMIT_SECONDS.observe(time.perf_counter() - started)
         if result.outcome is SubmitOutcome.DUPLICATE:
             return await self.reject(

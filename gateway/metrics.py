@@ -21,6 +21,13 @@ REJECTIONS = declare.counter("dispatch_rejections_total", "Refused inputs by err
 EVENTS = declare.counter(
     "dispatch_events_total", "Lifecycle events seen on the ledger, by status", "status"
 )
+STATUS_FRAMES = declare.counter(
+    "dispatch_status_frames_total",
+    "Lifecycle statuses sent to dashboards, by path: `reply` (from this gateway's own "
+    "script reply, ahead of the tail) or `tail` (events of other processes, or a reply "
+    "whose command had an earlier status still on its way)",
+    "path",
+)
 TAIL_AGE = declare.gauge(
     "dispatch_ledger_tail_age_seconds",
     "Seconds since this gateway's ledger tail last read Redis (at least once a second when well)",

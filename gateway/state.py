@@ -81,6 +81,7 @@ class GatewayState:
             limiter=limiter,
             revocations=revocations,
             ledger_wait_s=settings.ledger_wait_s,
+            admitted=hub.admitted,
         )
         auth = auth_from(settings)
         if auth.jwks is not None:

@@ -37,6 +37,7 @@ class _Lane:
     def __init__(self) -> None:
         self.pending: list[tuple[Call, asyncio.Future[Any]]] = []
         self.wakeup = asyncio.Event()
+        self.flushing: asyncio.Future[None] | None = None  # done once its replies are out
 
 
 class Batcher:
@@ -118,7 +119,23 @@ class Batcher:
             # the wait) must not have its call run later behind its back: drop it.
             batch = [item for item in batch if not item[1].done()]
             if batch:
-                await self._flush(batch)
+                lane.flushing = asyncio.get_running_loop().create_future()
+                try:
+                    await self._flush(batch)
+                finally:
+                    lane.flushing.set_result(None)
+                    lane.flushing = None
+
+    async def answered(self, timeout_s: float = 0.1) -> None:
+        """Until the pipelines out now have answered their callers (at once if none is),
+        at most `timeout_s` (Redis may be slow to answer, or not at all).
+
+        Their callers' continuations are scheduled before this returns, so a task that
+        awaits this runs after them.
+        """
+        flushes = [lane.flushing for lane in self._lanes if lane.flushing is not None]
+        if flushes:
+            await asyncio.wait(flushes, timeout=timeout_s)
 
     async def _flush(self, batch: list[tuple[Call, asyncio.Future[Any]]]) -> None:
         try:

@@ -29,10 +29,26 @@ class SubmitOutcome(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Appended:
+    """Events one script appended for one command, as stored, with their log entry ids.
+
+    `after` is the command's log entry before them ('' for a new command): whoever has
+    passed on every status up to `after` may pass these on before the log tail brings
+    them (gateway/direct.py).
+    """
+
+    stream: str  # the partition log holding them
+    command_id: str
+    after: str
+    events: tuple[tuple[str, Event], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SubmitResult:
     outcome: SubmitOutcome
     status: str
     gateway: str = ""
+    appended: Appended | None = None  # an admission's issued, authorized, routed/queued
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +57,18 @@ class TransitionResult:
     previous: str  # status before the attempt ('' when the command is unknown)
     late: bool = False
     at_ms: int = 0
+    after: str = ""  # the command's log entry before this event ('' if unknown)
+    entry: str = ""  # this event's log entry id
+
+    def appended(self, stream: str, event: Event) -> Appended | None:
+        """The applied event as stored in `stream` (Redis time, late flag)."""
+        if not self.applied or not self.after or not self.entry:
+            return None
+        changes: dict[str, object] = {"at": self.at_ms}
+        if self.late and hasattr(event, "late"):
+            changes["late"] = True
+        stored = msgspec.structs.replace(event, **changes)
+        return Appended(stream, event.command_id, self.after, ((self.entry, stored),))
 
     @property
     def unknown(self) -> bool:

@@ -32,6 +32,7 @@ from ledger.ordering import Turn
 from ledger.records import (
     EDGE_COMMAND_DECODER,
     EVENT_DECODER,
+    Appended,
     CommandRecord,
     Delivery,
     Persistence,
@@ -52,7 +53,9 @@ from schemas.events import (
     Executed,
     Failed,
     Issued,
+    Queued,
     Rejected,
+    Routed,
     Status,
     status_of,
 )
@@ -249,8 +252,38 @@ class Ledger:
         if turn is not None:
             turn.passed()
         reply = await pending
-        outcome, status, gateway = (_text(x) for x in reply)
-        return SubmitResult(SubmitOutcome(outcome), status, gateway)
+        outcome, status, gateway = (_text(x) for x in reply[:3])
+        if outcome != SubmitOutcome.ADMITTED or len(reply) < 7:
+            return SubmitResult(SubmitOutcome(outcome), status, gateway)
+        at = int(reply[3])
+        cid = cmd.command_id
+        placed: Event = (
+            Routed(
+                at=at,
+                event_id=f"{base}-r",
+                command_id=cid,
+                edge_id=edge_id,
+                actor=actor,
+                gateway=gateway,
+            )
+            if status == Status.ROUTED
+            else Queued(
+                at=at,
+                event_id=f"{base}-q",
+                command_id=cid,
+                edge_id=edge_id,
+                actor=actor,
+                expires_at=expires_at,
+            )
+        )
+        stamped = (
+            msgspec.structs.replace(issued, at=at),
+            msgspec.structs.replace(authorized, at=at),
+            placed,
+        )
+        entries = [_text(x) for x in reply[4:7]]
+        appended = Appended(k.log(p), cid, "", tuple(zip(entries, stamped, strict=True)))
+        return SubmitResult(SubmitOutcome.ADMITTED, status, gateway, appended)
 
     async def record_rejection(self, event: Rejected) -> None:
         """Keep a refused input in the audit stream: who, what, when, why.
@@ -421,10 +454,16 @@ class Ledger:
             edge_id, ack.command_id, event, settle=True, check_edge=True, turn=turn
         )
 
-    def acknowledge_now(self, edge_id: str, ack: Ack) -> asyncio.Future[Any]:
-        """`acknowledge`'s script, queued before this returns (see `transition_now`)."""
+    def log_of(self, edge_id: str) -> str:
+        """The partition log holding the edge's commands' events."""
+        return self.keys.log(self.keys.partition(edge_id))
+
+    def acknowledge_now(self, edge_id: str, ack: Ack) -> tuple[Event, asyncio.Future[Any]]:
+        """`acknowledge`'s event and script, queued before this returns (see
+        `transition_now`)."""
         event = ack_event(edge_id, ack)
-        return self.transition_now(edge_id, ack.command_id, event, settle=True, check_edge=True)
+        pending = self.transition_now(edge_id, ack.command_id, event, settle=True, check_edge=True)
+        return event, pending
 
     async def cancel(self, command_id: str, actor: str) -> TransitionResult:
         """Cancel a command that has not been delivered; a cancelled command is never sent."""
@@ -619,7 +658,8 @@ def transition_result(reply: Any) -> TransitionResult:
     previous = _text(reply[1])
     if verdict != "ok":
         return TransitionResult(False, previous)
-    return TransitionResult(True, previous, _text(reply[2]) == "1", int(reply[3]))
+    after, entry = (_text(reply[4]), _text(reply[5])) if len(reply) > 5 else ("", "")
+    return TransitionResult(True, previous, _text(reply[2]) == "1", int(reply[3]), after, entry)
 
 
 def ack_event(edge_id: str, ack: Ack) -> Event:

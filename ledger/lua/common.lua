@@ -27,15 +27,19 @@ local function error_field(code, message)
   return ',"error":{"code":"' .. code .. '","message":"' .. message .. '"}'
 end
 
--- Append to the partition log and to the command's own event list.
+-- Append to the partition log and to the command's own event list; returns the log
+-- entry id. `last` keeps the command's newest entry id: a gateway that answers from a
+-- script's reply (before its log tail brings the event) checks against it that it has
+-- sent every earlier status of the command (gateway/direct.py).
 local function append(state, log, json)
-  redis.call('XADD', log, '*', 'e', json)
+  local id = redis.call('XADD', log, '*', 'e', json)
   local prior = redis.call('HGET', state, 'events')
   if prior then
-    redis.call('HSET', state, 'events', prior .. '\n' .. json)
+    redis.call('HSET', state, 'events', prior .. '\n' .. json, 'last', id)
   else
-    redis.call('HSET', state, 'events', json)
+    redis.call('HSET', state, 'events', json, 'last', id)
   end
+  return id
 end
 
 local function ensure_group(stream)

@@ -8,6 +8,8 @@
 -- ARGV: command_id, edge_id, digest, issued json, authorized json, edge body,
 --       expires_at ms, ack timeout ms, coalesce field, state ttl ms, event id base,
 --       actor, command key prefix, clock offset ms
+-- Returns: {'admitted', status, gateway, now ms, log entry ids of issued, authorized and
+--           routed/queued} or {'exists' | 'duplicate' | 'stale', status or now, ''}
 local state, log, stream, presence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local deadlines, expiries, latest, inflight, streams = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local cid, edge, digest = ARGV[1], ARGV[2], ARGV[3]
@@ -37,20 +39,20 @@ local entry = redis.call('XADD', stream, '*', 'id', cid, 'c', ARGV[6])
 redis.call('HSET', state, 'digest', digest, 'edge', edge, 'body', ARGV[6], 'entry', entry,
   'deliveries', 0, 'expires_at', expires_at, 'issued_at', now, 'coalesce', field)
 redis.call('HSET', inflight, inflight_field(edge, entry), cid)
-append(state, log, stamp(ARGV[4], now))
-append(state, log, stamp(ARGV[5], now))
+local issued = append(state, log, stamp(ARGV[4], now))
+local authorized = append(state, log, stamp(ARGV[5], now))
 
 local owner = redis.call('GET', presence)
-local status, gateway = 'queued', ''
+local status, gateway, placed = 'queued', '', ''
 if owner then
   status = 'routed'
   gateway = string.match(owner, '^[^|]+')
-  append(state, log, event('routed', now, base .. '-r', cid, edge, actor,
+  placed = append(state, log, event('routed', now, base .. '-r', cid, edge, actor,
     ',"gateway":"' .. gateway .. '","delivery":1'))
   redis.call('HSET', state, 'routed_at', now)
   redis.call('ZADD', deadlines, now + tonumber(ARGV[8]), cid)
 else
-  append(state, log, event('queued', now, base .. '-q', cid, edge, actor,
+  placed = append(state, log, event('queued', now, base .. '-q', cid, edge, actor,
     ',"expires_at":' .. expires_at))
   redis.call('ZADD', expiries, expires_at, cid)
 end
@@ -73,4 +75,4 @@ if field ~= '' then
 end
 redis.call('HSET', state, 'status', status)
 redis.call('PEXPIRE', state, ARGV[10])
-return remember(request, {'admitted', status, gateway})
+return remember(request, {'admitted', status, gateway, tostring(now), issued, authorized, placed})
