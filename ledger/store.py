@@ -258,22 +258,12 @@ class Ledger:
         at = int(reply[3])
         cid = cmd.command_id
         placed: Event = (
-            Routed(
-                at=at,
-                event_id=f"{base}-r",
-                command_id=cid,
-                edge_id=edge_id,
-                actor=actor,
-                gateway=gateway,
-            )
+            Routed(at=at, gateway=gateway, **EventHeader(f"{base}-r", cid, edge_id, actor).fields())
             if status == Status.ROUTED
             else Queued(
                 at=at,
-                event_id=f"{base}-q",
-                command_id=cid,
-                edge_id=edge_id,
-                actor=actor,
                 expires_at=expires_at,
+                **EventHeader(f"{base}-q", cid, edge_id, actor).fields(),
             )
         )
         stamped = (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import urllib.request
+from typing import Any
 
 from hotpath_kit import Dashboard, Edge, enroll
 
@@ -25,6 +26,10 @@ def _reply_frames(gw: Gateway) -> float:
         text = response.read().decode()
     found = re.search(r'^dispatch_status_frames_total\{path="reply"\} (\S+)$', text, re.M)
     return float(found.group(1)) if found else 0.0
+
+
+def _frames(dash: Dashboard, command_id: str) -> list[dict[str, Any]]:
+    return [f for f in dash.frames if f.get("command_id") == command_id]
 
 
 async def test_statuses_reach_every_session_once_in_order_from_either_path(
@@ -60,6 +65,10 @@ async def test_statuses_reach_every_session_once_in_order_from_either_path(
         for dash in (sender, viewer):
             for cid in sent:
                 assert dash.statuses(cid) == LIFECYCLE, (cid, dash.statuses(cid))
+        # Built from a reply on one gateway and from the logged event on the other, the
+        # frames are the same, field for field.
+        for cid in sent:
+            assert _frames(sender, cid) == _frames(viewer, cid)
         # The direct path carried the statuses each gateway recorded itself: the
         # admissions (3 statuses each) on gw1, and the acks of EDGE_A on gw1, of EDGE_B
         # on gw2 (2 each).
