@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import subprocess
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,5 +139,25 @@ class Edge(Peer):
 
 
 # -- a private Redis that tests may stop -----------------------------------------------------
+def metric(gw: Gateway, series: str) -> float:
+    """One series' value from the gateway's `/metrics` (0 when absent)."""
+    with urllib.request.urlopen(f"{gw.http}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+async def dashboards_ready(gw: Gateway, count: int) -> None:
+    """Until `count` dashboards have their views loaded on `gw`.
+
+    The gateway loads a dashboard's views right after its WebSocket opened, and counts
+    it as connected then: a viewer hears the statuses that come after that.
+    """
+    deadline = asyncio.get_running_loop().time() + 10
+    while await asyncio.to_thread(metric, gw, "dispatch_dashboards_connected") < count:
+        assert asyncio.get_running_loop().time() < deadline, f"{count} dashboards never ready"
+        await asyncio.sleep(0.02)
+
+
 def start_redis(port: int, data: Path) -> subprocess.Popen[bytes]:
     return start_private_redis(port, data, appendfsync="always")

@@ -12,7 +12,7 @@ import json
 import time
 
 import pytest
-from hotpath_kit import Dashboard, Edge, enroll, keys
+from hotpath_kit import Dashboard, Edge, dashboards_ready, enroll, keys
 from redis.asyncio import Redis
 
 from gateway import grants
@@ -82,6 +82,7 @@ async def test_viewer_and_sender_get_one_frame_each_and_a_viewer_only_its_edges(
     watcher = await Dashboard().connect(gw, user_token("watcher", view=[EDGE]))
     stranger = await Dashboard().connect(gw, user_token("stranger", view=[OTHER]))
     try:
+        await dashboards_ready(gw, 3)
         body = command(edge_id=EDGE)
         cid = body["command_id"]
         await sender.send(body)

@@ -8,11 +8,9 @@ and the acks from the replies. Every session must get each status once, in order
 
 from __future__ import annotations
 
-import re
-import urllib.request
 from typing import Any
 
-from hotpath_kit import Dashboard, Edge, enroll
+from hotpath_kit import Dashboard, Edge, dashboards_ready, enroll, metric
 
 from support import Gateway, Processes, command, user_token
 
@@ -22,10 +20,7 @@ LIFECYCLE = ["issued", "authorized", "routed", "delivered", "executed"]
 
 
 def _reply_frames(gw: Gateway) -> float:
-    with urllib.request.urlopen(f"{gw.http}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    found = re.search(r'^dispatch_status_frames_total\{path="reply"\} (\S+)$', text, re.M)
-    return float(found.group(1)) if found else 0.0
+    return metric(gw, 'dispatch_status_frames_total{path="reply"}')
 
 
 def _frames(dash: Dashboard, command_id: str) -> list[dict[str, Any]]:
@@ -42,6 +37,7 @@ async def test_statuses_reach_every_session_once_in_order_from_either_path(
     sender = await Dashboard().connect(gw1, user_token("op", control=[EDGE_A, EDGE_B]))
     viewer = await Dashboard().connect(gw2, user_token("watcher", view=[EDGE_A, EDGE_B]))
     try:
+        await dashboards_ready(gw2, 1)
         sent: list[str] = []
         for round_ in range(3):
             for edge_id, edge in ((EDGE_A, edge_a), (EDGE_B, edge_b)):
