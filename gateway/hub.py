@@ -418,7 +418,10 @@ class Hub:
         if appended is not None and self.direct.take(appended):
             _FROM_REPLY.inc(len(appended.events))
             for _, event in appended.events:
-                self._fan_out(event, status_of(event))
+                try:
+                    self._fan_out(event, status_of(event))
+                except Exception:  # as the tail does for a bad entry: log it, go on
+                    log.exception("gateway.fan_out.failed command_id=%s", event.command_id)
 
     def _fan_out(self, event: Event, status: Status) -> None:
         """One status frame to the edge's viewers and the command's followers."""
