@@ -46,6 +46,8 @@ _encode = msgspec.json.Encoder().encode
 TICK_S = 0.25  # housekeeping: credentials end and grant changes apply within this
 _FROM_REPLY = metrics.STATUS_FRAMES.labels("reply")
 _FROM_TAIL = metrics.STATUS_FRAMES.labels("tail")
+_UNSENT_REPLY = metrics.UNSENT.labels("reply")
+_UNSENT_TAIL = metrics.UNSENT.labels("tail")
 
 
 def status_update(event: Event) -> StatusUpdate:
@@ -383,7 +385,8 @@ class Hub:
                         self._on_event(stream, entry_id.decode(), event)
                     else:
                         self._on_wake(fields)
-                except Exception:
+                except Exception:  # counted and alarmed (DispatchStatusesUnsent); go on
+                    _UNSENT_TAIL.inc()
                     log.exception("gateway.tail.bad_entry stream=%s", stream)
 
     def _on_event(self, stream: str, entry_id: str, event: Event) -> None:
@@ -420,7 +423,8 @@ class Hub:
             for _, event in appended.events:
                 try:
                     self._fan_out(event, status_of(event))
-                except Exception:  # as the tail does for a bad entry: log it, go on
+                except Exception:  # counted and alarmed (DispatchStatusesUnsent); go on
+                    _UNSENT_REPLY.inc()
                     log.exception("gateway.fan_out.failed command_id=%s", event.command_id)
 
     def _fan_out(self, event: Event, status: Status) -> None:

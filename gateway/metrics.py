@@ -28,6 +28,12 @@ STATUS_FRAMES = declare.counter(
     "whose command had an earlier status still on its way)",
     "path",
 )
+UNSENT = declare.counter(
+    "dispatch_status_frames_failed_total",
+    "Statuses this gateway could not fan out (a bug or an unreadable log entry), by path: "
+    "`reply` or `tail`; its sessions did not hear them (alert DispatchStatusesUnsent)",
+    "path",
+)
 TAIL_AGE = declare.gauge(
     "dispatch_ledger_tail_age_seconds",
     "Seconds since this gateway's ledger tail last read Redis (at least once a second when well)",
