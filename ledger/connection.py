@@ -12,12 +12,20 @@ compare-and-set, and a delivery whose reply was lost is reclaimed.
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from typing import Any, TypeAlias, TypeVar, cast
 
+import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import DataError
 
 AnyRedis: TypeAlias = Redis | RedisCluster
 RETRIES = 6  # with the backoff below: about 2 s before a command gives up
@@ -27,6 +35,50 @@ RETRIES = 6  # with the backoff below: about 2 s before a command gives up
 SOCKET_TIMEOUT_S = 5.0
 
 
+class _HiredisPacking(AbstractConnection):
+    """Commands packed by hiredis (C), as redis-py's sync client does: its asyncio client
+    packs in a Python loop, 9 µs per admission EVALSHA and 1.6 µs per id of a projector
+    XACK (hiredis: 1.2 µs and 0.1 µs). The bytes on the wire are the same."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        # A command name with a space ('CONFIG GET') goes as separate arguments.
+        if isinstance(args[0], str):
+            args = (*args[0].encode().split(), *args[1:])
+        elif b" " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:  # bool, None, containers: refused as redis-py refuses them
+            raise DataError(f"{exc}: convert to bytes, str, int or float first") from exc
+
+
+class _PackedConnection(_HiredisPacking, Connection):
+    pass
+
+
+class _PackedSSLConnection(_HiredisPacking, SSLConnection):
+    pass
+
+
+class _PackedUnixConnection(_HiredisPacking, UnixDomainSocketConnection):
+    pass
+
+
+_PACKED: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: _PackedConnection,
+    SSLConnection: _PackedSSLConnection,
+    UnixDomainSocketConnection: _PackedUnixConnection,
+}
+
+
+_C = TypeVar("_C", bound=AbstractConnection)
+
+
+def _packed(connection_class: type[_C]) -> type[_C]:
+    """The hiredis-packing variant of `connection_class` (itself if there is none)."""
+    return cast(type[_C], _PACKED.get(connection_class, connection_class))
+
+
 def _retry() -> Retry:
     return Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), RETRIES)
 
@@ -34,9 +86,16 @@ def _retry() -> Retry:
 def connect(url: str, *, cluster: bool = False, max_connections: int = 32) -> AnyRedis:
     """A client for `url`; bursts wait up to 10 s for a pooled connection instead of failing."""
     if cluster:
-        return RedisCluster.from_url(
+        client = RedisCluster.from_url(
             url, max_connections=max_connections, retry=_retry(), socket_timeout=SOCKET_TIMEOUT_S
         )
+        # from_url drops a `connection_class`; nodes found later are built from these kwargs.
+        nodes = client.nodes_manager
+        kwargs = nodes.connection_kwargs
+        kwargs["connection_class"] = _packed(kwargs.get("connection_class", Connection))
+        for node in nodes.startup_nodes.values():
+            node.connection_class = _packed(node.connection_class)
+        return client
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -44,6 +103,7 @@ def connect(url: str, *, cluster: bool = False, max_connections: int = 32) -> An
         retry=_retry(),
         socket_timeout=SOCKET_TIMEOUT_S,
     )
+    pool.connection_class = _packed(pool.connection_class)
     return Redis(connection_pool=pool, retry=_retry())
 
 
