@@ -95,7 +95,7 @@ def is_late(current: Status | None, to: Status) -> bool:
     return current in VERDICTS and to in ACK_RESULTS
 
 
-class CommandState(Struct, frozen=True, kw_only=True):
+class CommandState(Struct, frozen=True, kw_only=True, gc=False):
     """What the events of one command say about it, independent of their order."""
 
     command_id: str
@@ -137,7 +137,8 @@ def fold(state: CommandState, event: Event) -> CommandState:
     if kept is None or _earlier(event, kept):
         firsts = {**state.firsts, status: event}
     best = state.status
-    if best is None or (RANK[status], status.value) > (RANK[best], best.value):
+    # Members of a StrEnum compare as their values (and `.value` is slow on 3.11).
+    if best is None or (RANK[status], status) > (RANK[best], best):
         best = status
     deliveries = state.deliveries
     if isinstance(event, Routed):

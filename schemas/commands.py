@@ -63,7 +63,7 @@ SCHEDULER_ACTIONS = frozenset({"start", "stop"})
 SYSTEM_ACTIONS = frozenset({"restart", "sync_config"})
 
 
-class Target(Struct, frozen=True, forbid_unknown_fields=True):
+class Target(Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     edge_id: EdgeId
     device_id: Name
     channel: Name
@@ -114,7 +114,7 @@ def command_shape_problem(cmd: Command) -> str | None:
     return None
 
 
-class EdgeCommand(Struct, frozen=True, kw_only=True):
+class EdgeCommand(Struct, frozen=True, kw_only=True, gc=False):
     """Gateway -> edge: the command as the edge executes it.
 
     Every field is always sent (the specification's fields and `priority` included);

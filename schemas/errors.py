@@ -52,7 +52,7 @@ class ErrorCode(StrEnum):
     CONFIG_SYNC_FAILED = "config_sync_failed"
 
 
-class ErrorObject(Struct, frozen=True, kw_only=True, omit_defaults=True):
+class ErrorObject(Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
     """`{code, message}` plus optional hints; `code` is machine-readable, `message` human."""
 
     code: str

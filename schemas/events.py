@@ -36,7 +36,7 @@ class Status(StrEnum):
 UNSTAMPED = -1
 
 
-class Event(Struct, frozen=True, kw_only=True, tag_field="status", omit_defaults=True):
+class Event(Struct, frozen=True, kw_only=True, tag_field="status", omit_defaults=True, gc=False):
     """Common header of every lifecycle event."""
 
     at: int = UNSTAMPED  # ms since the Unix epoch, UTC, Redis server clock
