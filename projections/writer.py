@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 from msgspec import structs
@@ -35,9 +35,13 @@ from projections import schema as schema_mod
 from projections.quarantine import Quarantined
 from projections.schema import GENESIS, REFUSALS_CHAIN
 from projections.text import pg_text, pg_value
-from schemas.events import EVENT_TYPES, AnyEvent, Event, Status
+from schemas.events import EVENT_TYPES, AnyEvent, Event, Issued, Status
 
 log = logging.getLogger("projections.writer")
+_sha256 = hashlib.sha256
+_timestamp = copy_text.timestamp
+_NULL = copy_text.NULL
+_NO_LINK = (0, GENESIS)
 
 _encode = msgspec.json.Encoder().encode
 # Hot path (several calls per event): the tag of each event type, and times by the ms.
@@ -47,8 +51,9 @@ STATE_DECODER = msgspec.json.Decoder(dict[Status, AnyEvent])
 START = "0-0"  # position before the first entry of any stream
 
 
-class Entry(NamedTuple):
-    """One decoded log entry (a tuple: made for every event, it must be cheap to build)."""
+class Entry(msgspec.Struct, frozen=True, gc=False):
+    """One decoded log entry (made for every event: built in C, never tracked by the
+    cycle collector)."""
 
     stream: str
     entry_id: str
@@ -80,9 +85,7 @@ def link_hash(
     prev: str, chain: str, seq: int, *, stream: str, entry_id: str, payload: bytes
 ) -> str:
     """The hash of one chain link: the previous hash, the event's place and its bytes."""
-    digest = hashlib.sha256(f"{prev}\n{chain}\n{seq}\n{stream}\n{entry_id}\n".encode())
-    digest.update(payload)
-    return digest.hexdigest()
+    return _sha256(f"{prev}\n{chain}\n{seq}\n{stream}\n{entry_id}\n".encode() + payload).hexdigest()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -411,34 +414,30 @@ def _unique(entries: list[Entry]) -> list[Entry]:
 def _event_line(e: Entry, refusals: bool, links: dict[str, tuple[int, str]]) -> str:
     """One `events` row (EVENT_FIELDS order) in COPY text, extending its chain in `links`."""
     ev = e.event
-    chain, clean = _chain_in(ev.edge_id, refusals, e.stream)
-    seq, prev = links.get(chain, (0, GENESIS))
+    stream, raw = e.stream, e.raw
+    chain, clean = _chain_in(ev.edge_id, refusals, stream)
+    seq, prev = links.get(chain, _NO_LINK)
     seq += 1
-    digest = link_hash(prev, chain, seq, stream=e.stream, entry_id=e.entry_id, payload=e.raw)
+    digest = link_hash(prev, chain, seq, stream=stream, entry_id=e.entry_id, payload=raw)
     links[chain] = (seq, digest)
     err = getattr(ev, "error", None)
     code = err.code if err is not None else None
-    event_id, command_id, edge_id, actor, stream = (
-        ev.event_id,
-        ev.command_id,
-        ev.edge_id,
-        ev.actor,
-        e.stream,
-    )
-    if b"\\" in e.raw or not clean:
-        # Rare: the event's JSON escapes something (a control character, NUL, backslash,
-        # quote...); without an escape in it none of its texts needs one in COPY either.
-        event_id, chain_text, command_id, edge_id, actor, stream = (
-            copy_text.text(v) for v in (event_id, chain, command_id, edge_id, actor, stream)
+    if clean and b"\\" not in raw:
+        # Without an escape in the event's JSON none of its texts needs one in COPY.
+        texts: tuple[str, ...] = (ev.event_id, chain, ev.command_id, ev.edge_id, ev.actor, stream)
+    else:
+        # Rare: the JSON escapes something (a control character, NUL, backslash, quote...).
+        texts = tuple(
+            copy_text.text(v)
+            for v in (ev.event_id, chain, ev.command_id, ev.edge_id, ev.actor, stream)
         )
         code = copy_text.text(code) if code is not None else None
-    else:
-        chain_text = chain
+    event_id, chain_text, command_id, edge_id, actor, stream_text = texts
     # `payload` keeps the ledger's bytes (valid JSON holds no NUL byte: its escapes stay).
     return (
-        f"{event_id}\t{copy_text.timestamp(ev.at)}\t{chain_text}\t{seq}\t{command_id}\t"
-        f"{edge_id}\t{_STATUS[type(ev)]}\t{actor}\t{copy_text.NULL if code is None else code}"
-        f"\t{stream}\t{e.entry_id}\t{copy_text.json_text(e.raw)}\t{prev}\t{digest}\n"
+        f"{event_id}\t{_timestamp(ev.at)}\t{chain_text}\t{seq}\t{command_id}\t"
+        f"{edge_id}\t{_STATUS[ev.__class__]}\t{actor}\t{_NULL if code is None else code}"
+        f"\t{stream_text}\t{e.entry_id}\t{copy_text.json_text(raw)}\t{prev}\t{digest}\n"
     )
 
 
@@ -504,11 +503,44 @@ def command_row(state: lifecycle.CommandState, *, stamp: Stamp = to_utc) -> tupl
 
 
 def _command_line(state: lifecycle.CommandState) -> str:
-    """`command_row` in COPY text."""
-    row = command_row(state, stamp=copy_text.timestamp)
+    """`command_row` in COPY text (one per command per batch: written out directly; the
+    general path for a command without its `issued` event or with texts to escape)."""
+    firsts = state.firsts
+    issued = firsts.get(Status.ISSUED)
+    folded = _encode(dict(sorted(firsts.items()))).decode()
     # Every text of the row is in the folded state's JSON, where a character COPY must
     # escape (backslash, TAB, LF, CR) or cannot hold (NUL) always shows as an escape.
-    return copy_text.row(row, clean="\\" not in row[-1])
+    if not isinstance(issued, Issued) or "\\" in folded:
+        row = command_row(state, stamp=copy_text.timestamp)
+        return copy_text.row(row, clean="\\" not in row[-1])
+    cmd = issued.command
+    status = state.status
+    final = status if status in lifecycle.TERMINAL else None
+    authorized = firsts.get(Status.AUTHORIZED)
+    grant = getattr(authorized, "grant", None)
+    outcome = firsts.get(status) if status is not None else None
+    executed_at = getattr(outcome, "executed_at", None)
+    err = state.error
+    n = _NULL
+    return (
+        f"{state.command_id}\t{state.edge_id}\t{cmd.command_type}\t{cmd.target.device_id}\t"
+        f"{cmd.target.channel}\t{_encode(cmd.value).decode()}\t"
+        f"{n if cmd.unit is None else cmd.unit}\t{cmd.priority}\t"
+        f"{n if cmd.duration_sec is None else cmd.duration_sec}\t{cmd.expiry_sec}\t"
+        f"{cmd.timestamp.isoformat()}\t{cmd.source}\t{cmd.actor}\t{n if grant is None else grant}\t"
+        f"{n if status is None else status}\t{'f' if final is None else 't'}\t"
+        f"{n if err is None else err.code}\t{n if err is None else err.message}\t"
+        f"{'t' if state.late else 'f'}\t{state.deliveries}\t{_timestamp(issued.at)}\t"
+        f"{_stamp_of(firsts, Status.ROUTED)}\t{_stamp_of(firsts, Status.DELIVERED)}\t"
+        f"{n if final is None else _stamp_of(firsts, final)}\t"
+        f"{n if executed_at is None else executed_at.isoformat()}\t"
+        f"{cmd.expires_at.isoformat()}\t{folded}\n"
+    )
+
+
+def _stamp_of(firsts: dict[Status, Event], status: Status) -> str:
+    event = firsts.get(status)
+    return _NULL if event is None else _timestamp(event.at)
 
 
 def _pg_json(text: str | None) -> str | None:

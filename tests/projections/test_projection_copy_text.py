@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from projection_support import pg, record_refusal, running, wait_caught_up
 from psycopg import sql
 
@@ -18,7 +20,16 @@ from projections.verify import verify
 from projections.writer import _command_line, command_row
 from schemas.commands import Ack, Command, CommandType, EdgeCommand, Target
 from schemas.errors import ErrorCode, error
-from schemas.events import Authorized, Failed, Issued
+from schemas.events import (
+    Authorized,
+    Delivered,
+    Executed,
+    Failed,
+    Issued,
+    Rejected,
+    Routed,
+    TimedOut,
+)
 
 # What COPY TEXT must escape (backslash, TAB, LF, CR), what PostgreSQL cannot hold (NUL),
 # JSON's own escapes (quote), and text that needs nothing (non-ASCII, U+2028, controls).
@@ -136,3 +147,54 @@ def test_command_line_is_the_command_row_in_copy_text() -> None:
         state = lifecycle.replay(events)
         assert state is not None
         assert _command_line(state) == copy_text.row(command_row(state))
+
+
+# Mostly texts COPY takes as they are (the direct path), sometimes any text at all.
+_TEXT = st.sampled_from(["", "plain", "žluť 5"]) | st.text(max_size=12)
+_AT = 1_795_000_000_000
+
+
+@st.composite
+def _states(draw: st.DrawFn) -> lifecycle.CommandState:
+    """Folded states of every shape `_command_line` writes directly or hands over."""
+    text = draw(_TEXT)
+    edge_cmd = EdgeCommand(
+        command_id="cmd_1",
+        command_type=draw(st.sampled_from(list(CommandType))),
+        target=Target(edge_id="edge_00", device_id="bms_main", channel=draw(_TEXT)),
+        value=draw(st.one_of(st.booleans(), st.integers(), st.floats(allow_nan=False), _TEXT)),
+        unit=draw(st.none() | _TEXT),
+        expiry_sec=draw(st.integers(1, 86400)),
+        source=text,
+        timestamp=datetime(2026, 11, 30, tzinfo=UTC),
+        priority=draw(st.sampled_from(["normal", "emergency"])),
+        duration_sec=draw(st.none() | st.integers(1, 86400)),
+        expires_at=datetime(2026, 11, 30, 1, tzinfo=UTC),
+        actor=draw(_TEXT),
+    )
+    head = {"command_id": "cmd_1", "edge_id": "edge_00", "actor": "user:a"}
+    err = error(ErrorCode.DEVICE_ERROR, draw(_TEXT))
+    done = datetime(2026, 11, 30, 0, 0, 1, tzinfo=UTC)
+    possible = [
+        Issued(at=_AT, event_id="e1", command=edge_cmd, digest="d", **head),
+        Authorized(at=_AT + 1, event_id="e2", grant=draw(_TEXT), **head),
+        Routed(at=_AT + 2, event_id="e3", gateway="gw", delivery=draw(st.integers(1, 3)), **head),
+        Delivered(at=_AT + 3, event_id="e4", **head),
+        Executed(at=_AT + 4, event_id="e5", executed_at=draw(st.none() | st.just(done)), **head),
+        Failed(at=_AT + 5, event_id="e6", error=err, executed_at=done, **head),
+        Rejected(at=_AT + 6, event_id="e7", error=err, **head),
+        TimedOut(at=_AT + 7, event_id="e8", error=err, routed_at=_AT + 2, **head),
+    ]
+    events = draw(st.lists(st.sampled_from(possible[1:]), unique_by=id))
+    if draw(st.integers(0, 9)):  # nearly always with its `issued` event
+        events.append(possible[0])
+    if not events:
+        events.append(possible[1])
+    state = lifecycle.replay(events)
+    assert state is not None
+    return state
+
+
+@given(_states())
+def test_command_line_is_the_command_row_for_every_shape(state: lifecycle.CommandState) -> None:
+    assert _command_line(state) == copy_text.row(command_row(state))
