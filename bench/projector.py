@@ -29,10 +29,10 @@ from multiprocessing.synchronize import Event as EventType
 from typing import Any
 
 import psycopg
-from redis.asyncio import Redis
 
 from bench.harness import Bench, bench
 from config.settings import Settings
+from ledger.connection import AnyRedis, close, connect
 from ledger.keys import PROJECTOR_GROUP
 from ledger.store import Ledger
 from projections import loadgen, rebuild
@@ -62,7 +62,7 @@ def _settings(b: Bench) -> Settings:
     return Settings(redis_url=b.redis_url, database_url=b.database_url, namespace=b.namespace)
 
 
-def _ledger(b: Bench, redis: Redis) -> Ledger:
+def _ledger(b: Bench, redis: AnyRedis) -> Ledger:
     config = replace(_settings(b).ledger(), ack_timeout_ms=ACK_TIMEOUT_MS)
     return Ledger(redis, config, url=b.redis_url)
 
@@ -100,7 +100,7 @@ def _child(b: Bench, owner: str, batch: int, start: EventType, stop: EventType, 
 async def _project(
     b: Bench, owner: str, batch: int, start: EventType, stop: EventType, out: Any
 ) -> None:
-    redis = Redis.from_url(b.redis_url)
+    redis = connect(b.redis_url)  # the client `dispatch projector` uses
     ledger = _ledger(b, redis)
     await ledger.start()
     projector = Projector(ledger, b.database_url, ProjectorConfig(batch=batch), owner=owner)
@@ -129,7 +129,7 @@ async def _project(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await ledger.close()
-        await redis.aclose()
+        await close(redis)
 
 
 async def _reset(b: Bench, ledger: Ledger, owners: list[str]) -> None:
@@ -151,11 +151,11 @@ def measure_processes(b: Bench, processes: int, batch: int, total: int) -> tuple
     owners = [f"bench-{processes}-{i}" for i in range(processes)]
 
     async def reset() -> None:
-        redis = Redis.from_url(b.redis_url)
+        redis = connect(b.redis_url)  # the client `dispatch projector` uses
         try:
             await _reset(b, _ledger(b, redis), owners)
         finally:
-            await redis.aclose()
+            await close(redis)
 
     asyncio.run(reset())
     ctx = multiprocessing.get_context("spawn")
@@ -194,7 +194,7 @@ def measure_processes(b: Bench, processes: int, batch: int, total: int) -> tuple
 @contextlib.asynccontextmanager
 async def backlog(b: Bench, commands: int) -> AsyncIterator[tuple[Ledger, int]]:
     """A ledger with `commands` driven through it: (the ledger, events in its logs)."""
-    redis = Redis.from_url(b.redis_url)
+    redis = connect(b.redis_url)  # the client `dispatch projector` uses
     ledger = _ledger(b, redis)
     await ledger.start()
     try:
@@ -202,7 +202,7 @@ async def backlog(b: Bench, commands: int) -> AsyncIterator[tuple[Ledger, int]]:
         yield ledger, await _events(ledger)
     finally:
         await ledger.close()
-        await redis.aclose()
+        await close(redis)
 
 
 async def _generate(b: Bench, commands: int) -> int:
@@ -211,7 +211,7 @@ async def _generate(b: Bench, commands: int) -> int:
 
 
 async def _rebuild(b: Bench, batch: int) -> float:
-    redis = Redis.from_url(b.redis_url)
+    redis = connect(b.redis_url)  # the client `dispatch projector` uses
     ledger = _ledger(b, redis)
     await ledger.start()
     try:
@@ -220,7 +220,7 @@ async def _rebuild(b: Bench, batch: int) -> float:
         return report.seconds
     finally:
         await ledger.close()
-        await redis.aclose()
+        await close(redis)
 
 
 def _drop(b: Bench) -> None:

@@ -109,3 +109,11 @@ def connect(url: str, *, cluster: bool = False, max_connections: int = 32) -> An
 
 def is_cluster(client: AnyRedis) -> bool:
     return isinstance(client, RedisCluster)
+
+
+async def close(client: AnyRedis) -> None:
+    """Close `client` and its connections (a pool handed to `Redis` is not its own)."""
+    if isinstance(client, RedisCluster):
+        await client.aclose()
+    else:
+        await client.aclose(close_connection_pool=True)
