@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import logging
 import re
 import socket
 import time
@@ -23,7 +24,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection
 
 from gateway.admission import Admission, AdmissionLimits, bucket_key
-from gateway.logfilter import redact
+from gateway.logfilter import RedactSecrets, redact
 
 from .conftest import NO_LIMITS, Site, start_gateway, ws_connect
 from support import Gateway, user_token, wait_until
@@ -348,6 +349,22 @@ def test_redact_removes_the_credential(line: str) -> None:
     cleaned = redact(line)
     assert JWT not in cleaned and JWT.rsplit(".", 1)[1] not in cleaned
     assert "[redacted]" in cleaned
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "BEARER", "bEaReR"])
+def test_redact_removes_an_opaque_bearer_value_in_any_case(scheme: str) -> None:
+    secret = "opaque0123456789abcdefXYZ"
+    cleaned = redact(f"upstream said: Authorization: {scheme} {secret} (refused)")
+    assert secret not in cleaned and f"{scheme} [redacted]" in cleaned
+
+
+def test_redact_filter_formats_each_record_once() -> None:
+    record = logging.LogRecord(
+        "dispatch.transition", logging.INFO, __file__, 1, "a=%s token=%s", ("1", JWT), None
+    )
+    assert RedactSecrets().filter(record)
+    assert (record.msg, record.args) == ("a=1 token=[redacted]", None)
+    assert record.getMessage() == "a=1 token=[redacted]"
 
 
 def test_redact_keeps_everything_else() -> None:
