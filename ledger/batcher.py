@@ -9,6 +9,12 @@ the lane of their hash slot, so transitions of one partition reach Redis in the 
 they were made, which ledger/ordering.py relies on. More lanes overlap pipelines where
 Redis latency dominates; on two cores one lane measured faster (the gateway is
 CPU-bound there), so one is the default.
+
+On a single server each lane keeps one connection and writes its batch to it directly:
+redis-py's pipeline object (a pool checkout, per-call bookkeeping, observability hooks)
+cost ~0.08 ms of every round trip here, 0.15 against 0.07 ms for two scripts. Replies
+are still parsed by the client's own callbacks, and a lost connection is retried with
+the client's retry policy, as its pipeline would (scripts are idempotent by request id).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from ledger.connection import AnyRedis
@@ -38,6 +46,7 @@ class _Lane:
         self.pending: list[tuple[Call, asyncio.Future[Any]]] = []
         self.wakeup = asyncio.Event()
         self.flushing: asyncio.Future[None] | None = None  # done once its replies are out
+        self.conn: Any = None  # its own connection (single server), taken on first use
 
 
 class Batcher:
@@ -63,6 +72,10 @@ class Batcher:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         for lane in self._lanes:
+            if lane.conn is not None:
+                conn, lane.conn = lane.conn, None
+                await conn.disconnect()
+                await self._redis.connection_pool.release(conn)  # type: ignore[union-attr]
             for _, fut in lane.pending:
                 if not fut.done():
                     fut.set_exception(LedgerUnavailable("the ledger is shutting down"))
@@ -121,7 +134,7 @@ class Batcher:
             if batch:
                 lane.flushing = asyncio.get_running_loop().create_future()
                 try:
-                    await self._flush(batch)
+                    await self._flush(batch, lane)
                 finally:
                     lane.flushing.set_result(None)
                     lane.flushing = None
@@ -137,16 +150,16 @@ class Batcher:
         if flushes:
             await asyncio.wait(flushes, timeout=timeout_s)
 
-    async def _flush(self, batch: list[tuple[Call, asyncio.Future[Any]]]) -> None:
+    async def _flush(self, batch: list[tuple[Call, asyncio.Future[Any]]], lane: _Lane) -> None:
         try:
-            replies = await self._execute([call for call, _ in batch])
+            replies = await self._execute([call for call, _ in batch], lane)
             if any(isinstance(r, redis_errors.NoScriptError) for r in replies):
                 # Redis restarted and forgot the scripts: load them and retry those calls.
                 await self.load_scripts()
                 retry = [
                     i for i, r in enumerate(replies) if isinstance(r, redis_errors.NoScriptError)
                 ]
-                again = await self._execute([batch[i][0] for i in retry])
+                again = await self._execute([batch[i][0] for i in retry], lane)
                 for i, reply in zip(retry, again, strict=True):
                     replies[i] = reply
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
@@ -172,8 +185,38 @@ class Batcher:
             else:
                 fut.set_result(reply)
 
-    async def _execute(self, commands: list[Call]) -> list[Any]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for args, options in commands:
-                pipe.execute_command(*args, **options)
-            return list(await pipe.execute(raise_on_error=False))
+    async def _execute(self, commands: list[Call], lane: _Lane) -> list[Any]:
+        """The replies of `commands`, in order (a Redis error reply as its exception)."""
+        redis = self._redis
+        if isinstance(redis, RedisCluster):  # each command to its node: the client's pipeline
+            async with redis.pipeline(transaction=False) as pipe:
+                for args, options in commands:
+                    pipe.execute_command(*args, **options)
+                return list(await pipe.execute(raise_on_error=False))
+        conn = lane.conn
+        if conn is None:
+            pool: Any = redis.connection_pool
+            conn = lane.conn = await pool.get_connection()
+        try:
+            return list(
+                await conn.retry.call_with_retry(
+                    lambda: self._exchange(redis, conn, commands),
+                    lambda _error: conn.disconnect(),
+                )
+            )
+        except BaseException:
+            # Out of retries or cancelled mid-exchange: replies may still be on their
+            # way; the next batch starts on a fresh connection instead of reading them.
+            await conn.disconnect(nowait=True)
+            raise
+
+    @staticmethod
+    async def _exchange(redis: Redis, conn: Any, commands: list[Call]) -> list[Any]:
+        await conn.send_packed_command(conn.pack_commands([args for args, _ in commands]))
+        replies: list[Any] = []
+        for args, options in commands:
+            try:
+                replies.append(await redis.parse_response(conn, args[0], **options))
+            except redis_errors.ResponseError as exc:
+                replies.append(exc)
+        return replies
