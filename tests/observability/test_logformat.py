@@ -51,3 +51,12 @@ def test_bad_observability_settings_are_refused_with_the_variable_named() -> Non
         tracing.configure("x", {"OTEL_TRACES_EXPORTER": "zipkin"})
     assert not tracing.configure("x", {})  # off by default
     assert not tracing.enabled()
+
+
+@pytest.mark.parametrize("created", [1_795_000_000.0, 1_795_000_000.999, 1_795_000_001.0005])
+def test_text_lines_are_what_the_standard_formatter_writes(created: float) -> None:
+    ours, standard = logformat.TextFormatter(), logging.Formatter(logformat.TEXT_FORMAT)
+    for at in (created - 1, created, created + 0.4, created):  # across second boundaries
+        rec = record("command.transition command_id=%s", "cmd_1")
+        rec.created, rec.msecs = at, int((at - int(at)) * 1000)
+        assert ours.format(rec) == standard.format(rec)
