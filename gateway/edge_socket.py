@@ -197,7 +197,7 @@ class _Acks:
 def _notice(edge_id: str, ack: Ack, result: TransitionResult) -> EdgeNotice:
     """What became of an ack the ledger answered."""
     if result.applied:
-        metrics.ACKS.labels(ack.status, "applied").inc()
+        metrics.labelled(metrics.ACKS, ack.status, "applied").inc()
         # Every applied event has its `command.transition` line from the hub's tail
         # (dispatch.transition); a late ack is worth its own line besides.
         log.log(

@@ -405,7 +405,7 @@ class Hub:
             return  # answered to the submitter directly
         if status not in _IN_FLIGHT and (edge := self.edges.get(event.edge_id)) is not None:
             self.settled(edge, event.command_id)  # e.g. timed out: free its place
-        metrics.EVENTS.labels(status.value).inc()
+        metrics.labelled(metrics.EVENTS, status).inc()
         if not sent:  # not passed on from a reply already
             _FROM_TAIL.inc()
             self._fan_out(event, status)

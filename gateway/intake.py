@@ -257,7 +257,7 @@ class Intake:
                 error(ErrorCode.EXPIRED, "the command's timestamp + expiry_sec has already passed"),
                 cmd=cmd,
             )
-        metrics.COMMANDS.labels(result.outcome.value).inc()
+        metrics.labelled(metrics.COMMANDS, result.outcome).inc()
         reply = StatusUpdate(
             command_id=cmd.command_id,
             status=result.status,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prometheus_client import CollectorRegistry
 
 from config.metrics import Declare
@@ -125,3 +128,11 @@ CLOCK_OFFSET = declare.gauge(
 OBSERVER_ERRORS = declare.counter(
     "dispatch_observer_errors_total", "Failed probes of the metrics observer, by probe", "probe"
 )
+
+
+@functools.cache
+def labelled(metric: Any, *values: str) -> Any:
+    """`metric.labels(*values)`, resolved once per label set: `labels()` takes a lock and
+    builds its key on every call, and the hot path counts several times per command.
+    Only for label values from a closed set (statuses, outcomes)."""
+    return metric.labels(*values)
