@@ -381,8 +381,10 @@ class Hub:
             for stream, entry_id, fields in batch:
                 try:
                     if stream in self._logs:
-                        event = EVENT_DECODER.decode(fields[b"e"])
-                        self._on_event(stream, entry_id.decode(), event)
+                        entry = entry_id.decode()
+                        if self.direct.passed(stream, entry):
+                            continue  # passed on (and accounted for) from its reply
+                        self._on_event(stream, entry, EVENT_DECODER.decode(fields[b"e"]))
                     else:
                         self._on_wake(fields)
                 except Exception:  # counted and alarmed (DispatchStatusesUnsent); go on
@@ -390,6 +392,19 @@ class Hub:
                     log.exception("gateway.tail.bad_entry stream=%s", stream)
 
     def _on_event(self, stream: str, entry_id: str, event: Event) -> None:
+        status = status_of(event)
+        sent = self.direct.reached(
+            stream, event.command_id, entry_id, terminal=status in lifecycle.TERMINAL
+        )
+        if self._account(event, status) and not sent:  # not passed on from a reply already
+            _FROM_TAIL.inc()
+            self._fan_out(event, status)
+
+    def _account(self, event: Event, status: Status) -> bool:
+        """What every lifecycle event asks of this gateway once, from the tail or from
+        the reply that passed it on: metrics and its transition line, the delivery it
+        may call for, the edge's room. False: a gateway-stage refusal (its submitter
+        has its answer; nobody else gets a frame)."""
         if self.lifecycle is not None:
             self.lifecycle.observe(event)
         if isinstance(event, Routed) and event.gateway == self.gateway_id:
@@ -397,18 +412,12 @@ class Hub:
                 self._handed.discard(event.command_id)  # already sent by deliver_behind
             else:
                 self.want_delivery(event.edge_id)
-        status = status_of(event)
-        sent = self.direct.reached(
-            stream, event.command_id, entry_id, terminal=status in lifecycle.TERMINAL
-        )
         if isinstance(event, Rejected) and event.stage == "gateway":
-            return  # answered to the submitter directly
+            return False
         if status not in _IN_FLIGHT and (edge := self.edges.get(event.edge_id)) is not None:
             self.settled(edge, event.command_id)  # e.g. timed out: free its place
         metrics.labelled(metrics.EVENTS, status).inc()
-        if not sent:  # not passed on from a reply already
-            _FROM_TAIL.inc()
-            self._fan_out(event, status)
+        return True
 
     def admitted(self, appended: Appended) -> None:
         """An admission's statuses: sent right after the edge's delivery that rode in the
@@ -426,6 +435,13 @@ class Hub:
                 except Exception:  # counted and alarmed (DispatchStatusesUnsent); go on
                     _UNSENT_REPLY.inc()
                     log.exception("gateway.fan_out.failed command_id=%s", event.command_id)
+            # The tail will skip these undecoded: their bookkeeping happens here, once
+            # every frame is queued.
+            for _, event in appended.events:
+                try:
+                    self._account(event, status_of(event))
+                except Exception:  # the frames are out; keep the hub going
+                    log.exception("gateway.account.failed command_id=%s", event.command_id)
 
     def _fan_out(self, event: Event, status: Status) -> None:
         """One status frame to the edge's viewers and the command's followers."""
