@@ -440,7 +440,8 @@ class Hub:
             for _, event in appended.events:
                 try:
                     self._account(event, status_of(event))
-                except Exception:  # the frames are out; keep the hub going
+                except Exception:  # the frames are out: counted and alarmed; go on
+                    metrics.ACCOUNTING_FAILED.inc()
                     log.exception("gateway.account.failed command_id=%s", event.command_id)
 
     def _fan_out(self, event: Event, status: Status) -> None:

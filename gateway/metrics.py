@@ -37,6 +37,12 @@ UNSENT = declare.counter(
     "`reply` or `tail`; its sessions did not hear them (alert DispatchStatusesUnsent)",
     "path",
 )
+ACCOUNTING_FAILED = declare.counter(
+    "dispatch_event_accounting_failed_total",
+    "Lifecycle events passed on from a script's reply whose bookkeeping then failed (a bug): "
+    "metrics, transition line, the delivery a `routed` calls for, or the edge's room "
+    "(alert DispatchEventAccountingFailed)",
+)
 TAIL_AGE = declare.gauge(
     "dispatch_ledger_tail_age_seconds",
     "Seconds since this gateway's ledger tail last read Redis (at least once a second when well)",
