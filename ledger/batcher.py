@@ -34,6 +34,7 @@ from ledger.errors import LedgerUnavailable
 from ledger.scripts import ALL, Script
 
 log = logging.getLogger("ledger.batcher")
+_CALLER_STEPS = 2  # see `Batcher.answered`
 
 Args = tuple[Any, ...]
 Call = tuple[Args, dict[str, Any]]
@@ -141,14 +142,19 @@ class Batcher:
 
     async def answered(self, timeout_s: float = 0.1) -> None:
         """Until the pipelines out now have answered their callers (at once if none is),
-        at most `timeout_s` (Redis may be slow to answer, or not at all).
+        at most `timeout_s` (Redis may be slow to answer, or not at all), and the callers
+        have taken two steps on their answers.
 
-        Their callers' continuations are scheduled before this returns, so a task that
-        awaits this runs after them.
+        A pipeline whose reply was read in the same loop turn as the caller's own wake-up
+        may have answered already, with its callers' steps queued behind this caller: a
+        done callback (one step), or a task that resumes and then schedules its next
+        step with `call_soon` (two). The two yields let those run first.
         """
         flushes = [lane.flushing for lane in self._lanes if lane.flushing is not None]
         if flushes:
             await asyncio.wait(flushes, timeout=timeout_s)
+        for _ in range(_CALLER_STEPS):
+            await asyncio.sleep(0)
 
     async def _flush(self, batch: list[tuple[Call, asyncio.Future[Any]]], lane: _Lane) -> None:
         try:

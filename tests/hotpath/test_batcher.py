@@ -53,3 +53,45 @@ async def test_a_dropped_connection_is_replaced(batcher: Batcher) -> None:
     # The lane's next write fails on the dead socket; it reconnects and sends again.
     assert await batcher.call("PING") is True
     assert await batcher.call("CLIENT", "ID") != first
+
+
+
+async def test_answered_lets_callers_act_on_their_replies_first(batcher: Batcher) -> None:
+    """The gateway's log tail awaits `answered()` before it sends what it read, so that
+    replies pass on their own events first and the tail skips them (gateway/direct.py).
+
+    The race: the tail's XREAD reply and a pipeline's reply are read in the same loop
+    turn, the tail's step queued first. The pipeline has answered by the time the tail
+    runs, and its callers' steps are queued behind the tail's: an ack's done callback,
+    an admission's task step and the `call_soon` it makes. They must still go first.
+    """
+    order: list[str] = []
+    loop = asyncio.get_running_loop()
+    admission = batcher.call("PING")
+    ack = batcher.call("PING")
+    tailing: list[asyncio.Future[None]] = []
+
+    async def tail() -> None:
+        await batcher.answered()
+        order.append("tail")
+
+    def tail_wakes_first(_: object) -> None:
+        # Registered first, this runs before either caller's step: the tail's step as
+        # it runs in the race, the rest of it left to a task.
+        coro = tail()
+        try:
+            coro.send(None)
+        except StopIteration:
+            return
+        tailing.append(asyncio.ensure_future(coro))
+
+    admission.add_done_callback(tail_wakes_first)
+
+    async def admit() -> None:
+        await admission
+        loop.call_soon(order.append, "admission")
+
+    ack.add_done_callback(lambda _: order.append("ack"))
+    await asyncio.create_task(admit())
+    await asyncio.gather(*tailing)
+    assert order == ["ack", "admission", "tail"]
