@@ -18,6 +18,7 @@ ORDER = [
     "verdict_lag",
     "idle_edges",
     "projector",
+    "frames",
     "metrics_overhead",
 ]
 

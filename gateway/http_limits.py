@@ -31,6 +31,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
+from websockets.exceptions import InvalidState
+from websockets.http11 import Request
 
 from config.sections import same_named
 from config.settings import Settings
@@ -38,6 +40,9 @@ from gateway.admission import Admission
 from schemas.errors import ErrorCode, error
 
 log = logging.getLogger("gateway.http")
+# ASGI scope extension of the gateway's WebSocket protocol: {"send_text": (text) -> bool},
+# see `AnsweringWebSocketProtocol.send_text_now`.
+SEND_TEXT_NOW = "dispatch.send_text_now"
 REQUEST_LINE_EXTRA = len("OPTIONS  HTTP/1.1\r\n")
 
 
@@ -248,6 +253,32 @@ class AnsweringWebSocketProtocol(WebSocketsSansIOProtocol):
     """
 
     admission: Admission | None = None
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        # The app starts on the next loop turn and sees this scope (sessions.Outbox).
+        extensions = self.scope.get("extensions")
+        if extensions is not None:
+            extensions[SEND_TEXT_NOW] = {"send_text": self.send_text_now}
+
+    def send_text_now(self, text: str) -> bool:
+        """Write a text frame now, as `send` would, when nothing makes `send` wait or
+        refuse; False: leave it to `send`. Saves the writer task's loop turn per frame."""
+        if (
+            not self.handshake_complete
+            or self.close_sent
+            or self.initial_response is not None
+            or self.disconnected
+            or not self.writable.is_set()  # the transport is paused: `send` waits for it
+            or self.transport.is_closing()
+        ):
+            return False
+        try:
+            self.conn.send_text(text.encode())
+        except InvalidState:
+            return False
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        return True
 
     async def send(self, message: ASGISendEvent) -> None:
         await super().send(message)

@@ -1,8 +1,11 @@
 """Connected dashboards and edges, each with a bounded outbox and its own writer.
 
-The hub never awaits a client's socket: it puts frames in the client's outbox. A
-client whose outbox overflows (it reads slower than it is sent to) is disconnected
-with 1013 rather than slowing everyone else down or growing memory without bound.
+The hub never awaits a client's socket: it puts frames in the client's outbox. A frame
+with nothing queued ahead of it is written at once when the socket takes it (no loop
+turn for the writer task); otherwise it queues and the writer sends it when the socket
+drains. A client whose outbox overflows (it reads slower than it is sent to) is
+disconnected with 1013 rather than slowing everyone else down or growing memory
+without bound.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketState
 
 from gateway.auth import EdgeIdentity, User
+from gateway.http_limits import SEND_TEXT_NOW
 from schemas.errors import ErrorCode, ErrorObject, error
 
 log = logging.getLogger("gateway.sessions")
@@ -48,6 +52,12 @@ class Outbox:
         self._sending = False
         # Called when everything queued has been written to the socket (flow control).
         self.on_drained: Callable[[], None] | None = None
+        self._drain_due = False  # a direct write's on_drained is scheduled
+        # The protocol's synchronous write, under uvicorn (gateway/http_limits.py).
+        extensions = ws.scope.get("extensions") or {}
+        self._now: Callable[[str], bool] | None = (extensions.get(SEND_TEXT_NOW) or {}).get(
+            "send_text"
+        )
 
     @property
     def idle(self) -> bool:
@@ -87,6 +97,21 @@ class Outbox:
     def put(self, frame: str) -> bool:
         if self.closing:
             return False
+        # Nothing ahead of it: written at once (in order, as the writer would), unless the
+        # socket cannot take it now; then it queues and the writer waits for the socket.
+        if self._now is not None and not self._sending and self._queue.empty():
+            try:
+                written = self._now(frame)
+            except Exception as exc:  # queued instead: the writer meets it and ends the session
+                log.debug("gateway.outbox.write_now_failed error=%s", exc)
+                written = False
+            if written:
+                if self.on_drained is not None and not self._drain_due:
+                    # As the writer would: once the caller's turn is over (it may still
+                    # be deciding what comes next), not from inside its `put`.
+                    self._drain_due = True
+                    asyncio.get_running_loop().call_soon(self._drained)
+                return True
         try:
             self._queue.put_nowait(frame)
             return True
@@ -94,6 +119,11 @@ class Outbox:
             self.overflowed = True
             self.close(CloseCode.TRY_AGAIN_LATER, "client reads too slowly; reconnect")
             return False
+
+    def _drained(self) -> None:
+        self._drain_due = False
+        if self.on_drained is not None and self.idle and not self.closing:
+            self.on_drained()
 
     def close(self, code: int, reason: str, *, flush: bool = False) -> None:
         """Ask the writer to close the socket.
