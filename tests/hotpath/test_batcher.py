@@ -55,7 +55,6 @@ async def test_a_dropped_connection_is_replaced(batcher: Batcher) -> None:
     assert await batcher.call("CLIENT", "ID") != first
 
 
-
 async def test_answered_lets_callers_act_on_their_replies_first(batcher: Batcher) -> None:
     """The gateway's log tail awaits `answered()` before it sends what it read, so that
     replies pass on their own events first and the tail skips them (gateway/direct.py).
