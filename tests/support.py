@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -31,10 +32,28 @@ DATABASE_URL = os.environ.get("DISPATCH_DATABASE_URL", "postgresql://127.0.0.1:5
 DEMO_EDGE = "site1_edge_prod"
 
 
+# Ports for the servers tests start. Each pytest process walks a block of its own (xdist
+# workers get disjoint blocks, below the kernel's ephemeral range from 32768): with the
+# kernel's `bind(0)`, two workers asking at once were once handed the same port, and one
+# worker's readiness check reached the other worker's gateway.
+_PORTS_FROM, _PORTS_PER_PROCESS, _BLOCKS = 10_000, 2_000, 5
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1"... ("" without xdist)
+_BLOCK = (int(_WORKER[2:]) + 1) % _BLOCKS if _WORKER[2:].isdigit() else 0
+_FIRST_PORT = _PORTS_FROM + _BLOCK * _PORTS_PER_PROCESS
+_next_ports = itertools.cycle(range(_FIRST_PORT, _FIRST_PORT + _PORTS_PER_PROCESS))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on now, from this process's own block."""
+    for _ in range(_PORTS_PER_PROCESS):
+        port = next(_next_ports)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # a service of the machine, or still held by an earlier test
+        return port
+    raise RuntimeError(f"no free port in {_FIRST_PORT}..{_FIRST_PORT + _PORTS_PER_PROCESS - 1}")
 
 
 def user_token(
@@ -167,10 +186,15 @@ class Gateway:
         return f"ws://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout_s: float = 20) -> None:
+        """Until this gateway answers /healthz. Its own log must say it bound the port
+        first: another server on the same port would answer just as well."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.proc.alive():
                 raise RuntimeError(f"gateway exited early:\n{self.proc.log()}")
+            if f"running on http://127.0.0.1:{self.port}" not in self.proc.log():
+                time.sleep(0.05)
+                continue
             with (
                 contextlib.suppress(OSError, urllib.error.URLError),
                 urllib.request.urlopen(f"{self.http}/healthz", timeout=1) as resp,

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -379,12 +378,6 @@ async def proxy_factory() -> AsyncIterator[Callable[[int], Any]]:
 
 
 # -- subprocesses ---------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def edge_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "edge.cli", *args]
 

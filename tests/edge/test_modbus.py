@@ -15,7 +15,8 @@ from edge.modbus import ModbusDevices, decode, encode
 from edge.simulator import BmsSimulator, BmsState
 from schemas.errors import ErrorCode
 
-from edge_testkit import demo_config, free_port
+from edge_testkit import demo_config
+from support import free_port
 
 
 def demo_device(port: int, **changes: object) -> Device:
