@@ -21,6 +21,7 @@ from gateway.headers import SecurityHeaders
 from gateway.lifecycle_metrics import TRANSITION_LOGGER, LifecycleMetrics
 from gateway.observer import AuditProbe, Observer, ObserverConfig
 from gateway.state import GatewayState
+from ledger.tasks import cancel_and_wait
 from ledger.verdicts import VerdictLoop
 
 
@@ -60,8 +61,7 @@ def create_app(
             try:
                 yield
             finally:
-                verdicts.cancel()
-                await asyncio.gather(verdicts, return_exceptions=True)
+                await cancel_and_wait([verdicts])
                 await observer.stop()
                 await state.close()
 

@@ -35,6 +35,7 @@ from ledger.connection import AnyRedis, is_cluster
 from ledger.records import EVENT_DECODER, Appended, Delivery
 from ledger.store import Ledger
 from ledger.tail import StreamTail
+from ledger.tasks import cancel_and_wait
 from schemas.errors import ErrorCode, error
 from schemas.events import Event, Rejected, Routed, Status, status_of
 from schemas.messages import StatusUpdate, iso_ms
@@ -132,9 +133,7 @@ class Hub:
             session.outbox.close(CloseCode.GOING_AWAY, "gateway shutting down")
         for dash in list(self.dashboards):
             dash.outbox.close(CloseCode.GOING_AWAY, "gateway shutting down")
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         for session in list(self.edges.values()):
             with contextlib.suppress(Exception):
                 await self.ledger.disconnect_edge(session.edge_id, session.owner)

@@ -23,6 +23,7 @@ from gateway import metrics
 from gateway.lifecycle_metrics import CLOCK_OFFSETS
 from ledger.connection import AnyRedis
 from ledger.keys import EDGE_GROUP, PROJECTOR_GROUP, Keys
+from ledger.tasks import cancel_and_wait
 
 log = logging.getLogger("gateway.observer")
 PROBE_TIMEOUT_S = 2.0
@@ -79,9 +80,7 @@ class Observer:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
 
     async def _run(self) -> None:
         while True:

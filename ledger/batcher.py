@@ -32,6 +32,7 @@ from redis.crc import key_slot
 from ledger.connection import AnyRedis
 from ledger.errors import LedgerUnavailable
 from ledger.scripts import ALL, Script
+from ledger.tasks import cancel_and_wait
 
 log = logging.getLogger("ledger.batcher")
 _CALLER_STEPS = 2  # see `Batcher.answered`
@@ -68,9 +69,7 @@ class Batcher:
         ]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         for lane in self._lanes:
             if lane.conn is not None:

@@ -1,0 +1,31 @@
+"""Stopping tasks when a library may swallow their cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+AGAIN_AFTER_S = 0.5
+
+
+async def cancel_and_wait(
+    tasks: Iterable[asyncio.Task[Any]], *, again_after_s: float = AGAIN_AFTER_S
+) -> None:
+    """Cancel `tasks` and return once every one has ended, cancelling again any task
+    still running after `again_after_s`.
+
+    A gateway stopped right after it started (its port taken) hung for good, one run in
+    ten: a batcher lane cancelled inside redis-py's `pool.get_connection()` came out of
+    it as if not cancelled (`Task.cancelling()` still 1), went on to its next wait and
+    was never woken. Its exceptions are retrieved here, as `gather` would.
+    """
+    pending = {task for task in tasks if not task.done()}
+    every = set(pending)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=again_after_s)
+    for task in every:
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller stops them, it does not report them
