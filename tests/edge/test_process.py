@@ -23,9 +23,9 @@ from edge_testkit import (
     command,
     edge_cli,
     eventually,
-    free_port,
     subprocess_env,
 )
+from support import free_port
 
 pytestmark = pytest.mark.slow
 
