@@ -93,17 +93,19 @@ def _backend_cpu_s(database_url: str, application: str) -> float | None:
     return total if pids else None
 
 
-def _child(b: Bench, owner: str, batch: int, start: EventType, stop: EventType, out: Any) -> None:
-    asyncio.run(_project(b, owner, batch, start, stop, out))
+def _child(
+    b: Bench, owner: str, config: ProjectorConfig, start: EventType, stop: EventType, out: Any
+) -> None:
+    asyncio.run(_project(b, owner, config, start, stop, out))
 
 
 async def _project(
-    b: Bench, owner: str, batch: int, start: EventType, stop: EventType, out: Any
+    b: Bench, owner: str, config: ProjectorConfig, start: EventType, stop: EventType, out: Any
 ) -> None:
     redis = connect(b.redis_url)  # the client `dispatch projector` uses
     ledger = _ledger(b, redis)
     await ledger.start()
-    projector = Projector(ledger, b.database_url, ProjectorConfig(batch=batch), owner=owner)
+    projector = Projector(ledger, b.database_url, config, owner=owner)
     await projector.migrate()
     out.put(("ready", owner))
     await asyncio.to_thread(start.wait)
@@ -146,7 +148,9 @@ async def _reset(b: Bench, ledger: Ledger, owners: list[str]) -> None:
     await ledger.redis.zadd(ledger.keys.projectors(), dict.fromkeys(owners, now_ms))
 
 
-def measure_processes(b: Bench, processes: int, batch: int, total: int) -> tuple[float, list[Run]]:
+def measure_processes(
+    b: Bench, processes: int, config: ProjectorConfig, total: int
+) -> tuple[float, list[Run]]:
     """Project the backlog with `processes` projector processes: (seconds, per process)."""
     owners = [f"bench-{processes}-{i}" for i in range(processes)]
 
@@ -160,7 +164,7 @@ def measure_processes(b: Bench, processes: int, batch: int, total: int) -> tuple
     asyncio.run(reset())
     ctx = multiprocessing.get_context("spawn")
     start, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(b, o, batch, start, stop, out)) for o in owners]
+    procs = [ctx.Process(target=_child, args=(b, o, config, start, stop, out)) for o in owners]
     for proc in procs:
         proc.start()
     try:
@@ -239,15 +243,21 @@ def _per_event_us(seconds: float | None, events: int) -> str:
 
 
 def report(
-    processes: int, batch: int, total: int, commands: int, seconds: float, runs: list[Run]
+    processes: int,
+    config: ProjectorConfig,
+    total: int,
+    commands: int,
+    seconds: float,
+    runs: list[Run],
 ) -> None:
     cpu = sum(r.cpu_s for r in runs)
     pg = [r.pg_cpu_s for r in runs]
     pg_total = None if any(p is None for p in pg) else sum(p or 0.0 for p in pg)
     print(
         f"projector_throughput: {total / seconds:.0f} events/s ({processes} projector "
-        f"process{'es' if processes > 1 else ''}, {total} events of {commands} commands, "
-        f"batch {batch}, storage {runs[0].storage}, {seconds:.1f} s; CPU per event: "
+        f"process{'es' if processes > 1 else ''} of {config.lanes} lane"
+        f"{'s' if config.lanes > 1 else ''}, {total} events of {commands} commands, "
+        f"batch {config.batch}, storage {runs[0].storage}, {seconds:.1f} s; CPU per event: "
         f"projectors {_per_event_us(cpu, total)} µs + PostgreSQL "
         f"{_per_event_us(pg_total, total)} µs; load average {os.getloadavg()[0]:.1f})"
     )
@@ -268,14 +278,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--processes", default="1,2", help="projector process counts to measure, e.g. 1,2"
     )
+    parser.add_argument(
+        "--lanes",
+        type=int,
+        default=ProjectorConfig().lanes,
+        help="writers (PostgreSQL connections) per process, as `dispatch projector --lanes`",
+    )
     args, _ = parser.parse_known_args(argv)
     counts = [int(n) for n in str(args.processes).split(",") if n.strip()]
     with bench() as b:
         try:
             total = asyncio.run(_generate(b, args.commands))
+            config = ProjectorConfig(batch=args.batch, lanes=args.lanes)
             for processes in counts:
-                seconds, runs = measure_processes(b, processes, args.batch, total)
-                report(processes, args.batch, total, args.commands, seconds, runs)
+                seconds, runs = measure_processes(b, processes, config, total)
+                report(processes, config, total, args.commands, seconds, runs)
             rebuilt = asyncio.run(_rebuild(b, args.batch))
         finally:
             _drop(b)

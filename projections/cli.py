@@ -22,6 +22,8 @@ from projections import ledger_gaps, queries, rebuild, reconcile, reconcile_loop
 from projections.schema import Roles, SchemaError, storage_of
 from projections.worker import Database, Projector, ProjectorConfig
 
+MAX_LANES = 16  # writers per projector process (each holds a PostgreSQL connection)
+
 _encode = msgspec.json.Encoder().encode
 
 
@@ -65,6 +67,7 @@ async def _projector(settings: Settings, args: argparse.Namespace) -> int:
             return await _rebuild(ledger, settings, args)
         config = ProjectorConfig(
             batch=args.batch,
+            lanes=args.lanes,
             retention_days=settings.audit_retention_days,
             metrics_port=settings.projector_metrics_port,
         )
@@ -153,6 +156,10 @@ def cmd_projector(args: argparse.Namespace) -> int:
         return _fail("--swap only applies with --rebuild")
     if args.migrate and args.rebuild:
         return _fail("give --migrate or --rebuild, not both")
+    if args.batch < 1:
+        return _fail(f"--batch {args.batch}: give at least 1 event per transaction")
+    if not 1 <= args.lanes <= MAX_LANES:
+        return _fail(f"--lanes {args.lanes}: give 1 to {MAX_LANES} writers per process")
     return _run(_projector(_settings(args), args))
 
 
@@ -436,6 +443,14 @@ def register(sub: Any) -> None:
         type=int,
         default=2000,
         help="most events per stream per transaction (2000); a backlog fills batches, a quiet log does not wait for them",
+    )
+    p.add_argument(
+        "--lanes",
+        type=int,
+        default=ProjectorConfig().lanes,
+        help="writers per process, each with its own PostgreSQL connection and a share of "
+        f"the held partitions ({ProjectorConfig().lanes}): one process overlaps its work "
+        "with PostgreSQL's",
     )
     p.add_argument(
         "--migrate",

@@ -36,6 +36,7 @@ from config.ledger import RetentionConfig
 from ledger.connection import is_cluster
 from ledger.keys import PROJECTOR_GROUP
 from ledger.store import Ledger
+from ledger.tasks import cancel_and_wait
 from ledger.verdicts import VerdictConfig, VerdictLoop
 from projections import isolation, quarantine, schema
 from projections.leases import Leases
@@ -56,6 +57,10 @@ class ProjectorConfig:
     batch: int = 2000  # per stream and transaction; only a backlog fills a batch
     block_ms: int = 500
     linger_s: float = 0.1
+    # Writers per process, each with its own PostgreSQL connection and a share of the
+    # held streams: while one waits on PostgreSQL another formats its batch, so one
+    # process keeps about a core of Python and a core of PostgreSQL busy.
+    lanes: int = 2
     verdict_interval_s: float = 0.1
     rebalance_interval_s: float = 2.0
     retention_days: int = schema.DEFAULT_RETENTION_DAYS
@@ -185,16 +190,24 @@ class Projector:
             raw_reads(reader)
         delay_s = RETRY_INITIAL_S
         while True:
-            conn: AsyncConnection | None = None
+            conns: list[AsyncConnection] = []
             try:
                 if not self.storage:
                     await self.migrate()
-                conn = await self.database.connect_writer(
-                    f"dispatch-projector:{self.schema}:{self.owner}"
+                for _ in range(max(1, self.config.lanes)):
+                    conns.append(
+                        await self.database.connect_writer(
+                            f"dispatch-projector:{self.schema}:{self.owner}"
+                        )
+                    )
+                log.info(
+                    "projector.started owner=%s storage=%s lanes=%d",
+                    self.owner,
+                    self.storage,
+                    len(conns),
                 )
-                log.info("projector.started owner=%s storage=%s", self.owner, self.storage)
                 delay_s = RETRY_INITIAL_S
-                await self._project(Writer(conn, self.schema, self.storage), reader)
+                await self._lanes(conns, reader)
             except (psycopg.OperationalError, OSError) as exc:
                 log.warning(
                     "projector.postgres.unavailable error=%s retry_in_s=%.1f; verdicts go on",
@@ -214,11 +227,27 @@ class Projector:
                     "projector.audit.failed error=%s retry_in_s=%.1f", _first_line(exc), delay_s
                 )
             finally:
-                if conn is not None:
+                for conn in conns:
                     with contextlib.suppress(Exception):
                         await conn.close()
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, RETRY_MAX_S)
+
+    async def _lanes(self, conns: list[AsyncConnection], reader: Redis) -> None:
+        """One `_project` loop per connection; the first to fail stops the others and
+        its error is raised (the caller reconnects them all)."""
+        lanes = [
+            asyncio.create_task(
+                self._project(Writer(conn, self.schema, self.storage), reader, i, len(conns))
+            )
+            for i, conn in enumerate(conns)
+        ]
+        try:
+            done, _ = await asyncio.wait(lanes, return_when=asyncio.FIRST_EXCEPTION)
+            for lane in done:
+                lane.result()
+        finally:
+            await cancel_and_wait(lanes)
 
     async def _rebalance(self) -> None:
         while True:
@@ -228,10 +257,12 @@ class Projector:
                 log.warning("projector.rebalance.failed error=%s", exc)
             await asyncio.sleep(self.config.rebalance_interval_s)
 
-    def _streams(self) -> list[str]:
+    def _streams(self, lane: int = 0, lanes: int = 1) -> list[str]:
+        """The held streams of one lane: partition p goes to lane p % lanes, so a stream
+        stays in its lane while leases come and go; the refusals go with partition 0."""
         keys = self.ledger.keys
-        streams = [keys.log(p) for p in sorted(self.leases.held)]
-        if 0 in self.leases.held:
+        streams = [keys.log(p) for p in sorted(self.leases.held) if p % lanes == lane]
+        if 0 in self.leases.held and lane == 0:
             streams.append(keys.audit())
         return streams
 
@@ -246,14 +277,14 @@ class Projector:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    async def _project(self, writer: Writer, redis: Redis) -> None:
+    async def _project(self, writer: Writer, redis: Redis, lane: int = 0, lanes: int = 1) -> None:
         ready: set[str] = set()
         reader = LogReader(
             redis, batch=self.config.batch, gap_limit=max(5000, 2 * self.config.batch)
         )
         quiet_check: dict[str, float] = {}
         while True:
-            streams = self._streams()
+            streams = self._streams(lane, lanes)
             ready &= set(streams)  # a lost lease is re-synchronised when regained
             if not streams:
                 await asyncio.sleep(0.2)
@@ -265,7 +296,8 @@ class Projector:
                     # Pending entries first: a crash may have left read-but-unstored ones.
                     await self._drain_pending(writer, redis, reader, stream)
                 ready.update(new)
-            await self._maintain(writer)
+            if lane == 0:
+                await self._maintain(writer)
             try:
                 reply = await self._read(redis, streams)
             except redis_errors.ResponseError as exc:
