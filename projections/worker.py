@@ -56,7 +56,10 @@ RETRY_MAX_S = 10.0
 class ProjectorConfig:
     batch: int = 2000  # per stream and transaction; only a backlog fills a batch
     block_ms: int = 500
-    linger_s: float = 0.1
+    # At a trickle, wait this long before reading again: most of a transaction's cost is
+    # per transaction. 0.25 s took the audit's CPU per saturated command from 378-495 to
+    # 264-294 µs against 0.1 s (docs/performance.md); the tables lag that much more.
+    linger_s: float = 0.25
     # Writers per process, each with its own PostgreSQL connection and a share of the
     # held streams: while one waits on PostgreSQL another formats its batch, so one
     # process keeps about a core of Python and a core of PostgreSQL busy.
