@@ -18,7 +18,12 @@ async def cancel_and_wait(
     A gateway stopped right after it started (its port taken) hung for good, one run in
     ten: a batcher lane cancelled inside redis-py's `pool.get_connection()` came out of
     it as if not cancelled (`Task.cancelling()` still 1), went on to its next wait and
-    was never woken. Its exceptions are retrieved here, as `gather` would.
+    was never woken. The cause: with `socket_timeout` set, redis-py 8.1 wraps each socket
+    write (the connection's handshake too) in `asyncio.wait_for`, which on Python 3.11
+    returns instead of raising when cancelled in the loop pass its write ends
+    (python/cpython#86296, gone in 3.12; tests/hotpath/test_tasks.py pins both). Any
+    Redis call can do it, so every long-lived task is stopped through here. Its
+    exceptions are retrieved here, as `gather` would.
     """
     pending = {task for task in tasks if not task.done()}
     every = set(pending)
