@@ -23,6 +23,7 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from gateway.auth import EdgeIdentity, User
 from gateway.http_limits import SEND_TEXT_NOW
+from ledger.tasks import cancel_and_wait
 from schemas.errors import ErrorCode, ErrorObject, error
 
 log = logging.getLogger("gateway.sessions")
@@ -79,10 +80,9 @@ class Outbox:
             await asyncio.wait({reader, closed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             closed.cancel()
-            if not reader.done():
-                reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            # Cancelled again if a Redis call swallows it: a reader that went on would
+            # wait for a frame the silent client never sends (ledger/tasks.py).
+            await cancel_and_wait([reader])
             if not reader.cancelled() and reader.exception() is not None:
                 log.warning("gateway.session.reader_failed error=%r", reader.exception())
 

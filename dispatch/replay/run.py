@@ -40,6 +40,7 @@ from ledger.errors import LedgerError
 from ledger.lifecycle import CommandState
 from ledger.records import EVENT_DECODER
 from ledger.store import Ledger
+from ledger.tasks import cancel_and_wait
 from schemas.events import Event
 
 log = logging.getLogger("dispatch.replay")
@@ -198,8 +199,7 @@ class Runner:
                 prev = (action.at_ms, time.monotonic())
             await self._settle(window)
         finally:
-            verdicts.cancel()
-            await asyncio.gather(verdicts, return_exceptions=True)
+            await cancel_and_wait([verdicts])
         await self.tail.poll()
         for r in window.commands:
             cid = r.command.command_id

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import secrets
 import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import uvicorn
 import websockets
@@ -17,11 +18,33 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
 from gateway.http_limits import AnsweringWebSocketProtocol
-from gateway.sessions import Outbox
+from gateway.sessions import CloseCode, Outbox
 
 # Random text, so that compression cannot shrink it: a few hundred of these fill the
 # socket buffers the client leaves unread.
 FRAME = secrets.token_hex(8_192)
+
+
+@contextlib.asynccontextmanager
+async def _served(endpoint: Callable[[WebSocket], Awaitable[None]]) -> AsyncIterator[int]:
+    """`endpoint` at ws://127.0.0.1:PORT/ws on a real uvicorn server with the gateway's
+    WebSocket protocol; yields PORT."""
+    app = Starlette(routes=[WebSocketRoute("/ws", endpoint)])
+    listening = socket.create_server(("127.0.0.1", 0))  # connections wait in its backlog
+    config = uvicorn.Config(
+        app,
+        ws=AnsweringWebSocketProtocol,
+        ws_per_message_deflate=False,  # as the gateway runs
+        log_level="warning",
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[listening]))
+    try:
+        yield listening.getsockname()[1]
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(serving, 10)
 
 
 async def test_frames_go_out_at_once_then_queue_behind_a_full_socket_in_order() -> None:
@@ -54,18 +77,7 @@ async def test_frames_go_out_at_once_then_queue_behind_a_full_socket_in_order() 
         await done.wait()  # the client read everything
         await outbox.finish()
 
-    app = Starlette(routes=[WebSocketRoute("/ws", endpoint)])
-    listening = socket.create_server(("127.0.0.1", 0))  # connections wait in its backlog
-    port = listening.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        ws=AnsweringWebSocketProtocol,
-        ws_per_message_deflate=False,  # as the gateway runs
-        log_level="warning",
-    )
-    server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve(sockets=[listening]))
-    try:
+    async with _served(endpoint) as port:
         # A small receive buffer: the kernel on this machine takes tens of MB otherwise.
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65_536)
@@ -85,7 +97,37 @@ async def test_frames_go_out_at_once_then_queue_behind_a_full_socket_in_order() 
                 numbers.append(int(str(message).split(":", 1)[0]))
             done.set()
             assert numbers == list(range(3, seen["sent"]))
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(serving, 10)
+
+
+async def test_a_session_ends_when_its_reader_swallowed_the_first_cancellation() -> None:
+    """The outbox closed (a slow client, a replaced edge): `serve` stops the reader even
+    when a Redis call swallowed the first cancellation (ledger/tasks.py) and the reader
+    went on to wait for good, instead of keeping the session open."""
+    swallowed: list[int] = []
+    ended = asyncio.Event()
+
+    async def reading(never: asyncio.Event) -> None:
+        try:
+            await asyncio.sleep(3600)  # inside a Redis call
+        except asyncio.CancelledError:
+            swallowed.append(1)  # as Python 3.11's wait_for does
+        await never.wait()
+
+    async def endpoint(ws: WebSocket) -> None:
+        await ws.accept()
+        outbox = Outbox(ws, limit=10)
+        outbox.start()
+        asyncio.get_running_loop().call_later(0.05, outbox.close, CloseCode.POLICY, "slow")
+        await outbox.serve(reading(asyncio.Event()))
+        ended.set()
+        await outbox.finish()
+
+    async with (
+        _served(endpoint) as port,
+        websockets.connect(f"ws://127.0.0.1:{port}/ws") as client,
+    ):
+        await asyncio.wait_for(ended.wait(), 5)
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await asyncio.wait_for(client.recv(), 5)
+        assert client.close_code == CloseCode.POLICY
+    assert swallowed == [1]
