@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
 AGAIN_AFTER_S = 0.5
@@ -27,10 +27,32 @@ async def cancel_and_wait(
     """
     pending = {task for task in tasks if not task.done()}
     every = set(pending)
+    interrupted = False
     while pending:
         for task in pending:
             task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=again_after_s)
+        try:
+            _, pending = await asyncio.wait(pending, timeout=again_after_s)
+        except asyncio.CancelledError:
+            # Cancelled itself (as a task stopped this way is, again and again): stop
+            # the tasks first, or they would outlive it.
+            interrupted = True
+            pending = {task for task in pending if not task.done()}
     for task in every:
         if not task.cancelled():
             task.exception()  # retrieved: the caller stops them, it does not report them
+    if interrupted:
+        raise asyncio.CancelledError
+
+
+async def run_together(*coros: Coroutine[Any, Any, Any]) -> None:
+    """Run `coros` as tasks until the first one fails or this is cancelled; then stop the
+    others with `cancel_and_wait` and raise the failure (`gather` would leave them
+    running, or wait for one that swallowed its cancellation)."""
+    tasks = [asyncio.create_task(coro) for coro in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()
+    finally:
+        await cancel_and_wait(tasks)

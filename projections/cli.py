@@ -18,6 +18,7 @@ from ledger.connection import connect
 from ledger.errors import LedgerError
 from ledger.keys import Keys
 from ledger.store import Ledger
+from ledger.tasks import run_together
 from projections import ledger_gaps, queries, rebuild, reconcile, reconcile_loop, stats, verify
 from projections.schema import Roles, SchemaError, storage_of
 from projections.worker import Database, Projector, ProjectorConfig
@@ -98,7 +99,7 @@ async def _projector(settings: Settings, args: argparse.Namespace) -> int:
             ),
             interval_s=settings.reconcile_interval_s,
         )
-        await asyncio.gather(projector.run(), checks.run())
+        await run_together(projector.run(), checks.run())
         return 0
     finally:
         await ledger.close()

@@ -36,7 +36,7 @@ from config.ledger import RetentionConfig
 from ledger.connection import is_cluster
 from ledger.keys import PROJECTOR_GROUP
 from ledger.store import Ledger
-from ledger.tasks import cancel_and_wait
+from ledger.tasks import run_together
 from ledger.verdicts import VerdictConfig, VerdictLoop
 from projections import isolation, quarantine, schema
 from projections.leases import Leases
@@ -175,7 +175,7 @@ class Projector:
             except OSError as exc:
                 log.error("projector.metrics.unavailable error=%s", exc)
         try:
-            await asyncio.gather(
+            await run_together(
                 self.verdicts.run(), self._audit(), self._rebalance(), self.retention.run()
             )
         finally:
@@ -239,18 +239,12 @@ class Projector:
     async def _lanes(self, conns: list[AsyncConnection], reader: Redis) -> None:
         """One `_project` loop per connection; the first to fail stops the others and
         its error is raised (the caller reconnects them all)."""
-        lanes = [
-            asyncio.create_task(
+        await run_together(
+            *(
                 self._project(Writer(conn, self.schema, self.storage), reader, i, len(conns))
+                for i, conn in enumerate(conns)
             )
-            for i, conn in enumerate(conns)
-        ]
-        try:
-            done, _ = await asyncio.wait(lanes, return_when=asyncio.FIRST_EXCEPTION)
-            for lane in done:
-                lane.result()
-        finally:
-            await cancel_and_wait(lanes)
+        )
 
     async def _rebalance(self) -> None:
         while True:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from typing import Any
 
 import pytest
 
 from ledger.connection import close, connect
-from ledger.tasks import cancel_and_wait
+from ledger.tasks import cancel_and_wait, run_together
 
 from support import REDIS_URL
 
@@ -89,3 +90,36 @@ async def test_tasks_cancelled_while_redis_py_connects_all_end() -> None:
         await close(redis)
     if sys.version_info < (3, 12):
         assert 1 in came_out, "no cancellation was swallowed: the test no longer reaches it"
+
+
+async def _swallows_once(stopped: list[str], never: asyncio.Event) -> None:
+    with contextlib.suppress(asyncio.CancelledError):  # as 3.11's wait_for may, in redis-py
+        await asyncio.sleep(3600)
+    try:
+        await never.wait()
+    finally:
+        stopped.append("swallower")
+
+
+async def test_run_together_raises_the_first_failure_and_stops_the_others() -> None:
+    """As the projector's lanes and loops: one failed lane restarts them all."""
+    stopped: list[str] = []
+
+    async def fails() -> None:
+        await asyncio.sleep(0.01)
+        raise RuntimeError("lane lost its connection")
+
+    with pytest.raises(RuntimeError, match="lane lost"):
+        await asyncio.wait_for(run_together(_swallows_once(stopped, asyncio.Event()), fails()), 5)
+    assert stopped == ["swallower"]
+
+
+async def test_run_together_cancelled_stops_every_task() -> None:
+    """Cancelled again while it stops its tasks (as `cancel_and_wait` does to whatever is
+    still running), it still stops them before it ends."""
+    stopped: list[str] = []
+    runner = asyncio.create_task(run_together(_swallows_once(stopped, asyncio.Event())))
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(cancel_and_wait([runner]), 5)
+    assert runner.cancelled()
+    assert stopped == ["swallower"]
