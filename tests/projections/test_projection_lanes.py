@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 from projection_support import log_ids, pg, running, scalar, wait_caught_up
 from psycopg import AsyncConnection
@@ -14,6 +15,7 @@ from config.settings import Settings
 from ledger.store import Ledger
 from projections import loadgen
 from projections.verify import verify
+from projections.worker import Projector
 
 FLEET = tuple(loadgen.edges(100))  # edges in every partition
 
@@ -26,9 +28,9 @@ async def backends(conn: AsyncConnection, settings: Settings, owner: str) -> set
     return {int(pid) for (pid,) in await cur.fetchall()}
 
 
-async def until(check: object, what: str, timeout_s: float = 30) -> None:
+async def until(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
-    while not await check():  # type: ignore[operator]
+    while not await check():
         assert time.monotonic() < deadline, what
         await asyncio.sleep(0.02)
 
@@ -43,7 +45,7 @@ async def test_one_process_projects_every_partition_over_two_connections(
     try:
         async with running(ledger, settings, lanes=2) as [projector]:
             await until(
-                lambda: _count(backends(conn, settings, projector.owner), 2),
+                lambda: _connected(conn, settings, projector.owner),
                 "the projector did not open one connection per lane",
             )
             await wait_caught_up(settings, ledger.redis, ledger.keys)
@@ -69,7 +71,7 @@ async def test_a_lane_whose_connection_dies_restarts_every_lane_and_loses_nothin
     try:
         async with running(ledger, settings, lanes=2, batch=100) as [projector]:
             owner = projector.owner
-            await until(lambda: _count(backends(conn, settings, owner), 2), "lanes not connected")
+            await until(lambda: _connected(conn, settings, owner), "lanes not connected")
             before = await backends(conn, settings, owner)
             await until(lambda: _stored_some(projector), "nothing projected")
             victim = min(before)
@@ -92,9 +94,10 @@ async def test_a_lane_whose_connection_dies_restarts_every_lane_and_loses_nothin
         await conn.close()
 
 
-async def _count(pids: object, n: int) -> bool:
-    return len(await pids) == n  # type: ignore[misc]
+async def _connected(conn: AsyncConnection, settings: Settings, owner: str) -> bool:
+    """One backend per lane (two lanes)."""
+    return len(await backends(conn, settings, owner)) == 2
 
 
-async def _stored_some(projector: object) -> bool:
-    return bool(getattr(projector, "projected", 0))
+async def _stored_some(projector: Projector) -> bool:
+    return projector.projected > 0
